@@ -1,0 +1,2 @@
+"""Building blocks of the LESA and LIT models that are not models themselves."""
+from .deform_conv import DeformConv2dPack

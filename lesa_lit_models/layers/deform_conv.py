@@ -1,0 +1,104 @@
+"""Deformable convolution (DCN v1) with mmcv's ``DeformConv2dPack`` parameter layout.
+
+Both papers use DCN v1 with offsets predicted by a plain convolution of the same geometry as the
+main convolution (``conv_offset``, zero-initialised so a fresh layer starts as a plain conv):
+
+* LESA's detection backbone uses mmcv's ``DCN`` (3x3, no bias on the main conv) in stages 2-4,
+  including the unary branch of the LESA module.
+* LIT's Deformable Token Merging uses the authors' ``DeformConv2dPack`` (2x2, stride 2) which has a
+  real bias on the main convolution.
+
+The op itself is ``torchvision.ops.deform_conv2d``; offsets use the same channel layout as mmcv
+and the LIT CUDA extension (channel ``2n`` = dy, ``2n + 1`` = dx of kernel point ``n``, row-major,
+repeated per deformable group). Under autocast the op runs in float32, as both upstream
+implementations do.
+"""
+import math
+from typing import Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.utils import _pair
+from torchvision.ops import deform_conv2d
+
+__all__ = ['DeformConv2dPack']
+
+
+class DeformConv2dPack(nn.Module):
+    """DCN v1 layer whose offsets come from a zero-initialised conv on the same input.
+
+    State-dict keys: ``weight``, ``bias`` (only with ``bias=True``), ``conv_offset.weight``,
+    ``conv_offset.bias``, which is the layout of mmcv's ``DeformConv2dPack`` / ``DCN`` and of LIT's
+    ``DeformConv2dPack``.
+    """
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_size: Union[int, Tuple[int, int]],
+            stride: Union[int, Tuple[int, int]] = 1,
+            padding: Union[int, Tuple[int, int]] = 0,
+            dilation: Union[int, Tuple[int, int]] = 1,
+            groups: int = 1,
+            deform_groups: int = 1,
+            bias: bool = False,
+    ):
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f'in_channels ({in_channels}) and out_channels ({out_channels}) '
+                             f'must be divisible by groups ({groups})')
+        if in_channels % deform_groups:
+            raise ValueError(f'in_channels ({in_channels}) must be divisible by deform_groups ({deform_groups})')
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.groups = groups
+        self.deform_groups = deform_groups
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.conv_offset = nn.Conv2d(
+            in_channels,
+            deform_groups * 2 * self.kernel_size[0] * self.kernel_size[1],
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=True,
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight[0].numel()
+            nn.init.uniform_(self.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        offset = self.conv_offset(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return deform_conv2d(
+                x.float(),
+                offset.float(),
+                self.weight.float(),
+                None if self.bias is None else self.bias.float(),
+                stride=self.stride,
+                padding=self.padding,
+                dilation=self.dilation,
+            )
+
+    def extra_repr(self) -> str:
+        s = (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, '
+             f'padding={self.padding}')
+        if self.dilation != (1, 1):
+            s += f', dilation={self.dilation}'
+        if self.groups != 1:
+            s += f', groups={self.groups}'
+        if self.deform_groups != 1:
+            s += f', deform_groups={self.deform_groups}'
+        return s + f', bias={self.bias is not None}'
