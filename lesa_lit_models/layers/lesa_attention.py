@@ -1,0 +1,313 @@
+""" Locally Enhanced Self-Attention (LESA)
+
+Paper: `Locally Enhanced Self-Attention: Combining Self-Attention and Convolution as Local and Context Terms`
+    - https://arxiv.org/abs/2107.05637 (Yang, Qiao, Kortylewski, Yuille)
+
+LESA replaces the 3x3 convolution of a ResNet bottleneck. It adds two terms over the token grid:
+
+* the unary (local) term ``U = bn_x(x_transform(x))``: a grouped 3x3 convolution (a deformable one in the
+  detection backbones) followed by a 1x1 convolution;
+* the binary (context) term ``B``: multi-head self-attention whose logits sum BatchNorm-ed content and
+  relative-position terms, followed by ``bn_output``;
+
+and couples them with the fusion gate: ``out = U + sigmoid(projection(reasoning([U, B]))) * B``, average
+pooled when the module has a stride (the attention then runs on the input grid).
+
+Two position embeddings, as upstream:
+
+* ``'classification'`` (ImageNet models): one table ``relative`` (2*dqk+dv, 2L-1) over the flattened token
+  index, used by queries, keys and values. It is tied to the L = H*W tokens it was built for.
+* ``'detection_qr'`` (COCO backbones): two tables ``rel_height`` (2H-1, dqk) / ``rel_width`` (2W-1, dqk) of
+  2-D offsets, used by the queries only. On another grid they are resampled by :func:`resample_rel_table`.
+
+The binary term is a function of tensors (``*_binary_reference`` below, written straight from the formulas).
+``attn_impl='fused'`` swaps in the memory-lean exact ``detection_qr`` version of ``lesa_fused.py`` (same
+signature); the ``classification`` term has no exact fused form and always runs the reference.
+
+Parameter names follow the authors' code (``Chenglin-Yang/LESA_classification`` / ``LESA_detection``), so
+their checkpoints load without renaming. Deviation: the authors' ``flatten_index`` buffer is not stored; the
+index is rebuilt on the fly (checkpoint filters drop it).
+"""
+import importlib.util
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import to_2tuple
+from timm.models import checkpoint
+
+from .deform_conv import DeformConv2dPack
+
+__all__ = [
+    'Lesa', 'classification_binary_reference', 'detection_qr_binary_reference', 'relative_logits_2d',
+    'resample_rel_table', 'POS_EMBED_TYPES', 'ATTN_IMPLS', 'DEFAULT_ATTN_IMPL',
+]
+
+POS_EMBED_TYPES = ('classification', 'detection_qr')
+ATTN_IMPLS = ('reference', 'fused')
+# The fused binary terms live in their own file; use them by default wherever that file is installed.
+DEFAULT_ATTN_IMPL = 'fused' if importlib.util.find_spec(f'{__package__}.lesa_fused') else 'reference'
+
+
+def _offset_index(size: int, device: torch.device) -> torch.Tensor:
+    """``index[a, b] = a - b + size - 1``: row of a relative table for the offset ``a - b``."""
+    pos = torch.arange(size, device=device)
+    return pos[:, None] - pos[None, :] + size - 1
+
+
+def classification_binary_reference(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        relative: torch.Tensor,
+        bn_similarity: nn.BatchNorm2d,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Binary term with the ``classification`` (1-D, flattened-token) position embedding.
+
+    Args:
+        q, k: (N, G, L, dqk) queries and keys; v: (N, G, L, dv) values.
+        relative: (2*dqk+dv, 2L-1) table; ``E[c, a, b] = relative[c, a - b + L - 1]`` is split into
+            Eq (dqk rows), Ek (dqk rows), Ev (dv rows).
+        bn_similarity: BatchNorm2d(3G) applied, in whatever mode it is in, to the stack [qk, qr, kr]
+            (channel t*G + g) with ``qk[g,i,j] = q_i . k_j`` (no scale), ``qr[g,i,j] = sum_c q[c,i] Eq[c,i,j]``,
+            ``kr[g,i,j] = sum_c k[c,j] Ek[c,j,i]``; the logits are the sum of the three normalised terms.
+
+    Returns:
+        (sv, sve), each (N, G, L, dv): ``sv = A @ v`` and ``sve[g,i,c] = sum_j A[g,i,j] Ev[c,i,j]`` with
+        ``A = softmax(logits, -1)``.
+    """
+    N, G, L, dqk = q.shape
+    dv = v.shape[-1]
+    embed_q, embed_k, embed_v = relative[:, _offset_index(L, q.device)].split([dqk, dqk, dv], dim=0)
+    qk = q @ k.transpose(-1, -2)
+    qr = torch.einsum('ngic,cij->ngij', q, embed_q)
+    kr = torch.einsum('ngjc,cji->ngij', k, embed_k)
+    logits = bn_similarity(torch.cat([qk, qr, kr], dim=1)).view(N, 3, G, L, L).sum(dim=1)
+    attn = logits.softmax(dim=-1)
+    sv = attn @ v
+    sve = torch.einsum('ngij,cij->ngic', attn, embed_v)
+    return sv, sve
+
+
+def relative_logits_2d(
+        q: torch.Tensor,
+        rel_height: torch.Tensor,
+        rel_width: torch.Tensor,
+        grid: Tuple[int, int],
+) -> torch.Tensor:
+    """2-D relative logits ``qr[g,i,j] = q_i . rel_width[y_j - y_i + W - 1] + q_i . rel_height[x_j - x_i + H - 1]``.
+
+    Tokens are in raster order over ``grid = (H, W)``: token i sits at row ``x = i // W``, column ``y = i % W``.
+    q: (N, G, H*W, d); rel_height: (2H-1, d); rel_width: (2W-1, d). Returns (N, G, H*W, H*W).
+    """
+    H, W = grid
+    N, G, L, d = q.shape
+    q = q.reshape(N, G, H, W, d)
+    # logits of every query against every offset, then the offset of each key relative to the query
+    logits_w = (q @ rel_width.t()).gather(-1, _offset_index(W, q.device).t().expand(N, G, H, W, W))
+    logits_h = (q @ rel_height.t()).gather(-1, _offset_index(H, q.device).t()[:, None].expand(N, G, H, W, H))
+    return (logits_h[..., :, None] + logits_w[..., None, :]).reshape(N, G, L, L)
+
+
+def detection_qr_binary_reference(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rel_height: torch.Tensor,
+        rel_width: torch.Tensor,
+        grid: Tuple[int, int],
+        bn_similarity: nn.BatchNorm2d,
+) -> torch.Tensor:
+    """Binary term with the ``detection_qr`` (2-D, query-only) position embedding.
+
+    Args:
+        q, k: (N, G, L, dqk); v: (N, G, L, dv), L = H*W tokens in raster order over ``grid = (H, W)``.
+        rel_height: (2H-1, dqk), rel_width: (2W-1, dqk), already resampled to the grid.
+        bn_similarity: BatchNorm2d(2G) applied, in whatever mode it is in, to the stack [qk, qr] (channel
+            t*G + g) with ``qk[g,i,j] = q_i . k_j`` (no scale) and ``qr`` from :func:`relative_logits_2d`; the
+            logits are the sum of the two normalised terms.
+
+    Returns:
+        ``softmax(logits, -1) @ v``: (N, G, L, dv).
+    """
+    N, G, L, _ = q.shape
+    qk = q @ k.transpose(-1, -2)
+    qr = relative_logits_2d(q, rel_height, rel_width, grid)
+    logits = bn_similarity(torch.cat([qk, qr], dim=1)).view(N, 2, G, L, L).sum(dim=1)
+    return logits.softmax(dim=-1) @ v
+
+
+def resample_rel_table(table: torch.Tensor, length: int) -> torch.Tensor:
+    """Resample a (2S-1, d) table of 1-D relative offsets to (length, d), length = 2S'-1.
+
+    Linear interpolation along the offset axis with ``align_corners=True``: the zero offset (centre row)
+    and the two extreme offsets stay put, and offset ``o`` on the new grid reads the old table at
+    ``o * (S-1) / (S'-1)``, i.e. offsets scale with the image, as when resizing the input.
+    """
+    if table.shape[0] == length:
+        return table
+    if length == 1:  # a 1-token side only has the zero offset
+        centre = (table.shape[0] - 1) // 2
+        return table[centre:centre + 1]
+    return F.interpolate(table.t()[None], size=length, mode='linear', align_corners=True)[0].t()
+
+
+def _binary_fn(pos_embed: str, attn_impl: str):
+    if pos_embed == 'classification':
+        # no exact fused form: the flattened-offset terms have L^2 free values and sve needs the attention matrix
+        return classification_binary_reference
+    if attn_impl == 'reference':
+        return detection_qr_binary_reference
+    from . import lesa_fused  # imported lazily: it may import this file
+    return lesa_fused.detection_qr_binary
+
+
+class Lesa(nn.Module):
+    """LESA: unary conv term + binary self-attention term, coupled by a fusion gate.
+
+    Args:
+        dim: Channels in and out (C).
+        feat_size: Token grid (H, W) the binary term attends over: the *input* grid, also when ``stride`` > 1.
+        stride: Average-pooling stride applied to the output (the authors' stride-2 LESA).
+        groups: Attention heads and groups of the unary 3x3 conv (G). Query/key width C/G/2, value width C/G.
+        pos_embed: ``'classification'`` (fixed grid) or ``'detection_qr'`` (any grid, tables resampled).
+        deformable: Unary 3x3 conv is a DCN v1 (mmcv ``DeformConv2dPack`` layout, no bias).
+        attn_impl: ``'reference'`` or ``'fused'`` ``detection_qr`` binary term (same results); default: fused
+            when ``lesa_fused`` is installed. The ``classification`` term always runs the reference.
+        input_reduction: Stride of this module's input w.r.t. the image; only used to word size errors.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            feat_size: Union[int, Tuple[int, int]],
+            stride: int = 1,
+            groups: int = 8,
+            pos_embed: str = 'classification',
+            deformable: bool = False,
+            attn_impl: Optional[str] = None,
+            input_reduction: Optional[int] = None,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if dim % (2 * groups):
+            raise ValueError(f'LESA needs channels ({dim}) divisible by 2 * groups ({2 * groups}).')
+        if pos_embed not in POS_EMBED_TYPES:
+            raise ValueError(f'Unknown LESA pos_embed {pos_embed!r}; use one of {POS_EMBED_TYPES}.')
+        self.dim = dim
+        self.groups = groups
+        self.qk_dim = dim // groups // 2
+        self.v_dim = dim // groups
+        self.feat_size = to_2tuple(feat_size)
+        self.stride = stride
+        self.pos_embed = pos_embed
+        self.attn_impl = attn_impl or DEFAULT_ATTN_IMPL
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f'Unknown LESA attn_impl {self.attn_impl!r}; use one of {ATTN_IMPLS}.')
+        self.input_reduction = input_reduction
+        self.grad_checkpointing = False
+
+        # unary term
+        if deformable:
+            unary_conv = DeformConv2dPack(dim, dim, 3, padding=1, groups=groups, bias=False)
+            if device is not None or dtype is not None:
+                unary_conv = unary_conv.to(**dd)
+        else:
+            unary_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=groups, bias=False, **dd)
+        self.x_transform = nn.Sequential(unary_conv, nn.Conv2d(dim, dim, 1, bias=False, **dd))
+        self.bn_x = nn.BatchNorm2d(dim, **dd)
+
+        # binary term
+        self.qkv_transform = nn.Conv1d(dim, 2 * dim, 1, bias=False, **dd)
+        self.bn_qkv = nn.BatchNorm1d(2 * dim, **dd)
+        num_terms = 3 if pos_embed == 'classification' else 2
+        self.bn_similarity = nn.BatchNorm2d(num_terms * groups, **dd)
+        self.bn_output = nn.BatchNorm1d(2 * dim if pos_embed == 'classification' else dim, **dd)
+        H, W = self.feat_size
+        if pos_embed == 'classification':
+            self.relative = nn.Parameter(torch.empty(2 * self.qk_dim + self.v_dim, 2 * H * W - 1, **dd))
+        else:
+            self.rel_height = nn.Parameter(torch.empty(2 * H - 1, self.qk_dim, **dd))
+            self.rel_width = nn.Parameter(torch.empty(2 * W - 1, self.qk_dim, **dd))
+
+        # fusion gate
+        self.reasoning = nn.Sequential(
+            nn.ReLU(inplace=True),
+            nn.Conv2d(2 * dim, dim, 1, bias=False, **dd),
+            nn.BatchNorm2d(dim, **dd),
+            nn.ReLU(inplace=True),
+        )
+        self.projection = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False, **dd), nn.BatchNorm2d(dim, **dd))
+        self.pool = nn.AvgPool2d(stride, stride) if stride > 1 else nn.Identity()
+
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Authors' init of the attention weights (convs and norms keep their own init)."""
+        nn.init.normal_(self.qkv_transform.weight, 0., math.sqrt(1. / self.dim))
+        if self.pos_embed == 'classification':
+            nn.init.normal_(self.relative, 0., math.sqrt(1. / self.v_dim))
+        else:
+            nn.init.normal_(self.rel_height, 0., self.qk_dim ** -0.5)
+            nn.init.normal_(self.rel_width, 0., self.qk_dim ** -0.5)
+
+    def _check_grid(self, H: int, W: int):
+        r = self.input_reduction
+        if self.pos_embed == 'classification' and (H, W) != self.feat_size:
+            fH, fW = self.feat_size
+            sizes = f' ({fH * r}x{fW * r} pixel images)' if r else ''
+            got = f' (from {H * r}x{W * r} pixel images)' if r else ''
+            raise ValueError(
+                f'The LESA classification position embedding is tied to a {fH}x{fW} token grid{sizes}; got a '
+                f'{H}x{W} grid{got}. Resize or crop the inputs to the supported size.')
+        if self.stride > 1 and (H % self.stride or W % self.stride):
+            need = f'image sides that are multiples of {r * self.stride} pixels' if r else 'an even grid'
+            raise ValueError(
+                f'A stride-{self.stride} LESA block needs a token grid divisible by {self.stride}, i.e. {need}; '
+                f'got a {H}x{W} grid. Pad or resize the input.')
+
+    def unary(self, x: torch.Tensor) -> torch.Tensor:
+        """Local term: (N, C, H, W) -> (N, C, H, W)."""
+        return self.bn_x(self.x_transform(x))
+
+    def binary(self, x: torch.Tensor) -> torch.Tensor:
+        """Context term: (N, C, H, W) -> (N, C, H, W)."""
+        N, C, H, W = x.shape
+        L = H * W
+        G = self.groups
+        qkv = self.bn_qkv(self.qkv_transform(x.flatten(2)))
+        # channels are group-major: g * (2dqk + dv) + [q | k | v]
+        q, k, v = qkv.view(N, G, 2 * self.qk_dim + self.v_dim, L).transpose(-1, -2).split(
+            [self.qk_dim, self.qk_dim, self.v_dim], dim=-1)
+        binary_fn = _binary_fn(self.pos_embed, self.attn_impl)
+        if self.pos_embed == 'classification':
+            sv, sve = binary_fn(q, k, v, self.relative, self.bn_similarity)
+            # bn_output channel 2 * (g * dv + c) + t normalises term t (sv, sve) of output channel g * dv + c
+            out = torch.stack([sv, sve], dim=-1).permute(0, 1, 3, 4, 2).reshape(N, 2 * C, L)
+            out = self.bn_output(out).view(N, C, 2, L).sum(dim=2)
+        else:
+            rel_height = resample_rel_table(self.rel_height, 2 * H - 1)
+            rel_width = resample_rel_table(self.rel_width, 2 * W - 1)
+            sv = binary_fn(q, k, v, rel_height, rel_width, (H, W), self.bn_similarity)
+            out = self.bn_output(sv.transpose(-1, -2).reshape(N, C, L))
+        return out.view(N, C, H, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_grid(x.shape[-2], x.shape[-1])
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            # as the authors' with_cp_UB_terms_only: only the unary and binary terms are recomputed
+            unary = checkpoint(self.unary, x)
+            binary = checkpoint(self.binary, x)
+        else:
+            unary = self.unary(x)
+            binary = self.binary(x)
+        gate = torch.sigmoid(self.projection(self.reasoning(torch.cat([unary, binary], dim=1))))
+        return self.pool(unary + gate * binary)
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, feat_size={self.feat_size}, stride={self.stride}, groups={self.groups}, '
+                f'pos_embed={self.pos_embed!r}, attn_impl={self.attn_impl!r}')

@@ -1,0 +1,529 @@
+""" LESA-ResNet: ResNet-50 / Wide-ResNet-50 with Locally Enhanced Self-Attention
+
+Paper: `Locally Enhanced Self-Attention: Combining Self-Attention and Convolution as Local and Context Terms`
+    - https://arxiv.org/abs/2107.05637
+
+@article{yang2021locally,
+  title={Locally Enhanced Self-Attention: Rethinking Self-Attention as Local and Context Terms},
+  author={Yang, Chenglin and Qiao, Siyuan and Kortylewski, Adam and Yuille, Alan},
+  journal={arXiv preprint arXiv:2107.05637},
+  year={2021}
+}
+
+Rebuilt from the authors' ImageNet (https://github.com/Chenglin-Yang/LESA_classification) and COCO
+(https://github.com/Chenglin-Yang/LESA_detection, an mmdetection 2.x fork) code; the mmcv parts use
+``torchvision.ops.deform_conv2d``. Parameter names are the authors' (torchvision ResNet names plus those of
+:class:`~lesa_lit_models.layers.lesa_attention.Lesa`), so their checkpoints load without renaming.
+
+Models:
+
+* ``lesa_resnet50`` / ``lesa_wrn50``: the ImageNet models. Stage strides (1, 2, 2, 1), so the network stride is
+  16 and stage 4 runs on the 14x14 grid of a 224x224 image. LESA replaces the 3x3 conv in stages 3-4 except in
+  the first block of stage 3. The ``classification`` position embedding is tied to that grid: inputs must be
+  224x224.
+* ``lesa_resnet50_det`` / ``lesa_wrn50_det``: the backbones of the authors' Mask R-CNN (1024x1024) and HTC
+  (1280x1280) detectors. Stage strides (1, 2, 2, 2); mmcv-layout DCN v1 3x3 convs in stages 2-4, also in the
+  unary term of LESA; the ``detection_qr`` 2-D position embedding, whose tables are resampled to the grid of
+  any input whose sides are multiples of 32 (see :func:`~lesa_lit_models.layers.lesa_attention.resample_rel_table`).
+  No classifier (``num_classes=0``); ``features_only=True, out_indices=(1, 2, 3, 4)`` gives C2-C5.
+
+Deviations from the authors' code: ``set_grad_checkpointing`` is off by default (their detection configs
+turn on the equivalent ``with_cp_UB_terms_only``); ``no_weight_decay`` lists the position tables (the authors
+decayed every parameter); DCN main weights get the Kaiming init of the convs they replace (mmcv: uniform), and
+all DCN offset convs start at zero. Neither init matters when loading weights.
+"""
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import logging
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, create_classifier, get_device_dtype, to_2tuple
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from ._checkpoint import resolve_pretrained_file, strip_prefix, unwrap_state_dict, verify_state_dict
+from .layers.deform_conv import DeformConv2dPack
+from .layers.lesa_attention import Lesa, resample_rel_table
+
+__all__ = ['LesaResNet', 'LesaBottleneck']
+
+_logger = logging.getLogger(__name__)
+
+
+class LesaBottleneck(nn.Module):
+    """ResNet v1.5 bottleneck (stride on the 3x3) whose 3x3 is a conv, a DCN v1, or a LESA module.
+
+    A LESA block has no ``bn2``: the LESA output (normalised inside) goes straight to the activation.
+    """
+    expansion = 4
+
+    def __init__(
+            self,
+            in_chs: int,
+            planes: int,
+            stride: int = 1,
+            downsample: Optional[nn.Module] = None,
+            base_width: int = 64,
+            spatial_mixer: str = 'conv',
+            feat_size: Optional[Tuple[int, int]] = None,
+            input_reduction: Optional[int] = None,
+            lesa_args: Optional[Dict[str, Any]] = None,
+            drop_path: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            in_chs: Input channels.
+            planes: Bottleneck planes; output channels are ``planes * 4``.
+            stride: Stride of the 3x3 position (LESA: attend on the input grid, then average-pool).
+            downsample: Shortcut projection.
+            base_width: 64 for ResNet-50, 128 for Wide-ResNet-50-2.
+            spatial_mixer: ``'conv'``, ``'dcn'`` or ``'lesa'``.
+            feat_size: Token grid of the block input (LESA only).
+            input_reduction: Stride of the block input w.r.t. the image (LESA error messages only).
+            lesa_args: Extra :class:`Lesa` kwargs (groups, pos_embed, deformable, attn_impl).
+            drop_path: Stochastic depth rate.
+        """
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        width = planes * base_width // 64
+        out_chs = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_chs, width, 1, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(width, **dd)
+        self.act1 = nn.ReLU(inplace=True)
+        if spatial_mixer == 'lesa':
+            self.conv2 = Lesa(
+                width, feat_size, stride=stride, input_reduction=input_reduction, **(lesa_args or {}), **dd)
+            self.bn2 = nn.Identity()
+        elif spatial_mixer == 'dcn':
+            self.conv2 = DeformConv2dPack(width, width, 3, stride=stride, padding=1, bias=False)
+            if device is not None or dtype is not None:
+                self.conv2 = self.conv2.to(**dd)
+            self.bn2 = nn.BatchNorm2d(width, **dd)
+        elif spatial_mixer == 'conv':
+            self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False, **dd)
+            self.bn2 = nn.BatchNorm2d(width, **dd)
+        else:
+            raise ValueError(f'Unknown spatial_mixer {spatial_mixer!r}; use "conv", "dcn" or "lesa".')
+        self.act2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(width, out_chs, 1, bias=False, **dd)
+        self.bn3 = nn.BatchNorm2d(out_chs, **dd)
+        self.act3 = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def zero_init_last(self):
+        nn.init.zeros_(self.bn3.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.bn2(self.conv2(x)))
+        x = self.bn3(self.conv3(x))
+        return self.act3(self.drop_path(x) + shortcut)
+
+
+class LesaResNet(nn.Module):
+    """ResNet-50 family with LESA in the last stages (torchvision / authors' module names).
+
+    Children in forward order: ``conv1, bn1, act1, maxpool, layer1..layer4, global_pool, fc``.
+    Feature taps: 0 ``act1`` (stride 2), 1-4 ``layer1..4``.
+    """
+
+    def __init__(
+            self,
+            layers: Sequence[int] = (3, 4, 6, 3),
+            base_width: int = 64,
+            strides: Sequence[int] = (1, 2, 2, 1),
+            img_size: Union[int, Tuple[int, int]] = 224,
+            pos_embed: str = 'classification',
+            lesa_stages: Sequence[bool] = (False, False, True, True),
+            plain_first_block: Sequence[bool] = (True, True, True, False),
+            dcn_stages: Sequence[bool] = (False, False, False, False),
+            lesa_groups: int = 8,
+            attn_impl: Optional[str] = None,
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            zero_init_last: bool = False,
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            layers: Blocks per stage.
+            base_width: Bottleneck width per 64 planes (64: ResNet-50, 128: Wide-ResNet-50-2).
+            strides: Stride of each stage's first block.
+            img_size: Input size the position tables are built for (any size for ``detection_qr``, which
+                resamples; exactly this size for ``classification``).
+            pos_embed: ``'classification'`` or ``'detection_qr'``.
+            lesa_stages: Stages whose 3x3 convs are LESA modules.
+            plain_first_block: Keep a conv in the first block of a LESA stage.
+            dcn_stages: Stages whose 3x3 convs (and LESA unary convs) are deformable.
+            lesa_groups: Attention heads / unary conv groups.
+            attn_impl: LESA binary term, ``'reference'`` or ``'fused'`` (default: fused when available).
+            num_classes: Classifier classes (0: no classifier).
+            in_chans: Input channels.
+            global_pool: Global pooling type.
+            drop_rate: Dropout before the classifier.
+            drop_path_rate: Stochastic depth, linearly increasing over blocks.
+            zero_init_last: Zero-init the last BN of each block (the authors did not for ImageNet).
+        """
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        self.pos_embed = pos_embed
+        self.img_size = to_2tuple(img_size)
+        net_stride = 4
+        for s in strides:
+            net_stride *= s
+        if self.img_size[0] % net_stride or self.img_size[1] % net_stride:
+            raise ValueError(f'img_size {self.img_size} must be a multiple of the network stride {net_stride}.')
+
+        self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(64, **dd)
+        self.act1 = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.feature_info = [dict(num_chs=64, reduction=2, module='act1')]
+
+        lesa_args = dict(groups=lesa_groups, pos_embed=pos_embed, attn_impl=attn_impl)
+        num_blocks = sum(layers)
+        block_idx = 0
+        in_chs = 64
+        reduction = 4
+        for stage_idx, (depth, stage_stride) in enumerate(zip(layers, strides)):
+            planes = 64 * 2 ** stage_idx
+            out_chs = planes * LesaBottleneck.expansion
+            downsample = None
+            if stage_stride != 1 or in_chs != out_chs:
+                downsample = nn.Sequential(
+                    nn.Conv2d(in_chs, out_chs, 1, stride=stage_stride, bias=False, **dd),
+                    nn.BatchNorm2d(out_chs, **dd),
+                )
+            blocks = []
+            for i in range(depth):
+                use_lesa = lesa_stages[stage_idx] and not (i == 0 and plain_first_block[stage_idx])
+                blocks.append(LesaBottleneck(
+                    in_chs,
+                    planes,
+                    stride=stage_stride if i == 0 else 1,
+                    downsample=downsample if i == 0 else None,
+                    base_width=base_width,
+                    spatial_mixer='lesa' if use_lesa else 'dcn' if dcn_stages[stage_idx] else 'conv',
+                    feat_size=(self.img_size[0] // reduction, self.img_size[1] // reduction),
+                    input_reduction=reduction,
+                    lesa_args=dict(lesa_args, deformable=dcn_stages[stage_idx]),
+                    drop_path=drop_path_rate * block_idx / max(num_blocks - 1, 1),
+                    **dd,
+                ))
+                in_chs = out_chs
+                block_idx += 1
+                if i == 0:
+                    reduction *= stage_stride
+            self.add_module(f'layer{stage_idx + 1}', nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'layer{stage_idx + 1}'))
+
+        self.num_features = self.head_hidden_size = in_chs
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.init_weights(zero_init_last=zero_init_last)
+
+    @torch.jit.ignore
+    def init_weights(self, zero_init_last: bool = False):
+        """Kaiming (fan-out) convs as the authors' ResNet, zero DCN offsets; LESA tables keep their own init."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, DeformConv2dPack)):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        for m in self.modules():
+            if isinstance(m, DeformConv2dPack):
+                nn.init.zeros_(m.conv_offset.weight)
+                nn.init.zeros_(m.conv_offset.bias)
+            elif zero_init_last and isinstance(m, LesaBottleneck):
+                m.zero_init_last()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, str]:
+        return dict(stem=r'^conv1|bn1|maxpool', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {'*.relative', '*.rel_height', '*.rel_width'}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        """Recompute the LESA unary and binary terms in backward (the authors' ``with_cp_UB_terms_only``).
+
+        In train mode the recomputation updates the LESA BatchNorm running statistics a second time, as it did
+        upstream (the detectors run their norms in eval mode).
+        """
+        self.grad_checkpointing = enable
+        for m in self.modules():
+            if isinstance(m, Lesa):
+                m.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False):
+        return 'fc' if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        dd = get_device_dtype(self)
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward returning the feature taps of ``feature_info`` selected by ``indices``.
+
+        Args:
+            x: Input images.
+            indices: Last n taps if int, all if None, else the listed taps (negative allowed).
+            norm: Unused (no final norm); kept for the timm API.
+            stop_early: Stop after the last requested tap.
+            output_fmt: Only ``'NCHW'``.
+            intermediates_only: Return only the taps.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f'Only the NCHW output format is supported, got {output_fmt!r}.')
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        x = self.act1(self.bn1(self.conv1(x)))
+        if 0 in take_indices:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        layers = (self.layer1, self.layer2, self.layer3, self.layer4)
+        if stop_early:
+            layers = layers[:max_index]
+        for feat_idx, layer in enumerate(layers, start=1):
+            x = layer(x)
+            if feat_idx in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages after the last tap in ``indices`` (and the head); return the absolute tap indices."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        for n in ('layer1', 'layer2', 'layer3', 'layer4')[max_index:]:
+            setattr(self, n, nn.Sequential())
+        if max_index == 0:
+            self.maxpool = nn.Identity()
+        prune_end = max_index < len(self.feature_info) - 1
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        return self.layer4(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# Keys the COCO backbones do not take from ImageNet weights: the authors' detector init re-creates them.
+_DET_KEYS_NOT_IN_IMAGENET = ('.conv_offset.', '.rel_height', '.rel_width')
+_DET_KEYS_RESHAPED_FROM_IMAGENET = ('.bn_similarity.', '.bn_output.')
+
+
+def _imagenet_to_detection(state_dict: Dict[str, torch.Tensor], model_sd: Dict[str, torch.Tensor]):
+    """ImageNet (``classification``) weights -> COCO backbone, as the authors' detector init does.
+
+    Drops ``fc``, the ``relative`` tables, and ``bn_similarity`` / ``bn_output`` tensors whose shapes differ
+    (3G vs 2G, 2C vs C channels); those, the DCN offset convs and the 2-D tables keep the model's fresh init.
+    """
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith('fc.') or k.endswith('.relative'):
+            continue
+        if any(p in k for p in _DET_KEYS_RESHAPED_FROM_IMAGENET) and k in model_sd and model_sd[k].shape != v.shape:
+            continue
+        out[k] = v
+    fresh = [k for k in model_sd if k not in out and any(p in k for p in
+                                                         _DET_KEYS_NOT_IN_IMAGENET + _DET_KEYS_RESHAPED_FROM_IMAGENET)]
+    _logger.info(f'ImageNet weights into a COCO backbone: {len(fresh)} tensors keep their fresh init '
+                 f'(DCN offsets, 2-D position tables, bn_similarity/bn_output).')
+    out.update({k: model_sd[k] for k in fresh})
+    return out
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LesaResNet) -> Dict[str, torch.Tensor]:
+    """Authors' checkpoints (any format) or timm-format weights -> this model's state dict.
+
+    Accepts the ImageNet training checkpoint (``{'net': ...}`` with DDP ``module.`` prefixes), a bare state
+    dict, an mmdet COCO checkpoint (``state_dict`` with ``backbone.*`` keys; neck and heads are ignored) and
+    already converted weights. The ``flatten_index`` buffer is dropped (rebuilt on the fly).
+
+    For the COCO backbones (``detection_qr``):
+
+    * ImageNet weights are adapted as the authors' detector init does (:func:`_imagenet_to_detection`);
+    * COCO weights load completely; ``rel_height`` / ``rel_width`` are resampled
+      (:func:`~lesa_lit_models.layers.lesa_attention.resample_rel_table`) when ``img_size`` differs.
+
+    Raises :class:`~lesa_lit_models._checkpoint.CheckpointError` listing what does not match.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    if any(k.startswith('backbone.') for k in state_dict):
+        state_dict = strip_prefix(state_dict, 'backbone.', keep_others=False)
+    state_dict = {k: v for k, v in state_dict.items() if not k.endswith('.flatten_index')}
+    model_sd = model.state_dict()
+    if model.pos_embed == 'detection_qr':
+        if any(k.endswith('.relative') for k in state_dict):
+            state_dict = _imagenet_to_detection(state_dict, model_sd)
+        else:
+            for k, v in state_dict.items():
+                if k.endswith(('.rel_height', '.rel_width')) and k in model_sd and v.shape[1:] == model_sd[k].shape[1:]:
+                    state_dict[k] = resample_rel_table(v, model_sd[k].shape[0])
+    if 'fc.weight' not in model_sd:  # built without a classifier
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('fc.')}
+    return verify_state_dict(state_dict, model, ignore_shape_of=('fc.', 'conv1.weight'))
+
+
+def _create_lesa(variant: str, pretrained: bool = False, **kwargs) -> LesaResNet:
+    kwargs = resolve_pretrained_file(pretrained, kwargs)
+    return build_model_with_cfg(
+        LesaResNet,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        **kwargs,
+    )
+
+
+_PAPER = dict(
+    paper_name='Locally Enhanced Self-Attention: Combining Self-Attention and Convolution as Local and Context Terms',
+    paper_ids='arXiv:2107.05637',
+)
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (14, 14),
+        'fixed_input_size': True, 'crop_pct': 0.875, 'interpolation': 'bilinear',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD, 'first_conv': 'conv1', 'classifier': 'fc',
+        **_PAPER, **kwargs,
+    }
+
+
+def _det_cfg(img_size: int, **kwargs) -> Dict[str, Any]:
+    return _cfg(
+        num_classes=0, input_size=(3, img_size, img_size), pool_size=(img_size // 32, img_size // 32),
+        fixed_input_size=False, crop_pct=1.0, license='apache-2.0', **kwargs,
+    )
+
+
+_ONEDRIVE = 'https://livejohnshopkins-my.sharepoint.com/:f:/g/personal/cyang76_jh_edu/'
+
+default_cfgs = generate_default_cfgs({
+    'lesa_resnet50.in1k': _cfg(
+        hf_hub_id='lesa-lit-models/lesa_resnet50.in1k',
+        origin_url=_ONEDRIVE + 'EnO2WCZcRwJJh1YsdHEZXOMBueC6q0baT4kWl_sI5SqjFQ?e=Wh9uWt',
+        notes=('ImageNet-1k top-1 79.55, top-5 94.79 at 224 (authors\' numbers).',
+               'Converted from the authors\' release (github.com/Chenglin-Yang/LESA_classification).'),
+    ),
+    'lesa_wrn50.in1k': _cfg(
+        hf_hub_id='lesa-lit-models/lesa_wrn50.in1k',
+        origin_url=_ONEDRIVE + 'EgHuW1XQefNNkLCkRE1Ag4UBA96d7lBasZ4esEh3Re1mXA?e=jU72GG',
+        notes=('ImageNet-1k top-1 80.18, top-5 95.07 at 224 (authors\' numbers).',
+               'Converted from the authors\' release (github.com/Chenglin-Yang/LESA_classification).'),
+    ),
+    'lesa_resnet50_det.coco': _det_cfg(
+        1024,
+        hf_hub_id='lesa-lit-models/lesa_resnet50_det.coco',
+        origin_url=_ONEDRIVE + 'Egpo87VmMmlEg0jY_KHYAJsBS7EFDJ4YxJ2zhkTxcJCzWg?e=SGSKmx',
+        notes=('Backbone of the authors\' Mask R-CNN (FPN, 1024x1024, 20 epochs): COCO val box AP 44.0, mask AP '
+               '39.2; test-dev box AP 44.2, mask AP 39.6 (authors\' numbers).',
+               'Converted from the backbone.* keys of the authors\' mmdet checkpoint '
+               '(github.com/Chenglin-Yang/LESA_detection).'),
+    ),
+    'lesa_resnet50_det.in1k': _det_cfg(
+        1024,
+        hf_hub_id='lesa-lit-models/lesa_resnet50.in1k',
+        origin_url=_ONEDRIVE + 'EsV_fGZY-uhEkciwVckp4c8BlInA1GFv7gett1_LOZ0vFg?e=g1If75',
+        notes=('ImageNet weights of lesa_resnet50 as the authors\' detector initialisation: DCN offsets, 2-D '
+               'position tables and bn_similarity/bn_output start fresh.',),
+    ),
+    'lesa_wrn50_det.coco': _det_cfg(
+        1280,
+        hf_hub_id='lesa-lit-models/lesa_wrn50_det.coco',
+        origin_url=_ONEDRIVE + 'EmSPz8ToSK5GuYyWELj3Y0QBwP3Q_Jd4FhK1WDvf2FuADw?e=xRsbl5',
+        notes=('Backbone of the authors\' HTC (FPN, semantic branch, 1280x1280, 20 epochs): COCO val box AP 50.1, '
+               'mask AP 43.9; test-dev box AP 50.5, mask AP 44.4 (authors\' numbers).',
+               'Converted from the backbone.* keys of the authors\' mmdet checkpoint '
+               '(github.com/Chenglin-Yang/LESA_detection).'),
+    ),
+    'lesa_wrn50_det.in1k': _det_cfg(
+        1280,
+        hf_hub_id='lesa-lit-models/lesa_wrn50.in1k',
+        origin_url=_ONEDRIVE + 'ElagAKEgXttArEbtVR6NpmEBWAZN0pNE5Q6MMXEJZ27VHg?e=dIdwAI',
+        notes=('ImageNet weights of lesa_wrn50 as the authors\' detector initialisation: DCN offsets, 2-D '
+               'position tables and bn_similarity/bn_output start fresh.',),
+    ),
+})
+
+_DET_ARGS = dict(
+    strides=(1, 2, 2, 2), pos_embed='detection_qr', dcn_stages=(False, True, True, True), num_classes=0)
+
+
+@register_model
+def lesa_resnet50(pretrained: bool = False, **kwargs) -> LesaResNet:
+    """LESA-ResNet-50, ImageNet-1k, 224x224 only (top-1 79.55 / top-5 94.79)."""
+    model_args = dict(layers=(3, 4, 6, 3))
+    return _create_lesa('lesa_resnet50', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def lesa_wrn50(pretrained: bool = False, **kwargs) -> LesaResNet:
+    """LESA-Wide-ResNet-50-2, ImageNet-1k, 224x224 only (top-1 80.18 / top-5 95.07)."""
+    model_args = dict(layers=(3, 4, 6, 3), base_width=128)
+    return _create_lesa('lesa_wrn50', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def lesa_resnet50_det(pretrained: bool = False, **kwargs) -> LesaResNet:
+    """LESA-ResNet-50 COCO backbone (Mask R-CNN), tables for 1024x1024; any multiple of 32 works."""
+    model_args = dict(layers=(3, 4, 6, 3), img_size=1024, **_DET_ARGS)
+    return _create_lesa('lesa_resnet50_det', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def lesa_wrn50_det(pretrained: bool = False, **kwargs) -> LesaResNet:
+    """LESA-Wide-ResNet-50-2 COCO backbone (HTC), tables for 1280x1280; any multiple of 32 works."""
+    model_args = dict(layers=(3, 4, 6, 3), base_width=128, img_size=1280, **_DET_ARGS)
+    return _create_lesa('lesa_wrn50_det', pretrained=pretrained, **dict(model_args, **kwargs))
