@@ -1,2 +1,3 @@
 """Building blocks of the LESA and LIT models that are not models themselves."""
 from .deform_conv import DeformConv2dPack
+from .lesa_attention import Lesa
