@@ -1,0 +1,70 @@
+"""Relative position bias tables spanning a whole feature map (LIT-S/M/B global attention).
+
+Layout (Swin's): a table of shape ``((2 * Gh - 1) * (2 * Gw - 1), num_heads)`` is a row-major
+``(2 * Gh - 1, 2 * Gw - 1)`` grid per head; the entry at ``(dy + Gh - 1, dx + Gw - 1)`` is the bias of a
+query at ``(y, x)`` attending to the key at ``(y - dy, x - dx)``. In Swin's index notation the bias of a
+map of ``H x W`` tokens is ``table[index]`` with
+``index[i, j] = (y_i - y_j + H - 1) * (2 * W - 1) + (x_i - x_j + W - 1)``.
+
+For a map whose size differs from the table's, LIT's detection backbone first resamples the table
+bicubically (``align_corners=False``) to ``(2 * H - 1, 2 * W - 1)``. :func:`relative_position_bias` does the
+same, then expands the table into the dense ``(num_heads, H * W, H * W)`` bias with a strided view
+(``unfold``) of the live table instead of gathering through an ``(H * W)^2`` index: the result is
+bit-identical to ``table[index]``, differentiable, never stale when the table is trained, and needs no
+index tensor or cache (the index alone is 141 MB at an 800x1344 input), so nothing is rebuilt on the CPU.
+"""
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ['bias_table_size', 'resample_bias_table', 'relative_position_bias']
+
+
+def bias_table_size(grid_size: Tuple[int, int]) -> Tuple[int, int]:
+    """The ``(2 * H - 1, 2 * W - 1)`` table grid that covers every offset within an ``H x W`` map."""
+    return 2 * grid_size[0] - 1, 2 * grid_size[1] - 1
+
+
+def _resample_grid(table_grid: torch.Tensor, new_table_size: Tuple[int, int]) -> torch.Tensor:
+    """Bicubic (``align_corners=False``) resampling of a ``(1, heads, th, tw)`` table; identity when equal."""
+    if tuple(table_grid.shape[-2:]) == tuple(new_table_size):
+        return table_grid
+    return F.interpolate(table_grid, size=new_table_size, mode='bicubic', align_corners=False)
+
+
+def resample_bias_table(
+        table: torch.Tensor,
+        table_size: Tuple[int, int],
+        new_table_size: Tuple[int, int],
+) -> torch.Tensor:
+    """Resample a flat ``(th * tw, heads)`` table laid out as ``table_size`` to ``new_table_size``.
+
+    Used when loading a checkpoint whose tables were made for another grid (e.g. ImageNet 27x27 into a
+    COCO-sized 99x99 table, as the authors' detection loader does).
+    """
+    num_heads = table.shape[1]
+    if table.shape[0] != table_size[0] * table_size[1]:
+        raise ValueError(f'Bias table has {table.shape[0]} rows, expected {table_size[0]}x{table_size[1]}.')
+    grid = table.t().reshape(1, num_heads, *table_size)
+    grid = _resample_grid(grid.float(), new_table_size).to(table.dtype)
+    return grid.reshape(num_heads, -1).t().contiguous()
+
+
+def relative_position_bias(
+        table: torch.Tensor,
+        table_size: Tuple[int, int],
+        feat_size: Tuple[int, int],
+) -> torch.Tensor:
+    """Dense ``(heads, H * W, H * W)`` attention bias of an ``H x W`` map from a flat ``(th * tw, heads)`` table.
+
+    The table is first resampled bicubically to ``(2H - 1, 2W - 1)`` when its grid ``table_size`` differs.
+    """
+    height, width = feat_size
+    num_heads = table.shape[1]
+    grid = _resample_grid(table.t().reshape(1, num_heads, *table_size), bias_table_size(feat_size))[0]
+    # bias[h, (y, x), (y', x')] = grid[h, y - y' + H - 1, x - x' + W - 1]. With the grid flipped, the keys of a
+    # query at (y, x) form the contiguous H x W window starting at (H - 1 - y, W - 1 - x): unfold takes all
+    # windows, the second flip puts them back in query order.
+    windows = grid.flip(1, 2).unfold(1, height, 1).unfold(2, width, 1)  # heads, H, W, H, W (query flipped)
+    return windows.flip(1, 2).reshape(num_heads, height * width, height * width)

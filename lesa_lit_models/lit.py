@@ -1,0 +1,752 @@
+""" LIT: Less attention vIsion Transformer
+
+Paper: `Less is More: Pay Less Attention in Vision Transformers` - https://arxiv.org/abs/2105.14217 (AAAI 2022)
+
+@inproceedings{pan2022litv1,
+  title={Less is More: Pay Less Attention in Vision Transformers},
+  author={Pan, Zizheng and Zhuang, Bohan and He, Haoyu and Liu, Jing and Cai, Jianfei},
+  booktitle={AAAI},
+  year={2022}
+}
+
+Re-implemented from the paper and the authors' Apache-2.0 code at https://github.com/zhuang-group/LIT
+(classification: ``code_for_lit_ti``, ``code_for_lit_s_m_b``; COCO backbones: ``detection/mmdet``).
+The authors' CUDA DCN extension is replaced by ``torchvision.ops.deform_conv2d`` (same math) and attention
+runs through ``F.scaled_dot_product_attention``.
+
+A LIT is a four-stage pyramid: a 4x4 patch-embedding stem, MLP-only blocks in stages 1-2 (no token mixing),
+pre-norm blocks with *global* multi-head self-attention in stages 3-4, and a Deformable Token Merging (DTM)
+between stages. The family comes in two flavours that share only these ideas:
+
+* LIT-Ti (PVT-like): learned absolute position embeddings in every stage, a class token that joins stage 4,
+  LayerNorm eps 1e-6 in the blocks, MLP ratios (8, 8, 4, 4), class-token readout.
+* LIT-S/M/B (Swin-like): no absolute position embedding; each attention block owns a Swin-style relative
+  position bias table that spans the whole stage grid (not a window); LayerNorm eps 1e-5; mean pooling.
+
+Modifications and timm support for lesa-lit-models.
+"""
+import logging
+import math
+import re
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, resample_abs_pos_embed, to_2tuple, \
+    trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from ._checkpoint import resolve_pretrained_file, strip_prefix, unwrap_state_dict, verify_state_dict
+from .layers.deform_merge import DeformableTokenMerging
+from .layers.rel_pos import bias_table_size, relative_position_bias, resample_bias_table
+
+__all__ = ['LIT', 'checkpoint_filter_fn', 'detection_output_norms']
+
+_logger = logging.getLogger(__name__)
+
+_ATTN_IMPLS = ('sdpa', 'explicit')
+
+
+def _check_attn_impl(attn_impl: str) -> str:
+    if attn_impl not in _ATTN_IMPLS:
+        raise ValueError(f'attn_impl={attn_impl!r} is not supported: use one of {_ATTN_IMPLS}.')
+    return attn_impl
+
+
+class LITAttention(nn.Module):
+    """Global multi-head self-attention over all tokens of a stage, optionally with a relative position bias.
+
+    With ``rel_pos_grid`` (LIT-S/M/B) the block owns a ``relative_position_bias_table`` of
+    ``(2 * Gh - 1) * (2 * Gw - 1)`` rows for a ``Gh x Gw`` grid; for an input grid of another size the table is
+    resampled bicubically to ``(2H - 1, 2W - 1)`` at each forward, as the authors' detection backbone does
+    (see :mod:`lesa_lit_models.layers.rel_pos`).
+
+    ``attn_impl``: ``'sdpa'`` (default) uses ``F.scaled_dot_product_attention`` with the bias as additive mask;
+    ``'explicit'`` materialises ``softmax(q k^T * scale + bias) v`` (the upstream formulation, for benchmarks
+    and checks).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            qkv_bias: bool = True,
+            rel_pos_grid: Optional[Tuple[int, int]] = None,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            attn_impl: str = 'sdpa',
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'dim ({dim}) must be divisible by num_heads ({num_heads}).')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.attn_impl = _check_attn_impl(attn_impl)
+
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if rel_pos_grid is not None:
+            self.table_size = bias_table_size(rel_pos_grid)
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros(self.table_size[0] * self.table_size[1], num_heads))
+            trunc_normal_(self.relative_position_bias_table, std=.02)
+        else:
+            self.table_size = None
+            self.register_parameter('relative_position_bias_table', None)
+
+    def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = None
+        if self.relative_position_bias_table is not None:
+            bias = relative_position_bias(self.relative_position_bias_table, self.table_size, feat_size)
+            bias = bias.to(q.dtype).unsqueeze(0)
+        if self.attn_impl == 'sdpa':
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                attn = attn + bias
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class MLPBlock(nn.Module):
+    """Stage 1-2 block: ``x + DropPath(MLP(LN(x)))``, no token mixing.
+
+    The norm keeps its upstream name ``norm2`` (there is no ``norm1``) so checkpoints map one to one.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            mlp_ratio: float = 4.,
+            proj_drop: float = 0.,
+            drop_path: float = 0.,
+            norm_layer: Any = nn.LayerNorm,
+    ):
+        super().__init__()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class AttentionBlock(nn.Module):
+    """Stage 3-4 block: ``x + DropPath(MSA(LN(x)))`` then ``x + DropPath(MLP(LN(x)))``."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            rel_pos_grid: Optional[Tuple[int, int]] = None,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            norm_layer: Any = nn.LayerNorm,
+            attn_impl: str = 'sdpa',
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = LITAttention(
+            dim,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            rel_pos_grid=rel_pos_grid,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            attn_impl=attn_impl,
+        )
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x), feat_size))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class LITStage(nn.Module):
+    """One LIT stage: optional DTM (stages 2-4), optional absolute position embedding (LIT-Ti), blocks.
+
+    Takes and returns NHWC maps. With ``prefix_tokens`` (the LIT-Ti class token in stage 4) the prefix joins
+    the attention and the stage returns the ``(B, num_prefix + H * W, C)`` tokens instead.
+
+    The position embedding (``(1, num_prefix_tokens + Gh * Gw, C)``, prefix slots first) is stored for the
+    ``pos_embed_grid`` grid and resampled bilinearly (``align_corners=False``) to the actual grid when that
+    differs, as the authors' detection backbone does, but comparing against this stage's own grid.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            dim_out: int,
+            depth: int,
+            downsample: bool,
+            use_attn: bool,
+            num_heads: int,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            pos_embed_grid: Optional[Tuple[int, int]] = None,
+            num_prefix_tokens: int = 0,
+            rel_pos_grid: Optional[Tuple[int, int]] = None,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: Sequence[float] = (),
+            norm_layer: Any = nn.LayerNorm,
+            attn_impl: str = 'sdpa',
+    ):
+        super().__init__()
+        self.grad_checkpointing = False
+        self.downsample = DeformableTokenMerging(dim, dim_out) if downsample else None
+        self.pos_embed_grid = pos_embed_grid
+        self.num_prefix_tokens = num_prefix_tokens
+        if pos_embed_grid is not None:
+            num_pos = num_prefix_tokens + pos_embed_grid[0] * pos_embed_grid[1]
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, dim_out))
+            trunc_normal_(self.pos_embed, std=.02)
+        else:
+            self.register_parameter('pos_embed', None)
+        drop_path = list(drop_path) or [0.] * depth
+        if use_attn:
+            block_fn = partial(
+                AttentionBlock, num_heads=num_heads, qkv_bias=qkv_bias, rel_pos_grid=rel_pos_grid,
+                attn_drop=attn_drop, attn_impl=attn_impl)
+        else:
+            block_fn = MLPBlock
+        self.blocks = nn.ModuleList([
+            block_fn(dim_out, mlp_ratio=mlp_ratio, proj_drop=proj_drop, drop_path=drop_path[i], norm_layer=norm_layer)
+            for i in range(depth)])
+
+    def grid_pos_embed(self, feat_size: Tuple[int, int]) -> torch.Tensor:
+        """The grid part of the position embedding, resampled to ``feat_size`` when needed."""
+        return resample_abs_pos_embed(
+            self.pos_embed[:, self.num_prefix_tokens:],
+            new_size=list(feat_size),
+            old_size=list(self.pos_embed_grid),
+            num_prefix_tokens=0,
+            interpolation='bilinear',
+            antialias=False,
+            align_corners=False,
+        )
+
+    def forward(self, x: torch.Tensor, prefix_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        B, H, W, C = x.shape
+        feat_size = (H, W)
+        x = x.reshape(B, H * W, C)
+        if self.pos_embed is not None:
+            x = x + self.grid_pos_embed(feat_size)
+        if prefix_tokens is not None:
+            if self.pos_embed is not None:
+                prefix_tokens = prefix_tokens + self.pos_embed[:, :self.num_prefix_tokens]
+            x = torch.cat([prefix_tokens, x], dim=1)
+        for block in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x, feat_size)
+            else:
+                x = block(x, feat_size)
+        if prefix_tokens is not None:
+            return x
+        return x.reshape(B, H, W, C)
+
+
+class LIT(nn.Module):
+    """LIT (Less attention vIsion Transformer), both flavours; see the module docstring and the entrypoints.
+
+    Args:
+        in_chans: Input channels.
+        num_classes: Classifier classes (0 for none).
+        global_pool: ``'token'`` (class token, LIT-Ti), ``'avg'`` (mean over spatial tokens, LIT-S/M/B) or ``''``.
+        embed_dims, depths, num_heads, mlp_ratios: Per-stage widths, block counts, heads, MLP ratios.
+        attn_stages: Which stages use attention blocks (the others use MLP-only blocks).
+        patch_size: Stem patch size.
+        qkv_bias: Bias on the qkv projection.
+        pos_embed: ``'abs'``: learned absolute embedding per stage (LIT-Ti); ``'rel'``: relative position
+            bias table per attention block (LIT-S/M/B).
+        class_token: Prepend a class token to the last stage (LIT-Ti); the token's position slot is the first
+            entry of that stage's position embedding.
+        pos_img_size: Input size the position parameters are laid out for (stage grids ``pos_img_size / 4 / 2^i``):
+            224 for the ImageNet checkpoints; the authors' COCO LIT-S tables are laid out for 800 (99x99 and
+            49x49 tables), ADE20K for 512. Any input size runs whatever this is.
+        norm_eps: LayerNorm eps of the blocks and the final norm (LIT-Ti 1e-6; the stem always uses 1e-5).
+        drop_rate: Classifier dropout.
+        proj_drop_rate, attn_drop_rate: Dropout after the MLP/projection layers and on attention weights.
+        drop_path_rate: Stochastic depth, increasing linearly over all blocks (upstream ImageNet values:
+            LIT-Ti 0.1, S 0.2, M 0.3, B 0.5; timm convention: 0 unless the training script sets it).
+        attn_impl: ``'sdpa'`` or ``'explicit'`` (see :class:`LITAttention`; also :meth:`set_attn_impl`).
+
+    Deliberate deviations from the authors' code:
+        * Any input size. The stem pads the input right/bottom to a multiple of the patch size (as the
+          authors' LIT-S detection backbone does; their LIT-Ti floors instead, which only matters for sides
+          that are not a multiple of 4). LIT-Ti position embeddings are resampled bilinearly to each stage's
+          grid, comparing against that stage's own grid (upstream compared every stage against the stage-1
+          token count, so e.g. a 448x448 input crashed); their classifier only ran at 224x224.
+        * ``features_only`` / :meth:`forward_intermediates` return the stage outputs after their blocks,
+          before the next DTM, unnormalised, in NCHW. For LIT-Ti the stage-4 map is computed *without* the
+          class token, exactly as the authors' detection backbone (which has no class token); the classifier
+          path keeps it. The extra LayerNorms the authors' LIT-S COCO backbone applies to outputs 2-4
+          (``norm1..3``) belong to the detection adapter (see :func:`detection_output_norms`).
+        * Position embeddings, the class token and the bias tables are in :meth:`no_weight_decay` (upstream
+          LIT-Ti decayed its position embeddings).
+        * The relative position bias is expanded from the live table with a strided view instead of an index
+          tensor rebuilt on the CPU at every forward; the values are identical.
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dims: Sequence[int] = (96, 192, 384, 768),
+            depths: Sequence[int] = (2, 2, 6, 2),
+            num_heads: Sequence[int] = (3, 6, 12, 24),
+            mlp_ratios: Sequence[float] = (4., 4., 4., 4.),
+            attn_stages: Sequence[bool] = (False, False, True, True),
+            patch_size: int = 4,
+            qkv_bias: bool = True,
+            pos_embed: str = 'rel',
+            class_token: bool = False,
+            pos_img_size: Union[int, Tuple[int, int]] = 224,
+            norm_eps: float = 1e-5,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            attn_impl: str = 'sdpa',
+    ):
+        super().__init__()
+        if pos_embed not in ('abs', 'rel'):
+            raise ValueError(f"pos_embed={pos_embed!r}: use 'abs' (LIT-Ti) or 'rel' (LIT-S/M/B).")
+        if class_token and pos_embed != 'abs':
+            raise ValueError("class_token=True needs pos_embed='abs' (the LIT-Ti layout).")
+        num_stages = len(depths)
+        if not (len(embed_dims) == len(num_heads) == len(mlp_ratios) == len(attn_stages) == num_stages):
+            raise ValueError('embed_dims, depths, num_heads, mlp_ratios and attn_stages need one entry per stage.')
+        _check_attn_impl(attn_impl)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.pos_img_size = to_2tuple(pos_img_size)
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.output_fmt = 'NHWC'
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+
+        self.patch_embed = PatchEmbed(
+            img_size=None,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dims[0],
+            norm_layer=partial(nn.LayerNorm, eps=1e-5),
+            output_fmt='NHWC',
+            dynamic_img_pad=True,
+        )
+        if class_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims[-1]))
+            trunc_normal_(self.cls_token, std=.02)
+        else:
+            self.register_parameter('cls_token', None)
+
+        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
+        stages = []
+        self.feature_info = []
+        for i in range(num_stages):
+            stride = patch_size * 2 ** i
+            grid = (self.pos_img_size[0] // stride, self.pos_img_size[1] // stride)
+            stages.append(LITStage(
+                dim=embed_dims[max(i - 1, 0)],
+                dim_out=embed_dims[i],
+                depth=depths[i],
+                downsample=i > 0,
+                use_attn=attn_stages[i],
+                num_heads=num_heads[i],
+                mlp_ratio=mlp_ratios[i],
+                qkv_bias=qkv_bias,
+                pos_embed_grid=grid if pos_embed == 'abs' else None,
+                num_prefix_tokens=self.num_prefix_tokens if i == num_stages - 1 else 0,
+                rel_pos_grid=grid if pos_embed == 'rel' and attn_stages[i] else None,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=dpr[i],
+                norm_layer=norm_layer,
+                attn_impl=attn_impl,
+            ))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=stride, module=f'stages.{i}'))
+        self.stages = nn.Sequential(*stages)
+
+        self.norm = norm_layer(self.num_features)
+        self.global_pool = self._check_global_pool(global_pool)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module):
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def _check_global_pool(self, global_pool: str) -> str:
+        if global_pool not in ('token', 'avg', ''):
+            raise ValueError(f"global_pool={global_pool!r}: use 'token', 'avg' or ''.")
+        if global_pool == 'token' and self.cls_token is None:
+            raise ValueError("global_pool='token' needs the class token (LIT-Ti, before any head pruning).")
+        return global_pool
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {
+            name for name, _ in self.named_parameters()
+            if name == 'cls_token' or name.endswith(('.pos_embed', '.relative_position_bias_table'))
+        }
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^patch_embed',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.(?:downsample|pos_embed)', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^cls_token|^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_attn_impl(self, attn_impl: str):
+        """Switch every attention block between ``'sdpa'`` and ``'explicit'``."""
+        _check_attn_impl(attn_impl)
+        for module in self.modules():
+            if isinstance(module, LITAttention):
+                module.attn_impl = attn_impl
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = self._check_global_pool(global_pool)
+        weight = self.patch_embed.proj.weight
+        self.head = nn.Linear(
+            self.num_features, num_classes, device=weight.device, dtype=weight.dtype) if num_classes > 0 else nn.Identity()
+
+    def _check_input_size(self, x: torch.Tensor):
+        # the last kept stage needs at least one token: ceil(side / patch) >= 2 ** (num_stages - 1)
+        patch = self.patch_embed.patch_size[0]
+        need = 2 ** (len(self.stages) - 1)
+        if math.ceil(x.shape[-2] / patch) < need or math.ceil(x.shape[-1] / patch) < need:
+            raise ValueError(
+                f'Input of {x.shape[-2]}x{x.shape[-1]} pixels is too small: this LIT needs at least '
+                f'{patch * (need - 1) + 1} pixels per side (stride {patch * need}); resize or pad the image.')
+
+    def _class_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cls_token.expand(x.shape[0], -1, -1)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward that also returns the stage outputs (after their blocks, before the next DTM).
+
+        Args:
+            x: Input images (B, C, H, W).
+            indices: Take the last n stages if int, all if None, the listed ones if a sequence.
+            norm: Apply the final norm to the last stage's map.
+            stop_early: Stop after the last requested stage.
+            output_fmt: ``'NCHW'`` or ``'NHWC'``.
+            intermediates_only: Only return the intermediates.
+
+        For LIT-Ti the stage-4 map is computed without the class token (the detection backbone's features);
+        when the final output is also requested, stage 4 runs a second time with the class token.
+        """
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt={output_fmt!r}: use 'NCHW' or 'NHWC'.")
+        self._check_input_size(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_index = len(self.stages) - 1
+        stages = self.stages[:max_index + 1] if stop_early and not torch.jit.is_scripting() else self.stages
+
+        intermediates = []
+        x = self.patch_embed(x)
+        for i, stage in enumerate(stages):
+            reads_class_token = self.cls_token is not None and i == last_index
+            if i in take_indices or not reads_class_token:
+                feat = stage(x)
+                if i in take_indices:
+                    feat_out = self.norm(feat) if norm and i == last_index else feat
+                    intermediates.append(feat_out.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else feat_out)
+            if reads_class_token:
+                if intermediates_only:
+                    break
+                x = stage(x, prefix_tokens=self._class_tokens(x))
+            else:
+                x = feat
+
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages after the last of ``indices``; with the head also drop the class token."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_head or prune_end:
+            self.cls_token = None  # only the classifier reads it
+            self.num_prefix_tokens = 0
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised last-stage output: NHWC map, or ``(B, 1 + H * W, C)`` tokens with the class token."""
+        self._check_input_size(x)
+        x = self.patch_embed(x)
+        last_index = len(self.stages) - 1
+        for i, stage in enumerate(self.stages):
+            if self.cls_token is not None and i == last_index:
+                x = stage(x, prefix_tokens=self._class_tokens(x))
+            else:
+                x = stage(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'token':
+            x = x[:, 0]
+        elif self.global_pool == 'avg':
+            x = x[:, self.num_prefix_tokens:].mean(dim=1) if x.ndim == 3 else x.mean(dim=(1, 2))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+_UPSTREAM_TI_RENAMES = (
+    (re.compile(r'^patch_embed1\.'), lambda m: 'patch_embed.'),
+    (re.compile(r'^patch_embed([234])\.'), lambda m: f'stages.{int(m[1]) - 1}.downsample.'),
+    (re.compile(r'^pos_embed([1234])$'), lambda m: f'stages.{int(m[1]) - 1}.pos_embed'),
+    (re.compile(r'^block([1234])\.'), lambda m: f'stages.{int(m[1]) - 1}.blocks.'),
+)
+_UPSTREAM_SMB_RENAMES = (
+    (re.compile(r'^layers\.(\d+)\.downsample\.'), lambda m: f'stages.{int(m[1]) + 1}.downsample.'),
+    (re.compile(r'^layers\.(\d+)\.blocks\.'), lambda m: f'stages.{m[1]}.blocks.'),
+)
+# LayerNorms the authors' detection/segmentation LIT backbone applies to its outputs (norm1..3; mmseg also norm0)
+_OUTPUT_NORM = re.compile(r'^norm\d\.')
+_READOUT_KEYS = ('cls_token', 'norm.', 'head.')
+
+
+def _rename(key: str, renames) -> str:
+    for pattern, repl in renames:
+        key, count = pattern.subn(repl, key)
+        if count:
+            break
+    return key
+
+
+def _backbone_state_dict(checkpoint: Any) -> Dict[str, torch.Tensor]:
+    """Tensors of a bare / ``{'model'}`` / ``{'state_dict'}`` checkpoint; for mmdet files only ``backbone.*``."""
+    return strip_prefix(unwrap_state_dict(checkpoint), 'backbone.', keep_others=False)
+
+
+def detection_output_norms(checkpoint: Any) -> Dict[str, torch.Tensor]:
+    """The output LayerNorms (``norm1.*``, ``norm2.*``, ``norm3.*``) of the authors' LIT-S COCO backbone.
+
+    They normalise detection outputs 2-4 and are not part of the timm model: :func:`checkpoint_filter_fn` drops
+    them, and the detection adapter loads them from the same checkpoint with this function (keys unprefixed).
+    """
+    return {k: v for k, v in _backbone_state_dict(checkpoint).items() if _OUTPUT_NORM.match(k)}
+
+
+def _square_grid(num_positions: int, what: str) -> Tuple[int, int]:
+    side = math.isqrt(num_positions)
+    if side * side != num_positions:
+        raise ValueError(f'{what} has {num_positions} positions, not a square grid; cannot resample it.')
+    return side, side
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LIT) -> Dict[str, torch.Tensor]:
+    """Convert an original LIT checkpoint (or pass through a timm-format one) to this model's state dict.
+
+    Accepts the authors' classification checkpoints (LIT-Ti flat ``patch_embed1..4/pos_embed1..4/block1..4``
+    layout, LIT-S/M/B ``layers.*`` layout; bare or under ``'model'``), their mmdet COCO checkpoints
+    (``state_dict`` with ``backbone.*``; neck and heads are ignored) and already converted timm state dicts.
+    Drops the rebuilt ``relative_position_index`` buffers and the detection output norms (see
+    :func:`detection_output_norms`), resamples bias tables (bicubic) and position embeddings (bilinear) whose
+    grid differs from the model's, and keeps the model's own class token / final norm / classifier when the
+    checkpoint is a detection backbone without them. Anything else that does not fit raises ``CheckpointError``.
+    """
+    state_dict = _backbone_state_dict(state_dict)
+    if not any(k.startswith('stages.') for k in state_dict):
+        renames = _UPSTREAM_TI_RENAMES if any(k.startswith('patch_embed1.') for k in state_dict) \
+            else _UPSTREAM_SMB_RENAMES
+        state_dict = {_rename(k, renames): v for k, v in state_dict.items()}
+
+    dropped_norms = sorted(k for k in state_dict if _OUTPUT_NORM.match(k))
+    if dropped_norms:
+        _logger.info(f'Dropping detection output norms {dropped_norms}; the detection adapter loads them.')
+    model_state = model.state_dict()
+    out = {}
+    for k, v in state_dict.items():
+        if k.endswith('relative_position_index') or _OUTPUT_NORM.match(k):
+            continue
+        target = model_state.get(k)
+        if target is not None and v.shape != target.shape:
+            if k.endswith('relative_position_bias_table') and v.shape[1] == target.shape[1]:
+                table_size = model.get_submodule(k.rsplit('.', 1)[0]).table_size
+                v = resample_bias_table(v, _square_grid(v.shape[0], k), table_size)
+                _logger.info(f'Resampled {k} to {table_size[0]}x{table_size[1]}.')
+            elif k.endswith('.pos_embed') and v.shape[2] == target.shape[2]:
+                stage = model.get_submodule(k.rsplit('.', 1)[0])
+                prefix = stage.num_prefix_tokens
+                old_grid = _square_grid(v.shape[1] - prefix, k)
+                v = resample_abs_pos_embed(
+                    v, new_size=list(stage.pos_embed_grid), old_size=list(old_grid), num_prefix_tokens=prefix,
+                    interpolation='bilinear', antialias=False, align_corners=False)
+                _logger.info(f'Resampled {k} from {old_grid} to {stage.pos_embed_grid}.')
+        out[k] = v
+
+    if 'head.weight' not in out:
+        # a detection backbone: keep the model's class token, final norm and classifier as initialised
+        kept = [k for k in model_state if k.startswith(_READOUT_KEYS) and k not in out]
+        out.update({k: model_state[k] for k in kept})
+        if kept:
+            _logger.info(f'Checkpoint has no classifier; keeping initial {kept}.')
+    elif 'head.weight' not in model_state:
+        out = {k: v for k, v in out.items() if not k.startswith('head.')}
+    return verify_state_dict(out, model, ignore_shape_of=('head.', 'patch_embed.proj.'))
+
+
+def _checkpoint_pos_img_size(state_dict: Dict[str, torch.Tensor], patch_size: int = 4) -> Optional[Tuple[int, int]]:
+    """The ``pos_img_size`` the relative bias tables of a checkpoint were laid out for (None if not derivable)."""
+    sizes = set()
+    for k, v in state_dict.items():
+        m = re.match(r'^(?:layers|stages)\.(\d+)\.blocks\.\d+\.attn\.relative_position_bias_table$', k)
+        if m is None:
+            continue
+        side = math.isqrt(v.shape[0])
+        if side * side != v.shape[0] or side % 2 == 0:
+            return None
+        sizes.add((side + 1) // 2 * patch_size * 2 ** int(m[1]))
+    return (sizes.pop(),) * 2 if len(sizes) == 1 else None
+
+
+def _create_lit(variant: str, pretrained: bool = False, **kwargs) -> LIT:
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    kwargs = resolve_pretrained_file(pretrained, kwargs)
+    checkpoint_file = (kwargs.get('pretrained_cfg_overlay') or {}).get('state_dict')
+    if pretrained and checkpoint_file is not None and 'pos_img_size' not in kwargs:
+        # keep a checkpoint's bias tables at their own size (e.g. the 99x99/49x49 COCO tables), so the runtime
+        # resampling to the input grid reproduces the authors' detection backbone exactly
+        pos_img_size = _checkpoint_pos_img_size(_backbone_state_dict(checkpoint_file))
+        if pos_img_size is not None and pos_img_size != (224, 224):
+            _logger.info(f'Building {variant} with pos_img_size={pos_img_size} to match the checkpoint tables.')
+            kwargs['pos_img_size'] = pos_img_size
+    return build_model_with_cfg(
+        LIT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj', 'classifier': 'head', 'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2105.14217', 'paper_name': 'Less is More: Pay Less Attention in Vision Transformers',
+        **kwargs,
+    }
+
+
+def _in1k_cfg(name: str, top1: float, params: str, flops: str, **kwargs) -> Dict[str, Any]:
+    return _cfg(
+        hf_hub_id=f'lesa-lit-models/{name}.in1k',
+        origin_url=f'https://github.com/ziplab/LIT/releases/download/v1.0/{name}.pth',
+        description=f'{name.upper().replace("_", "-")} ImageNet-1k classifier by the LIT authors, converted to timm.',
+        notes=(
+            f'Reported by the authors: {top1}% top-1 on ImageNet-1k val (224x224, center crop 0.875), '
+            f'{params} parameters, {flops} FLOPs.',
+        ),
+        **kwargs,
+    )
+
+
+default_cfgs = generate_default_cfgs({
+    'lit_ti.in1k': _in1k_cfg('lit_ti', 81.1, '19 M (19.89 M with the classifier)', '3.6 G', pool_size=None),
+    'lit_s.in1k': _in1k_cfg('lit_s', 81.5, '27 M (27.97 M with the classifier)', '4.1 G'),
+    'lit_m.in1k': _in1k_cfg('lit_m', 83.0, '48 M (49.37 M with the classifier)', '8.6 G'),
+    'lit_b.in1k': _in1k_cfg('lit_b', 83.4, '86 M (87.29 M with the classifier)', '15.0 G'),
+})
+
+
+@register_model
+def lit_ti(pretrained: bool = False, **kwargs) -> LIT:
+    """LIT-Ti: absolute position embeddings per stage, class token in stage 4 (upstream drop_path_rate 0.1)."""
+    model_args = dict(
+        embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3), num_heads=(1, 2, 5, 8), mlp_ratios=(8., 8., 4., 4.),
+        pos_embed='abs', class_token=True, global_pool='token', norm_eps=1e-6)
+    return _create_lit('lit_ti', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def lit_s(pretrained: bool = False, **kwargs) -> LIT:
+    """LIT-S: relative position bias over each stage grid, mean pooling (upstream drop_path_rate 0.2)."""
+    model_args = dict(embed_dims=(96, 192, 384, 768), depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+    return _create_lit('lit_s', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def lit_m(pretrained: bool = False, **kwargs) -> LIT:
+    """LIT-M: LIT-S with 18 attention blocks in stage 3 (upstream drop_path_rate 0.3)."""
+    model_args = dict(embed_dims=(96, 192, 384, 768), depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
+    return _create_lit('lit_m', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def lit_b(pretrained: bool = False, **kwargs) -> LIT:
+    """LIT-B: width 128, 18 attention blocks in stage 3 (upstream drop_path_rate 0.5)."""
+    model_args = dict(embed_dims=(128, 256, 512, 1024), depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+    return _create_lit('lit_b', pretrained=pretrained, **dict(model_args, **kwargs))
