@@ -1,0 +1,157 @@
+"""What is measured: benchmark cases, the suites that group them, and the comparisons drawn from them."""
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional, Tuple
+
+__all__ = ['Case', 'Comparison', 'suite', 'comparisons', 'PEERS', 'MODES', 'TARGETS']
+
+MODES = ('fwd', 'fwd+bwd')
+
+# each classifier of the package and the timm models of its class it is compared with at 224
+PEERS: Dict[str, Tuple[str, ...]] = {
+    'lesa_resnet50': ('resnet50', 'botnet26t_256'),
+    'lesa_wrn50': ('wide_resnet50_2',),
+    'lit_ti': ('pvt_v2_b1',),
+    'lit_s': ('pvt_v2_b2', 'swin_tiny_patch4_window7_224'),
+    'lit_m': (),
+    'lit_b': (),
+}
+# timm models with a fixed input size other than 224
+NATIVE_SIZE = {'botnet26t_256': 256}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement: a model, an input, a mode and an attention implementation, in a process of its own.
+
+    ``detection`` cases build the model with ``features_only=True``, sum every feature map for the backward
+    pass and keep BatchNorm in eval mode while training (mmdet's ``norm_eval=True``).
+    ``grad_checkpointing`` switches on the model's own checkpointing (LESA: the unary and binary terms of each
+    block, as upstream's detection setting), not timm's per-stage checkpointing of the feature wrapper.
+    """
+    model: str
+    img_size: Tuple[int, int]
+    mode: str = 'fwd'
+    batch_size: int = 1
+    attn_impl: Optional[str] = None
+    grad_checkpointing: bool = False
+    detection: bool = False
+    model_kwargs: Tuple[Tuple[str, object], ...] = ()
+    warmup: int = 1
+    iters: int = 3
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f'Unknown mode {self.mode!r}; use one of {MODES}.')
+        if self.warmup < 1 or self.iters < 1:
+            raise ValueError('A case needs at least one warm-up (the memory pass) and one timed iteration.')
+
+    @property
+    def setting(self) -> Tuple:
+        """Everything but the mode and the iteration counts: one table row."""
+        return self.model, self.img_size, self.batch_size, self.attn_impl, self.grad_checkpointing, self.detection
+
+    @property
+    def key(self) -> str:
+        h, w = self.img_size
+        parts = [self.model, f'{h}x{w}', f'b{self.batch_size}', self.mode]
+        if self.attn_impl:
+            parts.append(self.attn_impl)
+        if self.grad_checkpointing:
+            parts.append('ckpt')
+        return '-'.join(parts)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``fast`` against ``slow`` in one mode: memory ratio slow/fast and speed ratio fast/slow, with targets."""
+    title: str
+    fast: Case
+    slow: Case
+    min_memory_ratio: Optional[float] = None
+    min_speed_ratio: Optional[float] = None
+
+
+def _classification_cases(size: int, batch_size: int, warmup: int, iters: int) -> List[Case]:
+    models = []
+    for ours, peers in PEERS.items():
+        models.append(ours)
+        models += [p for p in peers if p not in models]
+    return [
+        Case(m, (NATIVE_SIZE.get(m, size),) * 2, mode, batch_size, warmup=warmup, iters=iters)
+        for m in models for mode in MODES
+    ]
+
+
+def _detection_cases(
+        model: str,
+        img_size: Tuple[int, int],
+        impls: Tuple[str, str],
+        warmup: int,
+        iters: int,
+        model_kwargs: Tuple = (),
+        checkpointed: bool = True,
+) -> List[Case]:
+    """Forward of each impl; forward+backward of each impl without and (optionally) with checkpointing."""
+    base = Case(model, img_size, detection=True, model_kwargs=model_kwargs, warmup=warmup, iters=iters)
+    cases = [replace(base, attn_impl=impl) for impl in impls]
+    for ckpt in ((False, True) if checkpointed else (False,)):
+        cases += [replace(base, mode='fwd+bwd', attn_impl=impl, grad_checkpointing=ckpt) for impl in impls]
+    return cases
+
+
+LESA_IMPLS = ('fused', 'reference')
+LIT_IMPLS = ('sdpa', 'explicit')
+
+
+def suite(quick: bool = False) -> List[Case]:
+    """The full suite (classifiers at 224, detection backbones at detection sizes) or a tiny smoke suite."""
+    if quick:
+        return [
+            *[Case(m, (64, 64), mode, warmup=1, iters=1) for m in ('resnet50', 'lit_ti') for mode in MODES],
+            *_detection_cases('lesa_resnet50_det', (128, 128), LESA_IMPLS, 1, 1, (('img_size', 128),), False),
+            *_detection_cases('lit_s', (128, 192), LIT_IMPLS, 1, 1, checkpointed=False),
+        ]
+    return [
+        *_classification_cases(224, batch_size=8, warmup=1, iters=3),
+        *_detection_cases('lesa_resnet50_det', (1024, 1024), LESA_IMPLS, 1, 2, (('img_size', 1024),)),
+        *_detection_cases('lit_s', (800, 1344), LIT_IMPLS, 1, 2),
+        *_detection_cases('lit_ti', (800, 1344), LIT_IMPLS, 1, 2, checkpointed=False),
+    ]
+
+
+# targets of issue #6, per detection backbone: (modes, minimum ratios)
+TARGETS = {
+    'lesa_resnet50_det': (('fwd+bwd',), dict(min_memory_ratio=5., min_speed_ratio=2.)),
+    'lit_s': (MODES, dict(min_memory_ratio=2.)),
+}
+_REFERENCE_OF = {'fused': 'reference', 'sdpa': 'explicit'}
+
+
+def _label(case: Case) -> str:
+    return case.attn_impl + (' +ckpt' if case.grad_checkpointing else '')
+
+
+def comparisons(cases: List[Case]) -> List[Comparison]:
+    """Fused vs reference detection backbones, classifiers vs their peers at 224.
+
+    A fused detection case is compared with the reference case of the same checkpointing setting and, when it
+    runs without checkpointing, also with the checkpointed reference (the upstream detection setting).
+    """
+    out = []
+    det = {(c.model, c.img_size, c.mode, c.attn_impl, c.grad_checkpointing): c for c in cases if c.detection}
+    for (model, size, mode, impl, ckpt), fast in det.items():
+        if impl not in _REFERENCE_OF:
+            continue
+        modes, targets = TARGETS.get(model, ((), {}))
+        for slow_ckpt in ((ckpt,) if ckpt else (False, True)):
+            slow = det.get((model, size, mode, _REFERENCE_OF[impl], slow_ckpt))
+            if slow is not None:
+                title = f'{model} {size[0]}x{size[1]} {mode}: {_label(fast)} vs {_label(slow)}'
+                out.append(Comparison(title, fast, slow, **(targets if mode in modes else {})))
+    cls = {(c.model, c.mode): c for c in cases if not c.detection}
+    for ours, peers in PEERS.items():
+        for peer in peers:
+            for mode in MODES:
+                if (ours, mode) in cls and (peer, mode) in cls:
+                    out.append(Comparison(f'{ours} vs {peer} {mode}', cls[(ours, mode)], cls[(peer, mode)]))
+    return out

@@ -1,0 +1,201 @@
+"""Measure one :class:`~benchmarks.cases.Case` inside the (forked) process that runs it.
+
+The first iteration is the memory pass (and the first warm-up): on CUDA the allocator's peak
+(``torch.cuda.max_memory_allocated`` after a reset), on CPU the peak of the bytes the CPU allocator reports to
+``torch.profiler(profile_memory=True)`` during that iteration, added to what is resident before it (weights,
+buffers, input). The timed iterations run without the profiler.
+
+torch and timm are imported inside the functions: the harness process stays light, and the fork server that
+starts each case has them preloaded.
+"""
+import os
+import resource
+import statistics
+import time
+import traceback
+from typing import Callable, Dict
+
+from .cases import Case
+
+__all__ = ['measure', 'describe_software', 'child_main', 'proc_status_bytes']
+
+_GiB = 2 ** 30
+
+
+def proc_status_bytes(field: str, pid: str = 'self') -> int:
+    with open(f'/proc/{pid}/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _limit_address_space(mem_limit_bytes: int) -> None:
+    """Let this process grow by at most what keeps its resident size under the limit: a bigger allocation
+    fails inside torch with a clear error (reported as OOM) instead of taking the machine's memory."""
+    budget = mem_limit_bytes - proc_status_bytes('VmRSS')
+    if budget <= 0:
+        raise MemoryError(f'the process already holds more than the {mem_limit_bytes / _GiB:.1f} GiB limit')
+    limit = proc_status_bytes('VmSize') + budget
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+
+def _cpu_profiled_peak(step: Callable[[], None]) -> int:
+    """Peak of (allocated - freed) bytes of the CPU allocator during ``step``, from the profiler's memory events."""
+    from torch._C._autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]']
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        if e.device_type() == DeviceType.CPU:
+            current += e.nbytes()
+            peak = max(peak, current)
+    return peak
+
+
+def _set_batchnorm_eval(model) -> None:
+    from torch.nn.modules.batchnorm import _BatchNorm
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            m.eval()
+
+
+def _enable_model_checkpointing(model) -> int:
+    """Switch on the checkpointing the model's own modules implement (``grad_checkpointing`` flags below the
+    root, e.g. LESA's unary/binary terms), not the per-stage checkpointing of timm's feature wrapper."""
+    flagged = [m for m in model.modules() if m is not model and hasattr(m, 'grad_checkpointing')]
+    for m in flagged:
+        m.grad_checkpointing = True
+    return len(flagged)
+
+
+def _sum_outputs(out):
+    if not isinstance(out, (list, tuple, dict)):
+        return out.float().sum()
+    if isinstance(out, dict):
+        out = list(out.values())
+    return sum(o.float().sum() for o in out)
+
+
+def measure(case: Case, device: str = 'cpu', threads: int = 0, mem_limit_gb: float = 0.) -> Dict:
+    """Build the case's model, measure peak memory on the first iteration, then time the others."""
+    import timm
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    import lesa_lit_models  # noqa: F401  (registers the package's models)
+    result = {'threads': torch.get_num_threads()}
+    if not timm.is_model(case.model):
+        return {**result, 'status': 'missing', 'error': f'{case.model} is not registered with timm'}
+
+    kwargs = dict(case.model_kwargs)
+    if case.attn_impl:
+        kwargs['attn_impl'] = case.attn_impl
+    if case.detection:
+        kwargs['features_only'] = True
+    model = timm.create_model(case.model, pretrained=False, **kwargs).to(device)
+    x = torch.randn(case.batch_size, 3, *case.img_size, device=device)
+    train = case.mode == 'fwd+bwd'
+    model.train(train)
+    if case.detection:
+        _set_batchnorm_eval(model)
+    if case.grad_checkpointing and not _enable_model_checkpointing(model):
+        return {**result, 'status': 'error', 'error': f'{case.model} has no module-level gradient checkpointing'}
+    tensors = [*model.parameters(), *model.buffers(), x]
+    resident = sum(t.numel() * t.element_size() for t in tensors)
+    result['params_m'] = sum(p.numel() for p in model.parameters()) / 1e6
+
+    def step():
+        if train:
+            model.zero_grad(set_to_none=True)
+            _sum_outputs(model(x)).backward()
+        else:
+            with torch.inference_mode():
+                model(x)
+
+    cuda = torch.device(device).type == 'cuda'
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if mem_limit_gb and not cuda:
+        _limit_address_space(int(mem_limit_gb * _GiB))
+    t0 = time.perf_counter()
+    if cuda:
+        sync()
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        sync()
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resident + _cpu_profiled_peak(step)
+    warmup_s = [time.perf_counter() - t0]
+    for _ in range(case.warmup - 1):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        warmup_s.append(time.perf_counter() - t0)
+    times = []
+    for _ in range(case.iters):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {
+        **result,
+        'status': 'ok',
+        'peak_bytes': peak,
+        'resident_bytes': resident,
+        'rss_growth_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before,
+        'warmup_s': warmup_s,
+        'iter_s': times,
+        'img_per_s': case.batch_size / median,
+    }
+
+
+def describe_software(device: str = 'cpu', threads: int = 0) -> Dict:
+    """Library versions, intra-op threads and, on CUDA, the GPU."""
+    import timm
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    info = {'torch': torch.__version__, 'timm': timm.__version__, 'threads': torch.get_num_threads()}
+    if torch.device(device).type == 'cuda':
+        props = torch.cuda.get_device_properties(device)
+        info['gpu'] = f'{props.name}, {props.total_memory / _GiB:.0f} GiB'
+        info['cuda'] = torch.version.cuda
+    return info
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return "can't allocate memory" in text or 'out of memory' in text.lower()
+
+
+def child_main(fn: Callable[..., Dict], args: tuple, conn, log_path: str) -> None:
+    """Entry of a forked process: its output goes to ``log_path``, ``fn(*args)`` (a dict) back through ``conn``."""
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    try:
+        result = fn(*args)
+    except BaseException as exc:  # reported in the table, never raised into the harness
+        traceback.print_exc()
+        status = 'oom' if _is_oom(exc) else 'error'
+        last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        result = {'status': status, 'error': f'{type(exc).__name__}: {last}'[:300]}
+    conn.send(result)
+    conn.close()
+    # the kernel frees everything at once; skip interpreter teardown of large models
+    os._exit(0)
+

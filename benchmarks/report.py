@@ -1,0 +1,242 @@
+"""Turn measured cases into ``results.json``, the markdown table ``results.md`` and the chart ``chart.png``."""
+import json
+from dataclasses import asdict
+from typing import Dict, List, Optional, Tuple
+
+from .cases import MODES, Case, Comparison, comparisons
+
+__all__ = ['ratios', 'write_json', 'write_markdown', 'write_chart', 'CHART']
+
+CHART = 'chart.png'
+
+_MiB = 2 ** 20
+_GiB = 2 ** 30
+
+METHOD = (
+    'Each (model, input, mode, attention) case runs in a fresh process forked from a server that has only imported '
+    'torch and timm. Peak memory is measured on the first iteration (also the first warm-up), at the allocator: '
+    'on CPU, weights + buffers + input plus the peak of the bytes the CPU allocator reports to `torch.profiler` '
+    '(`profile_memory=True`) during the iteration (allocations minus frees, in time order); on CUDA, '
+    '`torch.cuda.max_memory_allocated` after a reset. This is the tensor memory the model needs; it leaves out the '
+    'process overhead (libraries, allocator caching, oneDNN scratch space), which the JSON keeps as `rss_growth_bytes` '
+    '(`ru_maxrss` growth over the iteration loop). Throughput is the batch size over the median time of the timed '
+    'iterations (`time.perf_counter`, `torch.cuda.synchronize` on CUDA), after the warm-up. `fwd`: eval mode under '
+    '`torch.inference_mode`. `fwd+bwd`: train mode, backward of the sum of the outputs, gradients reset to None '
+    'before each step. Each process is limited to the memory limit (address-space limit + resident-size watchdog): '
+    'a case that needs more is reported as OOM.'
+)
+DETECTION_NOTE = (
+    'Detection backbones: `features_only=True` (every feature map is summed for the backward pass), batch 1, '
+    'BatchNorm in eval mode in the train pass (`model.train()` then every BatchNorm `.eval()`, as mmdet\'s '
+    '`norm_eval=True`). `+ckpt`: the model\'s own gradient checkpointing (LESA: the unary and binary terms of each '
+    'block are recomputed in backward, the upstream detection setting); forward-only rows are the same with or '
+    'without it and are measured once.'
+)
+
+
+def _fmt_bytes(n: float) -> str:
+    return f'{n / _MiB:.0f} MiB' if n < _GiB else f'{n / _GiB:.2f} GiB'
+
+
+def _fmt_rate(r: float) -> str:
+    return f'{r:.3g}' if r < 100 else f'{r:.0f}'
+
+
+def _failure(result: Dict, mem_limit_gb: float) -> str:
+    status = result.get('status', 'error')
+    if status == 'oom':
+        return f'OOM (> {mem_limit_gb:g} GiB)'
+    return {'missing': 'not registered', 'timeout': 'timeout'}.get(status, 'error')
+
+
+def ratios(comp: Comparison, results: Dict[str, Dict], mem_limit_gb: float) -> Dict:
+    """Memory ratio slow/fast (``>`` a lower bound when the slow case ran out of memory) and speed ratio fast/slow,
+    with whether each target is met (None: no target, or not measurable)."""
+    fast, slow = results.get(comp.fast.key, {}), results.get(comp.slow.key, {})
+    out = {'title': comp.title, 'fast': comp.fast.key, 'slow': comp.slow.key, 'memory_ratio': None,
+           'memory_ratio_is_lower_bound': False, 'speed_ratio': None,
+           'min_memory_ratio': comp.min_memory_ratio, 'min_speed_ratio': comp.min_speed_ratio,
+           'memory_target_met': None, 'speed_target_met': None}
+    if fast.get('status') != 'ok':
+        return out
+    if slow.get('status') == 'ok':
+        out['memory_ratio'] = slow['peak_bytes'] / fast['peak_bytes']
+        out['speed_ratio'] = fast['img_per_s'] / slow['img_per_s']
+    elif slow.get('status') == 'oom':
+        out['memory_ratio'] = mem_limit_gb * _GiB / fast['peak_bytes']
+        out['memory_ratio_is_lower_bound'] = True
+    if comp.min_memory_ratio is not None and out['memory_ratio'] is not None:
+        out['memory_target_met'] = out['memory_ratio'] >= comp.min_memory_ratio
+    if comp.min_speed_ratio is not None and out['speed_ratio'] is not None:
+        out['speed_target_met'] = out['speed_ratio'] >= comp.min_speed_ratio
+    return out
+
+
+def write_json(path: str, meta: Dict, cases: List[Case], results: Dict[str, Dict]) -> None:
+    mem_limit_gb = meta['mem_limit_gb']
+    doc = {
+        **meta,
+        'method': METHOD,
+        'cases': [{'key': c.key, **asdict(c), 'result': results.get(c.key, {})} for c in cases],
+        'comparisons': [ratios(comp, results, mem_limit_gb) for comp in comparisons(cases)],
+    }
+    with open(path, 'w') as f:
+        json.dump(doc, f, indent=1)
+        f.write('\n')
+
+
+def _rows(cases: List[Case]) -> List[Tuple[Case, Dict[str, Optional[Case]]]]:
+    """One row per setting, in suite order, with its case for each mode."""
+    rows: Dict[Tuple, Dict[str, Optional[Case]]] = {}
+    for c in cases:
+        rows.setdefault(c.setting, {m: None for m in MODES})[c.mode] = c
+    return [(next(c for c in by_mode.values() if c), by_mode) for by_mode in rows.values()]
+
+
+def _cells(case: Optional[Case], results: Dict[str, Dict], mem_limit_gb: float) -> List[str]:
+    if case is None:
+        return ['—', '—']
+    r = results.get(case.key, {})
+    if r.get('status') != 'ok':
+        return [_failure(r, mem_limit_gb), '—']
+    return [_fmt_rate(r['img_per_s']), _fmt_bytes(r['peak_bytes'])]
+
+
+def _params(by_mode: Dict[str, Optional[Case]], results: Dict[str, Dict]) -> str:
+    for c in by_mode.values():
+        if c is not None and 'params_m' in results.get(c.key, {}):
+            return f'{results[c.key]["params_m"]:.1f}'
+    return '—'
+
+
+def _ratio_cell(value: Optional[float], lower_bound: bool = False) -> str:
+    if value is None:
+        return 'n/a'
+    return f'{">" if lower_bound else ""}{value:.2f}x'
+
+
+def _met_cell(r: Dict) -> str:
+    marks = []
+    if r['min_memory_ratio'] is not None:
+        marks.append(f'memory >= {r["min_memory_ratio"]:g}x: ' + {True: 'met', False: 'NOT met', None: 'n/a'}[
+            r['memory_target_met']])
+    if r['min_speed_ratio'] is not None:
+        marks.append(f'speed >= {r["min_speed_ratio"]:g}x: ' + {True: 'met', False: 'NOT met', None: 'n/a'}[
+            r['speed_target_met']])
+    return '; '.join(marks) or '—'
+
+
+def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, Dict]) -> None:
+    mem = meta['mem_limit_gb']
+    dev = meta['device']
+    lines = [
+        '# Throughput and peak memory',
+        '',
+        f'`{meta["command"]}` on {meta["date"]}, commit `{meta["commit"]}`.',
+        '',
+        f'Device: {dev["description"]}; torch {dev["torch"]}, timm {dev["timm"]}, {dev["threads"]} intra-op threads; '
+        f'load average {meta["load_before"]} before the run, {meta["load_after"]} after; '
+        f'memory limit per case {mem:g} GiB; fp32.',
+        '',
+        f'Method: {METHOD}',
+        '',
+        'Ratios: memory = peak of the reference (or peer) / peak of ours; speed = img/s of ours / img/s of the '
+        'reference (or peer); above 1 means ours is leaner / faster. `>` marks a lower bound (the other case ran '
+        'out of memory at the limit).',
+    ]
+    comps = [ratios(c, results, mem) for c in comparisons(cases)]
+    det_comps = [r for r in comps if any(c.key == r['fast'] and c.detection for c in cases)]
+    cls_comps = [r for r in comps if r not in det_comps]
+    if det_comps:
+        lines += ['', '## Fused vs reference attention (detection backbones)', '',
+                  '| comparison | memory ratio | speed ratio | target |', '|---|---|---|---|']
+        for r in det_comps:
+            lines.append(f'| {r["title"]} | {_ratio_cell(r["memory_ratio"], r["memory_ratio_is_lower_bound"])} | '
+                         f'{_ratio_cell(r["speed_ratio"])} | {_met_cell(r)} |')
+    det = [row for row in _rows(cases) if row[0].detection]
+    if det:
+        lines += ['', '## Detection backbones', '', DETECTION_NOTE, '',
+                  '| model | input | attention | params (M) | fwd img/s | fwd peak | fwd+bwd img/s | fwd+bwd peak |',
+                  '|---|---|---|---|---|---|---|---|']
+        for case, by_mode in det:
+            h, w = case.img_size
+            impl = (case.attn_impl or 'default') + (' +ckpt' if case.grad_checkpointing else '')
+            cells = [*_cells(by_mode['fwd'], results, mem), *_cells(by_mode['fwd+bwd'], results, mem)]
+            lines.append(f'| {case.model} | {h}x{w} | {impl} | {_params(by_mode, results)} | {" | ".join(cells)} |')
+    cls = [row for row in _rows(cases) if not row[0].detection]
+    if cls:
+        batch = sorted({c.batch_size for c, _ in cls})
+        lines += ['', '## Classifiers', '',
+                  f'Batch {", ".join(map(str, batch))}, default attention (LESA: fused, LIT: sdpa), '
+                  'BatchNorm in train mode for fwd+bwd.', '',
+                  '| model | input | params (M) | fwd img/s | fwd peak | fwd+bwd img/s | fwd+bwd peak |',
+                  '|---|---|---|---|---|---|---|']
+        for case, by_mode in cls:
+            h, w = case.img_size
+            cells = [*_cells(by_mode['fwd'], results, mem), *_cells(by_mode['fwd+bwd'], results, mem)]
+            lines.append(f'| {case.model} | {h}x{w} | {_params(by_mode, results)} | {" | ".join(cells)} |')
+    if cls_comps:
+        lines += ['', '## Classifiers vs timm peers', '', '| comparison | memory ratio | speed ratio |', '|---|---|---|']
+        for r in cls_comps:
+            lines.append(f'| {r["title"]} | {_ratio_cell(r["memory_ratio"], r["memory_ratio_is_lower_bound"])} | '
+                         f'{_ratio_cell(r["speed_ratio"])} |')
+    failed = [(c, results.get(c.key, {})) for c in cases if results.get(c.key, {}).get('status') not in ('ok', 'oom')]
+    if failed:
+        lines += ['', '## Not measured', '']
+        lines += [f'- `{c.key}`: {r.get("error", r.get("status", "not run"))}' for c, r in failed]
+    lines += ['', f'![throughput and peak memory]({CHART})', '']
+    with open(path, 'w') as f:
+        f.write('\n'.join(lines))
+
+
+def _bar_label(case: Case) -> str:
+    h, w = case.img_size
+    impl = f' {case.attn_impl}' if case.attn_impl and case.detection else ''
+    return f'{case.model}{impl}{" +ckpt" if case.grad_checkpointing else ""} {h}x{w}'
+
+
+def write_chart(path: str, meta: Dict, cases: List[Case], results: Dict[str, Dict]) -> None:
+    """Horizontal bars, log scale: throughput and peak memory, per setting, one bar per mode; OOM is marked."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import blended_transform_factory
+
+    groups = [(title, [row for row in _rows(cases) if row[0].detection == det])
+              for title, det in (('classifiers', False), ('detection backbones', True))]
+    groups = [(t, rows) for t, rows in groups if rows]
+    heights = [max(2., 0.45 * len(rows) + 1.2) for _, rows in groups]
+    fig, axes = plt.subplots(len(groups), 2, figsize=(13, sum(heights)), squeeze=False,
+                             gridspec_kw={'height_ratios': heights})
+    colors = {'fwd': '#4c72b0', 'fwd+bwd': '#dd8452'}
+    limit = meta['mem_limit_gb'] * _GiB
+    for (title, rows), ax_row in zip(groups, axes):
+        labels = [_bar_label(case) for case, _ in rows]
+        for ax, metric, xlabel in zip(ax_row, ('img_per_s', 'peak_bytes'), ('images / s', 'peak memory (MiB)')):
+            left_edge = blended_transform_factory(ax.transAxes, ax.transData)
+            for i, mode in enumerate(MODES):
+                ys = [j + (i - 0.5) * 0.4 for j in range(len(rows))]
+                for y, (_, by_mode) in zip(ys, rows):
+                    case = by_mode[mode]
+                    r = results.get(case.key, {}) if case else {}
+                    if r.get('status') == 'ok':
+                        value = r[metric] / (_MiB if metric == 'peak_bytes' else 1)
+                        ax.barh(y, value, height=0.4, color=colors[mode])
+                    elif r.get('status') == 'oom' and metric == 'peak_bytes':
+                        ax.barh(y, limit / _MiB, height=0.4, color='none', edgecolor=colors[mode], hatch='//')
+                        ax.text(limit / _MiB, y, ' OOM', va='center', fontsize=7)
+                    elif case is not None:
+                        ax.text(0.01, y, _failure(r, meta['mem_limit_gb']), va='center', fontsize=7,
+                                transform=left_edge)
+            ax.set_xscale('log')
+            ax.set_yticks(range(len(rows)), labels, fontsize=8)
+            ax.invert_yaxis()
+            ax.set_xlabel(xlabel)
+            ax.set_title(f'{title}: {xlabel}', fontsize=10)
+            ax.grid(axis='x', which='both', alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    fig.legend(handles, list(colors), loc='upper right', ncol=2)
+    fig.suptitle(f'{meta["device"]["description"]}, {meta["date"]}', fontsize=10, x=0.01, ha='left')
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,194 @@
+"""Throughput and peak memory of every model of the package against timm peers, fused vs reference attention.
+
+Usage (``make bench`` runs the first line)::
+
+    python -m benchmarks.run                        # full suite, CPU, writes benchmarks/results/
+    python -m benchmarks.run --quick --out /tmp/b   # tiny sizes, under a minute: a smoke test of the harness
+    python -m benchmarks.run --device cuda --out benchmarks/results/cuda
+    python -m benchmarks.run --models 'lesa_resnet50_det,lit_s'   # only the cases of these models (fnmatch)
+
+What is measured (``benchmarks/cases.py``):
+
+* classifiers at 224 (batch 8): ``lesa_resnet50``, ``lesa_wrn50``, ``lit_ti``, ``lit_s``, ``lit_m``, ``lit_b`` and
+  the timm peers ``resnet50``, ``botnet26t_256`` (at its fixed 256), ``wide_resnet50_2``, ``pvt_v2_b1``,
+  ``pvt_v2_b2``, ``swin_tiny_patch4_window7_224``, random init;
+* detection backbones (``features_only=True``, batch 1, BatchNorm in eval mode while training as mmdet's
+  ``norm_eval=True``): ``lesa_resnet50_det`` at 1024x1024 with ``attn_impl='fused'`` and ``'reference'``,
+  ``lit_s`` and ``lit_ti`` at 800x1344 with ``attn_impl='sdpa'`` and ``'explicit'``; forward+backward with and
+  without the model's own gradient checkpointing (LESA: unary and binary terms, as upstream);
+* modes ``fwd`` (eval, ``torch.inference_mode``) and ``fwd+bwd`` (train, backward of the sum of the outputs).
+
+How (``benchmarks/measure.py``): each case runs in its own process, forked from a server that has imported
+torch and timm once. The first iteration is the memory pass and the first warm-up; the timed iterations follow.
+Peak memory is read at the allocator: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the weights, buffers
+and input plus the peak of the CPU allocator's bytes in use during the iteration, from ``torch.profiler``'s
+memory events. Throughput is batch size / median iteration time. Every process is capped at ``--mem-limit-gb``
+(an address-space limit the process sets after building its model, and a resident-size watchdog here), so a case
+that does not fit is reported as "OOM (> X GiB)" instead of exhausting the machine; ``--case-timeout`` bounds its
+time.
+
+Outputs in ``--out``: ``results.md`` (tables: fused-vs-reference ratios with the issue's targets, detection
+backbones, classifiers, classifiers vs peers), ``results.json`` (every case, raw times, device, commit) and
+``chart.png`` (throughput and peak memory bars, log scale). The device (CPU model, cores, RAM or GPU), library
+versions, threads, date, git commit and load average are recorded in all three.
+"""
+import argparse
+import datetime
+import fnmatch
+import multiprocessing as mp
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List
+
+from . import measure, report
+from .cases import Case, suite
+
+_GiB = 2 ** 30
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        return measure.proc_status_bytes('VmRSS', str(pid))
+    except (OSError, KeyError):  # exited meanwhile
+        return 0
+
+
+def _tail(path: str, lines: int = 3) -> str:
+    try:
+        with open(path, errors='replace') as f:
+            return ' | '.join(line.strip() for line in f.read().strip().splitlines()[-lines:])
+    except OSError:
+        return ''
+
+
+def run_in_child(ctx, fn: Callable[..., Dict], args: tuple, log_path: str, mem_limit_gb: float,
+                 timeout_s: float) -> Dict:
+    """``fn(*args)`` in a forked process, watched for its resident size and time; always returns a result dict."""
+    recv_conn, send_conn = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=measure.child_main, args=(fn, args, send_conn, log_path))
+    start = time.monotonic()
+    proc.start()
+    send_conn.close()
+    result, max_rss = None, 0
+    while result is None:
+        if recv_conn.poll(0.1):
+            try:
+                result = recv_conn.recv()
+            except EOFError:  # died without an answer
+                break
+            continue
+        rss = _rss_bytes(proc.pid)
+        max_rss = max(max_rss, rss)
+        if mem_limit_gb and rss > mem_limit_gb * _GiB * 1.05:
+            result = {'status': 'oom', 'error': f'resident size over {mem_limit_gb:g} GiB (stopped by the watchdog)'}
+        elif time.monotonic() - start > timeout_s:
+            result = {'status': 'timeout', 'error': f'over {timeout_s:g} s'}
+        else:
+            continue
+        proc.kill()
+    proc.join()
+    recv_conn.close()
+    if result is None:
+        status = 'oom' if proc.exitcode == -9 else 'error'  # -9 without our kill: the kernel's OOM killer
+        result = {'status': status, 'error': f'exit code {proc.exitcode}: {_tail(log_path)}'}
+    elif result.get('status') == 'error' and not result.get('error'):
+        result['error'] = _tail(log_path)
+    result['wall_s'] = round(time.monotonic() - start, 2)
+    result['max_rss_bytes'] = max_rss
+    return result
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(['git', *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return 'unknown'
+
+
+def _cpu_description() -> str:
+    model = platform.processor() or platform.machine()
+    with open('/proc/cpuinfo') as f:
+        for line in f:
+            if line.startswith('model name'):
+                model = line.split(':', 1)[1].strip()
+                break
+    with open('/proc/meminfo') as f:
+        ram = next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemTotal:')) / _GiB
+    return f'{model}, {os.cpu_count()} logical cores, {ram:.0f} GiB RAM'
+
+
+def _load() -> str:
+    return ' / '.join(f'{x:.1f}' for x in os.getloadavg())
+
+
+def select(cases: List[Case], patterns: str) -> List[Case]:
+    pats = [p.strip() for p in patterns.split(',') if p.strip()]
+    return [c for c in cases if any(fnmatch.fnmatchcase(c.model, p) for p in pats)]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog='python -m benchmarks.run', description=__doc__.split('\n\n')[0])
+    parser.add_argument('--quick', action='store_true', help='tiny sizes and iteration counts (< 1 min)')
+    parser.add_argument('--out', default=os.path.join('benchmarks', 'results'), help='output folder')
+    parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (or 'cuda:N')")
+    parser.add_argument('--threads', type=int, default=0, help='intra-op threads (0: torch default)')
+    parser.add_argument('--mem-limit-gb', type=float, default=12., help='memory cap of each case process')
+    parser.add_argument('--case-timeout', type=float, default=900., help='seconds before a case is stopped')
+    parser.add_argument('--models', default='*', help='comma-separated fnmatch patterns of models to run')
+    args = parser.parse_args(argv)
+    if not args.device.startswith(('cpu', 'cuda')):
+        parser.error(f'--device must be cpu or cuda[:N], got {args.device!r}')
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cases = select(suite(quick=args.quick), args.models)
+    if not cases:
+        print(f'No case matches --models {args.models!r}.', file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    ctx = mp.get_context('forkserver')
+    ctx.set_forkserver_preload(['torch', 'timm'])
+    started = time.monotonic()
+    meta = {
+        'command': ' '.join(['python -m benchmarks.run', *(argv if argv is not None else sys.argv[1:])]),
+        'date': datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z'),
+        'commit': _git('rev-parse', '--short', 'HEAD'),
+        'uncommitted_model_changes': bool(_git('status', '--porcelain', '--', 'lesa_lit_models')),
+        'load_before': _load(),
+        'mem_limit_gb': args.mem_limit_gb,
+    }
+    results: Dict[str, Dict] = {}
+    with tempfile.TemporaryDirectory(prefix='bench-logs-') as logs:
+        software = run_in_child(ctx, measure.describe_software, (args.device, args.threads),
+                                os.path.join(logs, 'software.log'), args.mem_limit_gb, args.case_timeout)
+        if software.get('status') == 'error':
+            print(f'Cannot start torch in a child process: {software["error"]}', file=sys.stderr)
+            return 1
+        description = software.get('gpu') or _cpu_description()
+        meta['device'] = {'name': args.device, 'description': description, **software}
+        print(f'{len(cases)} cases on {description} (torch {software["torch"]}, {software["threads"]} threads)')
+        for i, case in enumerate(cases, 1):
+            result = run_in_child(ctx, measure.measure, (case, args.device, args.threads, args.mem_limit_gb),
+                                  os.path.join(logs, case.key + '.log'), args.mem_limit_gb, args.case_timeout)
+            results[case.key] = result
+            summary = (f'{result["img_per_s"]:.3g} img/s, peak {result["peak_bytes"] / 2 ** 20:.0f} MiB'
+                       if result['status'] == 'ok' else f'{result["status"]}: {result.get("error", "")}')
+            print(f'[{i}/{len(cases)}] {case.key}: {summary} ({result["wall_s"]:.0f} s)', flush=True)
+    meta['load_after'] = _load()
+    meta['total_s'] = round(time.monotonic() - started, 1)
+    report.write_json(os.path.join(args.out, 'results.json'), meta, cases, results)
+    report.write_markdown(os.path.join(args.out, 'results.md'), meta, cases, results)
+    report.write_chart(os.path.join(args.out, report.CHART), meta, cases, results)
+    print(f'Wrote results.md, results.json and {report.CHART} to {args.out} in {meta["total_s"]:.0f} s')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
