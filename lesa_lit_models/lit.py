@@ -106,8 +106,8 @@ class LITAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         bias = None
         if self.relative_position_bias_table is not None:
-            bias = relative_position_bias(self.relative_position_bias_table, self.table_size, feat_size)
-            bias = bias.to(q.dtype).unsqueeze(0)
+            bias = relative_position_bias(
+                self.relative_position_bias_table, self.table_size, feat_size, dtype=q.dtype).unsqueeze(0)
         if self.attn_impl == 'sdpa':
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.)
@@ -452,8 +452,8 @@ class LIT(nn.Module):
         if global_pool is not None:
             self.global_pool = self._check_global_pool(global_pool)
         weight = self.patch_embed.proj.weight
-        self.head = nn.Linear(
-            self.num_features, num_classes, device=weight.device, dtype=weight.dtype) if num_classes > 0 else nn.Identity()
+        self.head = nn.Identity() if num_classes <= 0 else nn.Linear(
+            self.num_features, num_classes, device=weight.device, dtype=weight.dtype)
 
     def _check_input_size(self, x: torch.Tensor):
         # the last kept stage needs at least one token: ceil(side / patch) >= 2 ** (num_stages - 1)
@@ -504,7 +504,9 @@ class LIT(nn.Module):
                 feat = stage(x)
                 if i in take_indices:
                     feat_out = self.norm(feat) if norm and i == last_index else feat
-                    intermediates.append(feat_out.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else feat_out)
+                    if output_fmt == 'NCHW':
+                        feat_out = feat_out.permute(0, 3, 1, 2).contiguous()
+                    intermediates.append(feat_out)
             if reads_class_token:
                 if intermediates_only:
                     break

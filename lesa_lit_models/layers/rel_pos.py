@@ -13,7 +13,7 @@ same, then expands the table into the dense ``(num_heads, H * W, H * W)`` bias w
 bit-identical to ``table[index]``, differentiable, never stale when the table is trained, and needs no
 index tensor or cache (the index alone is 141 MB at an 800x1344 input), so nothing is rebuilt on the CPU.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -55,14 +55,19 @@ def relative_position_bias(
         table: torch.Tensor,
         table_size: Tuple[int, int],
         feat_size: Tuple[int, int],
+        dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Dense ``(heads, H * W, H * W)`` attention bias of an ``H x W`` map from a flat ``(th * tw, heads)`` table.
 
     The table is first resampled bicubically to ``(2H - 1, 2W - 1)`` when its grid ``table_size`` differs.
+    ``dtype`` casts the small resampled table before the expansion (the attention dtype under autocast), so the
+    large bias is only ever materialised once.
     """
     height, width = feat_size
     num_heads = table.shape[1]
     grid = _resample_grid(table.t().reshape(1, num_heads, *table_size), bias_table_size(feat_size))[0]
+    if dtype is not None:
+        grid = grid.to(dtype)
     # bias[h, (y, x), (y', x')] = grid[h, y - y' + H - 1, x - x' + W - 1]. With the grid flipped, the keys of a
     # query at (y, x) form the contiguous H x W window starting at (H - 1 - y, W - 1 - x): unfold takes all
     # windows, the second flip puts them back in query order.
