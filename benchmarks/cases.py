@@ -45,6 +45,14 @@ class Case:
         if self.warmup < 1 or self.iters < 1:
             raise ValueError('A case needs at least one warm-up (the memory pass) and one timed iteration.')
 
+    @classmethod
+    def from_dict(cls, d: Dict) -> 'Case':
+        """Inverse of ``dataclasses.asdict`` after a JSON round trip (lists back to tuples, extra keys ignored)."""
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        fields['img_size'] = tuple(fields['img_size'])
+        fields['model_kwargs'] = tuple(tuple(kv) for kv in fields.get('model_kwargs', ()))
+        return cls(**fields)
+
     @property
     def setting(self) -> Tuple:
         """Everything but the mode and the iteration counts: one table row."""
@@ -107,13 +115,14 @@ def suite(quick: bool = False) -> List[Case]:
     """The full suite (classifiers at 224, detection backbones at detection sizes) or a tiny smoke suite."""
     if quick:
         return [
-            *[Case(m, (64, 64), mode, warmup=1, iters=1) for m in ('resnet50', 'lit_ti') for mode in MODES],
+            *[Case('resnet50', (64, 64), mode, warmup=1, iters=1) for mode in MODES],
             *_detection_cases('lesa_resnet50_det', (128, 128), LESA_IMPLS, 1, 1, (('img_size', 128),), False),
             *_detection_cases('lit_s', (128, 192), LIT_IMPLS, 1, 1, checkpointed=False),
         ]
     return [
         *_classification_cases(224, batch_size=8, warmup=1, iters=3),
         *_detection_cases('lesa_resnet50_det', (1024, 1024), LESA_IMPLS, 1, 2, (('img_size', 1024),)),
+        *_detection_cases('lesa_wrn50_det', (1280, 1280), LESA_IMPLS, 1, 2, (('img_size', 1280),)),
         *_detection_cases('lit_s', (800, 1344), LIT_IMPLS, 1, 2),
         *_detection_cases('lit_ti', (800, 1344), LIT_IMPLS, 1, 2, checkpointed=False),
     ]

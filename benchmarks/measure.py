@@ -17,7 +17,7 @@ from typing import Callable, Dict
 
 from .cases import Case
 
-__all__ = ['measure', 'describe_software', 'child_main', 'proc_status_bytes']
+__all__ = ['measure', 'describe_software', 'child_main', 'cpu_profiled_peak', 'proc_status_bytes']
 
 _GiB = 2 ** 30
 
@@ -40,7 +40,7 @@ def _limit_address_space(mem_limit_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
 
-def _cpu_profiled_peak(step: Callable[[], None]) -> int:
+def cpu_profiled_peak(step: Callable[[], None]) -> int:
     """Peak of (allocated - freed) bytes of the CPU allocator during ``step``, from the profiler's memory events."""
     from torch._C._autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -134,7 +134,7 @@ def measure(case: Case, device: str = 'cpu', threads: int = 0, mem_limit_gb: flo
         sync()
         peak = torch.cuda.max_memory_allocated(device)
     else:
-        peak = resident + _cpu_profiled_peak(step)
+        peak = resident + cpu_profiled_peak(step)
     warmup_s = [time.perf_counter() - t0]
     for _ in range(case.warmup - 1):
         t0 = time.perf_counter()

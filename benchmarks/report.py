@@ -5,7 +5,7 @@ from typing import Dict, List, Optional, Tuple
 
 from .cases import MODES, Case, Comparison, comparisons
 
-__all__ = ['ratios', 'write_json', 'write_markdown', 'write_chart', 'CHART']
+__all__ = ['ratios', 'write_json', 'read_json', 'write_markdown', 'write_chart', 'CHART']
 
 CHART = 'chart.png'
 
@@ -83,6 +83,16 @@ def write_json(path: str, meta: Dict, cases: List[Case], results: Dict[str, Dict
     with open(path, 'w') as f:
         json.dump(doc, f, indent=1)
         f.write('\n')
+
+
+def read_json(path: str) -> Tuple[Dict, List[Case], Dict[str, Dict]]:
+    """(meta, cases, results) of a ``results.json``, to render its table and chart again."""
+    with open(path) as f:
+        doc = json.load(f)
+    cases = [Case.from_dict(c) for c in doc['cases']]
+    results = {c.key: d['result'] for c, d in zip(cases, doc['cases'])}
+    meta = {k: v for k, v in doc.items() if k not in ('cases', 'comparisons', 'method')}
+    return meta, cases, results
 
 
 def _rows(cases: List[Case]) -> List[Tuple[Case, Dict[str, Optional[Case]]]]:
@@ -200,6 +210,7 @@ def write_chart(path: str, meta: Dict, cases: List[Case], results: Dict[str, Dic
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
     from matplotlib.transforms import blended_transform_factory
 
     groups = [(title, [row for row in _rows(cases) if row[0].detection == det])
@@ -209,31 +220,39 @@ def write_chart(path: str, meta: Dict, cases: List[Case], results: Dict[str, Dic
     fig, axes = plt.subplots(len(groups), 2, figsize=(13, sum(heights)), squeeze=False,
                              gridspec_kw={'height_ratios': heights})
     colors = {'fwd': '#4c72b0', 'fwd+bwd': '#dd8452'}
-    limit = meta['mem_limit_gb'] * _GiB
+    limit_mib = meta['mem_limit_gb'] * _GiB / _MiB
     for (title, rows), ax_row in zip(groups, axes):
         labels = [_bar_label(case) for case, _ in rows]
         for ax, metric, xlabel in zip(ax_row, ('img_per_s', 'peak_bytes'), ('images / s', 'peak memory (MiB)')):
             left_edge = blended_transform_factory(ax.transAxes, ax.transData)
+            values = []
             for i, mode in enumerate(MODES):
-                ys = [j + (i - 0.5) * 0.4 for j in range(len(rows))]
-                for y, (_, by_mode) in zip(ys, rows):
+                for j, (_, by_mode) in enumerate(rows):
+                    y = j + (i - 0.5) * 0.4
                     case = by_mode[mode]
                     r = results.get(case.key, {}) if case else {}
                     if r.get('status') == 'ok':
                         value = r[metric] / (_MiB if metric == 'peak_bytes' else 1)
                         ax.barh(y, value, height=0.4, color=colors[mode])
+                        ax.text(value, y, f' {value:.3g}', va='center', fontsize=7)
+                        values.append(value)
                     elif r.get('status') == 'oom' and metric == 'peak_bytes':
-                        ax.barh(y, limit / _MiB, height=0.4, color='none', edgecolor=colors[mode], hatch='//')
-                        ax.text(limit / _MiB, y, ' OOM', va='center', fontsize=7)
+                        ax.barh(y, limit_mib, height=0.4, color='none', edgecolor=colors[mode], hatch='//')
+                        ax.text(limit_mib, y, f' OOM (> {limit_mib:.0f})', va='center', fontsize=7)
+                        values.append(limit_mib)
                     elif case is not None:
                         ax.text(0.01, y, _failure(r, meta['mem_limit_gb']), va='center', fontsize=7,
                                 transform=left_edge)
             ax.set_xscale('log')
+            if values:  # bars grow from a third of the smallest value; room on the right for the labels
+                ax.set_xlim(min(values) / 3, max(values) * 6)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:g}'))
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_yticks(range(len(rows)), labels, fontsize=8)
             ax.invert_yaxis()
             ax.set_xlabel(xlabel)
             ax.set_title(f'{title}: {xlabel}', fontsize=10)
-            ax.grid(axis='x', which='both', alpha=0.3)
+            ax.grid(axis='x', which='major', alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
     fig.legend(handles, list(colors), loc='upper right', ncol=2)
     fig.suptitle(f'{meta["device"]["description"]}, {meta["date"]}', fontsize=10, x=0.01, ha='left')

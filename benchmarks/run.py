@@ -6,6 +6,7 @@ Usage (``make bench`` runs the first line)::
     python -m benchmarks.run --quick --out /tmp/b   # tiny sizes, under a minute: a smoke test of the harness
     python -m benchmarks.run --device cuda --out benchmarks/results/cuda
     python -m benchmarks.run --models 'lesa_resnet50_det,lit_s'   # only the cases of these models (fnmatch)
+    python -m benchmarks.run --render benchmarks/results/results.json   # table and chart again, no measuring
 
 What is measured (``benchmarks/cases.py``):
 
@@ -140,14 +141,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--mem-limit-gb', type=float, default=12., help='memory cap of each case process')
     parser.add_argument('--case-timeout', type=float, default=900., help='seconds before a case is stopped')
     parser.add_argument('--models', default='*', help='comma-separated fnmatch patterns of models to run')
+    parser.add_argument('--render', metavar='RESULTS_JSON',
+                        help='write results.md and the chart into --out from this results.json, measuring nothing')
     args = parser.parse_args(argv)
     if not args.device.startswith(('cpu', 'cuda')):
         parser.error(f'--device must be cpu or cuda[:N], got {args.device!r}')
     return args
 
 
+def write_outputs(out: str, meta: Dict, cases: List[Case], results: Dict[str, Dict], json_too: bool = True) -> None:
+    os.makedirs(out, exist_ok=True)
+    if json_too:
+        report.write_json(os.path.join(out, 'results.json'), meta, cases, results)
+    report.write_markdown(os.path.join(out, 'results.md'), meta, cases, results)
+    report.write_chart(os.path.join(out, report.CHART), meta, cases, results)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render:
+        meta, cases, results = report.read_json(args.render)
+        same_file = os.path.abspath(args.render) == os.path.abspath(os.path.join(args.out, 'results.json'))
+        write_outputs(args.out, meta, cases, results, json_too=not same_file)
+        print(f'Rendered {args.render} into {args.out}')
+        return 0
     cases = select(suite(quick=args.quick), args.models)
     if not cases:
         print(f'No case matches --models {args.models!r}.', file=sys.stderr)
@@ -183,9 +200,7 @@ def main(argv=None) -> int:
             print(f'[{i}/{len(cases)}] {case.key}: {summary} ({result["wall_s"]:.0f} s)', flush=True)
     meta['load_after'] = _load()
     meta['total_s'] = round(time.monotonic() - started, 1)
-    report.write_json(os.path.join(args.out, 'results.json'), meta, cases, results)
-    report.write_markdown(os.path.join(args.out, 'results.md'), meta, cases, results)
-    report.write_chart(os.path.join(args.out, report.CHART), meta, cases, results)
+    write_outputs(args.out, meta, cases, results)
     print(f'Wrote results.md, results.json and {report.CHART} to {args.out} in {meta["total_s"]:.0f} s')
     return 0
 

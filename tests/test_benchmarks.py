@@ -1,0 +1,122 @@
+"""benchmarks/: the harness measures memory exactly, reports OOM instead of dying and writes well-formed outputs.
+
+No timing assertions: the figures depend on the machine and its load.
+"""
+import json
+import multiprocessing as mp
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks/ is a tool of the repository, not part of the installed package
+
+from benchmarks import measure, report  # noqa: E402
+from benchmarks.cases import MODES, Case, comparisons, suite  # noqa: E402
+from benchmarks.run import run_in_child  # noqa: E402
+
+PACKAGE_MODELS = {
+    'lesa_resnet50', 'lesa_wrn50', 'lesa_resnet50_det', 'lesa_wrn50_det', 'lit_ti', 'lit_s', 'lit_m', 'lit_b',
+}
+PEERS = {'resnet50', 'wide_resnet50_2', 'botnet26t_256', 'pvt_v2_b1', 'pvt_v2_b2', 'swin_tiny_patch4_window7_224'}
+
+
+def test_profiled_peak_is_the_high_water_mark_of_live_tensors():
+    import torch
+
+    def step():
+        a = torch.empty(1_000_000)  # 4 MB live
+        b = torch.empty(2_000_000)  # 12 MB
+        del a  # 8 MB
+        c = torch.empty(3_000_000)  # 20 MB: the peak
+        del b, c
+        torch.empty(1_000_000)
+
+    assert measure.cpu_profiled_peak(step) == 20_000_000
+
+
+def test_full_suite_covers_every_model_peer_mode_and_target():
+    cases = suite()
+    assert {c.model for c in cases} >= PACKAGE_MODELS | PEERS
+    assert len({c.key for c in cases}) == len(cases)
+    for model in PACKAGE_MODELS | PEERS:
+        assert {c.mode for c in cases if c.model == model} == set(MODES), model
+    lesa = [c for c in cases if c.model == 'lesa_resnet50_det']
+    assert {c.img_size for c in lesa} == {(1024, 1024)} and all(c.detection and c.batch_size == 1 for c in lesa)
+    assert {(c.attn_impl, c.grad_checkpointing) for c in lesa if c.mode == 'fwd+bwd'} == {
+        ('fused', False), ('reference', False), ('fused', True), ('reference', True)}
+    assert {c.attn_impl for c in cases if c.model == 'lit_s' and c.img_size == (800, 1344)} == {'sdpa', 'explicit'}
+    assert {c.img_size for c in cases if c.model == 'botnet26t_256'} == {(256, 256)}
+
+    targets = {c.title: c for c in comparisons(cases) if c.min_memory_ratio}
+    lesa_same = targets['lesa_resnet50_det 1024x1024 fwd+bwd: fused +ckpt vs reference +ckpt']
+    assert (lesa_same.min_memory_ratio, lesa_same.min_speed_ratio) == (5., 2.)
+    assert 'lesa_resnet50_det 1024x1024 fwd+bwd: fused vs reference +ckpt' in targets
+    assert targets['lit_s 800x1344 fwd+bwd: sdpa vs explicit'].min_memory_ratio == 2.
+
+
+def _fake_results(cases, oom_keys=()):
+    """Results where fused/sdpa cases take half the time and a tenth of the memory of the others."""
+    results = {}
+    for c in cases:
+        lean = c.attn_impl in (None, 'fused', 'sdpa')
+        results[c.key] = ({'status': 'oom', 'error': 'x'} if c.key in oom_keys else
+                          {'status': 'ok', 'peak_bytes': (1 if lean else 10) * 2 ** 30, 'img_per_s': 2. if lean else 1.,
+                           'params_m': 25.})
+    return results
+
+
+def test_ratios_mark_targets_and_lower_bounds_when_the_reference_runs_out_of_memory(tmp_path):
+    cases = [c for c in suite() if c.model == 'lesa_resnet50_det']
+    oom = {c.key for c in cases if c.attn_impl == 'reference' and c.mode == 'fwd+bwd' and not c.grad_checkpointing}
+    results = _fake_results(cases, oom)
+    by_title = {r['title']: r for r in (report.ratios(c, results, 12.) for c in comparisons(cases))}
+
+    same = by_title['lesa_resnet50_det 1024x1024 fwd+bwd: fused +ckpt vs reference +ckpt']
+    assert same['memory_ratio'] == pytest.approx(10.) and same['speed_ratio'] == pytest.approx(2.)
+    assert same['memory_target_met'] is True and same['speed_target_met'] is True
+    bound = by_title['lesa_resnet50_det 1024x1024 fwd+bwd: fused vs reference']
+    assert bound['memory_ratio_is_lower_bound'] and bound['memory_ratio'] == pytest.approx(12.)
+    assert bound['speed_ratio'] is None and bound['speed_target_met'] is None
+    assert by_title['lesa_resnet50_det 1024x1024 fwd: fused vs reference']['min_memory_ratio'] is None
+
+    meta = {'command': 'python -m benchmarks.run', 'date': 'today', 'commit': 'abc1234', 'mem_limit_gb': 12.,
+            'load_before': '0', 'load_after': '0',
+            'device': {'description': 'test CPU', 'torch': '2', 'timm': '1', 'threads': 1}}
+    report.write_json(str(tmp_path / 'results.json'), meta, cases, results)
+    subprocess.run([sys.executable, '-m', 'benchmarks.run', '--render', str(tmp_path / 'results.json'),
+                    '--out', str(tmp_path)], cwd=ROOT, check=True, capture_output=True)
+    md = (tmp_path / 'results.md').read_text()
+    assert '| lesa_resnet50_det 1024x1024 fwd+bwd: fused vs reference | >12.00x | n/a | ' \
+           'memory >= 5x: met; speed >= 2x: n/a |' in md
+    assert '| lesa_resnet50_det | 1024x1024 | reference | 25.0 | 1 | 10.00 GiB | OOM (> 12 GiB) | — |' in md
+    assert (tmp_path / report.CHART).read_bytes().startswith(b'\x89PNG')
+
+
+def test_a_case_over_the_memory_limit_is_reported_as_oom(tmp_path):
+    ctx = mp.get_context('forkserver')
+    # resnet18 training at 2048x2048 needs several GiB of activations; the process may grow by well under 1 GiB
+    case = Case('resnet18', (2048, 2048), 'fwd+bwd', batch_size=2, iters=1)
+    result = run_in_child(ctx, measure.measure, (case, 'cpu', 1, 2.), str(tmp_path / 'log'), 2., timeout_s=300)
+    assert result['status'] == 'oom', result
+
+
+@pytest.mark.slow
+def test_quick_run_writes_table_json_and_chart(tmp_path):
+    out = tmp_path / 'results'
+    subprocess.run([sys.executable, '-m', 'benchmarks.run', '--quick', '--models', 'resnet50', '--threads', '1',
+                    '--out', str(out)], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    doc = json.loads((out / 'results.json').read_text())
+    assert doc['device']['torch'] and doc['device']['threads'] == 1 and doc['commit'] and doc['date']
+    results = {c['mode']: c['result'] for c in doc['cases']}
+    assert set(results) == set(MODES) and all(r['status'] == 'ok' for r in results.values()), results
+    param_bytes = results['fwd']['params_m'] * 1e6 * 4
+    for r in results.values():
+        assert r['img_per_s'] > 0 and r['peak_bytes'] > r['resident_bytes'] > param_bytes
+    # training holds the gradients on top of the weights
+    assert results['fwd+bwd']['peak_bytes'] > results['fwd']['peak_bytes'] + param_bytes
+    md = (out / 'results.md').read_text()
+    assert '| resnet50 | 64x64 | 25.6 |' in md and doc['commit'] in md
+    assert (out / report.CHART).read_bytes().startswith(b'\x89PNG')
