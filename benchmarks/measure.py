@@ -187,6 +187,11 @@ def child_main(fn: Callable[..., Dict], args: tuple, conn, log_path: str) -> Non
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
+    try:  # should the machine run out of memory anyway, the kernel stops this process, not a neighbour's
+        with open('/proc/self/oom_score_adj', 'w') as f:
+            f.write('1000')
+    except OSError:
+        pass
     try:
         result = fn(*args)
     except BaseException as exc:  # reported in the table, never raised into the harness

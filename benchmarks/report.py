@@ -45,7 +45,7 @@ def _fmt_rate(r: float) -> str:
 def _failure(result: Dict, mem_limit_gb: float) -> str:
     status = result.get('status', 'error')
     if status == 'oom':
-        return f'OOM (> {mem_limit_gb:g} GiB)'
+        return f'OOM (> {result.get("mem_limit_gb", mem_limit_gb):g} GiB)'
     return {'missing': 'not registered', 'timeout': 'timeout'}.get(status, 'error')
 
 
@@ -63,7 +63,7 @@ def ratios(comp: Comparison, results: Dict[str, Dict], mem_limit_gb: float) -> D
         out['memory_ratio'] = slow['peak_bytes'] / fast['peak_bytes']
         out['speed_ratio'] = fast['img_per_s'] / slow['img_per_s']
     elif slow.get('status') == 'oom':
-        out['memory_ratio'] = mem_limit_gb * _GiB / fast['peak_bytes']
+        out['memory_ratio'] = slow.get('mem_limit_gb', mem_limit_gb) * _GiB / fast['peak_bytes']
         out['memory_ratio_is_lower_bound'] = True
     if comp.min_memory_ratio is not None and out['memory_ratio'] is not None:
         out['memory_target_met'] = out['memory_ratio'] >= comp.min_memory_ratio
@@ -146,7 +146,8 @@ def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, 
         '',
         f'Device: {dev["description"]}; torch {dev["torch"]}, timm {dev["timm"]}, {dev["threads"]} intra-op threads; '
         f'load average {meta["load_before"]} before the run, {meta["load_after"]} after; '
-        f'memory limit per case {mem:g} GiB; fp32.',
+        f'memory cap per case {mem:g} GiB, lowered to the memory available at its start minus '
+        f'{meta.get("mem_reserve_gb", 0):g} GiB (an OOM cell names its cap); fp32.',
         '',
         f'Method: {METHOD}',
         '',
@@ -220,7 +221,6 @@ def write_chart(path: str, meta: Dict, cases: List[Case], results: Dict[str, Dic
     fig, axes = plt.subplots(len(groups), 2, figsize=(13, sum(heights)), squeeze=False,
                              gridspec_kw={'height_ratios': heights})
     colors = {'fwd': '#4c72b0', 'fwd+bwd': '#dd8452'}
-    limit_mib = meta['mem_limit_gb'] * _GiB / _MiB
     for (title, rows), ax_row in zip(groups, axes):
         labels = [_bar_label(case) for case, _ in rows]
         for ax, metric, xlabel in zip(ax_row, ('img_per_s', 'peak_bytes'), ('images / s', 'peak memory (MiB)')):
@@ -237,6 +237,7 @@ def write_chart(path: str, meta: Dict, cases: List[Case], results: Dict[str, Dic
                         ax.text(value, y, f' {value:.3g}', va='center', fontsize=7)
                         values.append(value)
                     elif r.get('status') == 'oom' and metric == 'peak_bytes':
+                        limit_mib = r.get('mem_limit_gb', meta['mem_limit_gb']) * _GiB / _MiB
                         ax.barh(y, limit_mib, height=0.4, color='none', edgecolor=colors[mode], hatch='//')
                         ax.text(limit_mib, y, f' OOM (> {limit_mib:.0f})', va='center', fontsize=7)
                         values.append(limit_mib)

@@ -118,9 +118,18 @@ def _cpu_description() -> str:
             if line.startswith('model name'):
                 model = line.split(':', 1)[1].strip()
                 break
-    with open('/proc/meminfo') as f:
-        ram = next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemTotal:')) / _GiB
+    ram = _meminfo_bytes('MemTotal') / _GiB
     return f'{model}, {os.cpu_count()} logical cores, {ram:.0f} GiB RAM'
+
+
+def _meminfo_bytes(field: str) -> int:
+    with open('/proc/meminfo') as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ':'))
+
+
+def case_memory_limit_gb(requested_gb: float, reserve_gb: float) -> float:
+    """The requested cap, lowered to what the machine has available now minus a reserve for everyone else."""
+    return round(min(requested_gb, _meminfo_bytes('MemAvailable') / _GiB - reserve_gb), 1)
 
 
 def _load() -> str:
@@ -138,7 +147,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--out', default=os.path.join('benchmarks', 'results'), help='output folder')
     parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (or 'cuda:N')")
     parser.add_argument('--threads', type=int, default=0, help='intra-op threads (0: torch default)')
-    parser.add_argument('--mem-limit-gb', type=float, default=12., help='memory cap of each case process')
+    parser.add_argument('--mem-limit-gb', type=float, default=16., help='memory cap of each case process')
+    parser.add_argument('--mem-reserve-gb', type=float, default=2.,
+                        help='lower the cap of a case to the available memory minus this (a shared machine)')
     parser.add_argument('--case-timeout', type=float, default=900., help='seconds before a case is stopped')
     parser.add_argument('--models', default='*', help='comma-separated fnmatch patterns of models to run')
     parser.add_argument('--render', metavar='RESULTS_JSON',
@@ -180,6 +191,7 @@ def main(argv=None) -> int:
         'uncommitted_model_changes': bool(_git('status', '--porcelain', '--', 'lesa_lit_models')),
         'load_before': _load(),
         'mem_limit_gb': args.mem_limit_gb,
+        'mem_reserve_gb': args.mem_reserve_gb,
     }
     results: Dict[str, Dict] = {}
     with tempfile.TemporaryDirectory(prefix='bench-logs-') as logs:
@@ -192,8 +204,10 @@ def main(argv=None) -> int:
         meta['device'] = {'name': args.device, 'description': description, **software}
         print(f'{len(cases)} cases on {description} (torch {software["torch"]}, {software["threads"]} threads)')
         for i, case in enumerate(cases, 1):
-            result = run_in_child(ctx, measure.measure, (case, args.device, args.threads, args.mem_limit_gb),
-                                  os.path.join(logs, case.key + '.log'), args.mem_limit_gb, args.case_timeout)
+            limit = case_memory_limit_gb(args.mem_limit_gb, args.mem_reserve_gb)
+            result = run_in_child(ctx, measure.measure, (case, args.device, args.threads, limit),
+                                  os.path.join(logs, case.key + '.log'), limit, args.case_timeout)
+            result['mem_limit_gb'] = limit
             results[case.key] = result
             summary = (f'{result["img_per_s"]:.3g} img/s, peak {result["peak_bytes"] / 2 ** 20:.0f} MiB'
                        if result['status'] == 'ok' else f'{result["status"]}: {result.get("error", "")}')
