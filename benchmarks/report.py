@@ -26,10 +26,11 @@ METHOD = (
     'a case that needs more is reported as OOM.'
 )
 DETECTION_NOTE = (
-    'Detection backbones: `features_only=True` (every feature map is summed for the backward pass), batch 1, '
-    'BatchNorm in eval mode in the train pass (`model.train()` then every BatchNorm `.eval()`, as mmdet\'s '
-    '`norm_eval=True`). `+ckpt`: the model\'s own gradient checkpointing (LESA: the unary and binary terms of each '
-    'block are recomputed in backward, the upstream detection setting); forward-only rows are the same with or '
+    'Detection backbones: `features_only=True` with the feature maps the detectors use (LESA: C2-C5, LIT: the 4 '
+    'stages), summed for the backward pass; batch 1; all stages trainable; BatchNorm in eval mode in the train '
+    'pass (`model.train()` then every BatchNorm `.eval()`, as mmdet\'s `norm_eval=True`). `+ckpt`: the model\'s '
+    'own gradient checkpointing (LESA: the unary and binary terms of each block are recomputed in backward, the '
+    'upstream detection setting); forward-only rows are the same with or '
     'without it and are measured once.'
 )
 
@@ -155,9 +156,9 @@ def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, 
         'reference (or peer); above 1 means ours is leaner / faster. `>` marks a lower bound (the other case ran '
         'out of memory at the limit).',
     ]
-    comps = [ratios(c, results, mem) for c in comparisons(cases)]
-    det_comps = [r for r in comps if any(c.key == r['fast'] and c.detection for c in cases)]
-    cls_comps = [r for r in comps if r not in det_comps]
+    comps = [(comp, ratios(comp, results, mem)) for comp in comparisons(cases)]
+    det_comps = [r for comp, r in comps if comp.fast.detection]
+    cls_comps = [r for comp, r in comps if not comp.fast.detection]
     if det_comps:
         lines += ['', '## Fused vs reference attention (detection backbones)', '',
                   '| comparison | memory ratio | speed ratio | target |', '|---|---|---|---|']
@@ -178,8 +179,10 @@ def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, 
     if cls:
         batch = sorted({c.batch_size for c, _ in cls})
         lines += ['', '## Classifiers', '',
-                  f'Batch {", ".join(map(str, batch))}, default attention (LESA: fused, LIT: sdpa), '
-                  'BatchNorm in train mode for fwd+bwd.', '',
+                  f'Batch {", ".join(map(str, batch))} (images/s and peak memory of the whole batch), each model\'s '
+                  'default attention (LIT: `sdpa`; the LESA classifiers compute their 1-D relative position terms '
+                  'explicitly, which has no fused form and is cheap on the 14x14 grid), BatchNorm in train mode for '
+                  'fwd+bwd.', '',
                   '| model | input | params (M) | fwd img/s | fwd peak | fwd+bwd img/s | fwd+bwd peak |',
                   '|---|---|---|---|---|---|---|']
         for case, by_mode in cls:
@@ -187,7 +190,8 @@ def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, 
             cells = [*_cells(by_mode['fwd'], results, mem), *_cells(by_mode['fwd+bwd'], results, mem)]
             lines.append(f'| {case.model} | {h}x{w} | {_params(by_mode, results)} | {" | ".join(cells)} |')
     if cls_comps:
-        lines += ['', '## Classifiers vs timm peers', '', '| comparison | memory ratio | speed ratio |', '|---|---|---|']
+        lines += ['', '## Classifiers vs timm peers', '',
+                  '| comparison | memory ratio | speed ratio |', '|---|---|---|']
         for r in cls_comps:
             lines.append(f'| {r["title"]} | {_ratio_cell(r["memory_ratio"], r["memory_ratio_is_lower_bound"])} | '
                          f'{_ratio_cell(r["speed_ratio"])} |')
