@@ -1,0 +1,542 @@
+"""LIT family: fidelity to the authors' math, the timm model API, and loading original checkpoints."""
+import copy
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import timm
+from timm.optim import param_groups_weight_decay
+from timm.models import group_parameters
+
+import lesa_lit_models  # noqa: F401  (registers the models)
+from lesa_lit_models._checkpoint import CheckpointError
+from lesa_lit_models.layers.deform_merge import DeformableTokenMerging
+from lesa_lit_models.layers.rel_pos import relative_position_bias, resample_bias_table
+from lesa_lit_models.lit import AttentionBlock, LITAttention, MLPBlock, detection_output_norms
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+# sum(p.numel()) of the authors' models with the 1000-class head (LIT-upstream-notes.md, UPSTREAM-PARITY.md)
+PARAM_COUNTS = {'lit_ti': 19_886_272, 'lit_s': 27_973_720, 'lit_m': 49_372_264, 'lit_b': 87_292_384}
+
+
+def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random values in every float tensor (offset convs, tables, norms, BN statistics included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict(keep_vars=True).items():
+            if not t.is_floating_point():
+                continue
+            noise = torch.randn(t.shape, generator=g)
+            if name.endswith('running_var'):
+                t.copy_(noise.abs() + 0.5)
+            elif 'conv_offset' in name:
+                t.copy_(noise * (0.7 if name.endswith('bias') else 0.03))
+            elif name.endswith(('relative_position_bias_table', 'pos_embed', 'cls_token')):
+                t.copy_(noise * 0.3)
+            elif t.ndim == 1:
+                t.copy_(noise * 0.1 + (1. if name.endswith('weight') else 0.))
+    return model
+
+
+def _create(name, **kwargs):
+    return timm.create_model(name, **kwargs)
+
+
+# the real widths/depths are only built where they matter (parameter counts, key lists, one run per model);
+# behaviour tests use the same entrypoints with narrow, shallow stages to stay fast on a CPU
+TINY = dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4))
+
+
+def _tiny(name, seed=0, **kwargs):
+    return _randomize(_create(name, **TINY, **kwargs), seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hand-written references (written from the paper / the notes' formulas, independent of the package code)
+
+
+def _bilinear_zero(x, py, px):
+    """DCN v1 sampling: 0 outside (-1, H) x (-1, W); otherwise bilinear with zero-valued out-of-map neighbours."""
+    B, C, H, W = x.shape
+    out = x.new_zeros(B, C, *py.shape[-2:])
+    valid = (py > -1) & (py < H) & (px > -1) & (px < W)
+    y0, x0 = torch.floor(py), torch.floor(px)
+    for dy, wy in ((0, 1 - (py - y0)), (1, py - y0)):
+        for dx, wx in ((0, 1 - (px - x0)), (1, px - x0)):
+            yy, xx = (y0 + dy).long(), (x0 + dx).long()
+            for b in range(B):
+                for h in range(py.shape[-2]):
+                    for w in range(py.shape[-1]):
+                        y, xpos = yy[b, h, w].item(), xx[b, h, w].item()
+                        if valid[b, h, w] and 0 <= y < H and 0 <= xpos < W:
+                            out[b, :, h, w] += x[b, :, y, xpos] * wy[b, h, w] * wx[b, h, w]
+    return out
+
+
+def _deform_conv_k2s2_reference(x, offset, weight, bias):
+    """Y = bias + sum_{c,i,j} W[o,c,i,j] * bilin(X[c], 2h + i + dy_{2i+j}, 2w + j + dx_{2i+j})."""
+    B, _, Ho, Wo = offset.shape
+    base_y = torch.arange(Ho, dtype=x.dtype).view(1, Ho, 1) * 2
+    base_x = torch.arange(Wo, dtype=x.dtype).view(1, 1, Wo) * 2
+    out = bias.view(1, -1, 1, 1).expand(B, -1, Ho, Wo).clone()
+    for i in range(2):
+        for j in range(2):
+            n = 2 * i + j
+            sampled = _bilinear_zero(x, base_y + i + offset[:, 2 * n], base_x + j + offset[:, 2 * n + 1])
+            out += torch.einsum('bchw,oc->bohw', sampled, weight[:, :, i, j])
+    return out
+
+
+def _swin_index(h, w):
+    """Swin's relative position index for an h x w window."""
+    coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    rel[:, :, 0] += h - 1
+    rel[:, :, 1] += w - 1
+    rel[:, :, 0] *= 2 * w - 1
+    return rel.sum(-1)
+
+
+def _upstream_detection_bias(table, table_grid, h, w):
+    """The authors' detection RelPosAttention bias: bicubic table resize to (2h-1, 2w-1), then Swin index."""
+    heads = table.shape[1]
+    grid = F.interpolate(table.permute(1, 0).reshape(1, heads, *table_grid), size=(2 * h - 1, 2 * w - 1),
+                         mode='bicubic')
+    grid = grid.reshape(heads, -1).permute(1, 0)
+    return grid[_swin_index(h, w).view(-1)].view(h * w, h * w, -1).permute(2, 0, 1)
+
+
+def _explicit_attention(attn: LITAttention, x, feat_size):
+    B, N, C = x.shape
+    heads = attn.num_heads
+    q, k, v = F.linear(x, attn.qkv.weight, attn.qkv.bias).reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(-2, -1) * (C // heads) ** -0.5
+    if attn.relative_position_bias_table is not None:
+        th, tw = attn.table_size
+        logits = logits + _upstream_detection_bias(attn.relative_position_bias_table, (th, tw), *feat_size)
+    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C)
+    return F.linear(out, attn.proj.weight, attn.proj.bias)
+
+
+# upstream key layouts (LIT-upstream-notes.md section 7), written independently of the package's filter
+def _to_upstream_ti(sd):
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r'^patch_embed\.', 'patch_embed1.', k)
+        k = re.sub(r'^stages\.(\d)\.downsample\.', lambda m: f'patch_embed{int(m[1]) + 1}.', k)
+        k = re.sub(r'^stages\.(\d)\.pos_embed$', lambda m: f'pos_embed{int(m[1]) + 1}', k)
+        k = re.sub(r'^stages\.(\d)\.blocks\.', lambda m: f'block{int(m[1]) + 1}.', k)
+        out[k] = v
+    return out
+
+
+def _to_upstream_smb(sd):
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r'^stages\.(\d)\.downsample\.', lambda m: f'layers.{int(m[1]) - 1}.downsample.', k)
+        k = re.sub(r'^stages\.(\d)\.blocks\.', r'layers.\1.blocks.', k)
+        out[k] = v
+        if k.endswith('relative_position_bias_table'):  # the persistent buffer of the classification code
+            side = (math.isqrt(v.shape[0]) + 1) // 2
+            out[k.replace('bias_table', 'index')] = _swin_index(side, side)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fidelity
+
+
+def test_dtm_with_zero_offsets_is_conv_bn_gelu():
+    dtm = _randomize(DeformableTokenMerging(6, 10)).eval()
+    nn.init.zeros_(dtm.dconv.conv_offset.weight)
+    nn.init.zeros_(dtm.dconv.conv_offset.bias)
+    x = torch.randn(2, 6, 9, 7)  # odd sides: floor, as the authors' k2/s2 conv
+    bn = dtm.norm_layer
+    expected = F.gelu(F.batch_norm(
+        F.conv2d(x, dtm.dconv.weight, dtm.dconv.bias, stride=2), bn.running_mean, bn.running_var, bn.weight,
+        bn.bias, eps=bn.eps))
+    out = dtm(x)
+    assert out.shape == (2, 10, 4, 3)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dtm_with_random_offsets_matches_bilinear_reference():
+    dtm = _randomize(DeformableTokenMerging(3, 4), seed=1).eval()
+    with torch.no_grad():
+        dtm.dconv.conv_offset.weight.normal_(0, 0.5)
+        dtm.dconv.conv_offset.bias.normal_(0, 1.5)
+    x = torch.randn(5, 3, 6, 8)  # batch 5: the authors' im2col_step crashed on odd batches >= 5
+    offset = dtm.dconv.conv_offset(x)
+    # sampling points: some partly outside the map (bilinear with zero neighbours), some wholly outside (zero)
+    ys = torch.arange(3).view(1, 1, 3, 1) * 2 + torch.tensor([0, 0, 1, 1]).view(1, 4, 1, 1) + offset[:, 0::2]
+    xs = torch.arange(4).view(1, 1, 1, 4) * 2 + torch.tensor([0, 1, 0, 1]).view(1, 4, 1, 1) + offset[:, 1::2]
+    assert ((ys < 0) | (ys > 5) | (xs < 0) | (xs > 7)).any()
+    assert ((ys <= -1) | (ys >= 6) | (xs <= -1) | (xs >= 8)).any()
+    bn = dtm.norm_layer
+    expected = F.gelu(F.batch_norm(
+        _deform_conv_k2s2_reference(x, offset, dtm.dconv.weight, dtm.dconv.bias), bn.running_mean, bn.running_var,
+        bn.weight, bn.bias, eps=bn.eps))
+    torch.testing.assert_close(dtm(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('feat_size', [(3, 3), (4, 6), (5, 2)])
+def test_relative_position_bias_layout_is_swin(feat_size):
+    h, w = feat_size
+    table = torch.randn((2 * h - 1) * (2 * w - 1), 3)
+    expected = table[_swin_index(h, w).view(-1)].view(h * w, h * w, 3).permute(2, 0, 1)
+    assert torch.equal(relative_position_bias(table, (2 * h - 1, 2 * w - 1), feat_size), expected)
+
+
+@pytest.mark.parametrize('feat_size', [(4, 6), (7, 7), (9, 5)])
+def test_relative_position_bias_resamples_like_the_detection_backbone(feat_size):
+    table = torch.randn(13 * 13, 4)  # a 7x7-grid table (LIT-S stage 4 at 224)
+    expected = _upstream_detection_bias(table, (13, 13), *feat_size)
+    torch.testing.assert_close(relative_position_bias(table, (13, 13), feat_size), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_resample_bias_table():
+    table = torch.randn(27 * 27, 12)
+    assert torch.equal(resample_bias_table(table, (27, 27), (27, 27)), table)
+    resized = resample_bias_table(table, (27, 27), (99, 49))
+    expected = F.interpolate(table.t().reshape(1, 12, 27, 27), size=(99, 49), mode='bicubic', align_corners=False)
+    assert torch.equal(resized, expected.reshape(12, -1).t())
+    with pytest.raises(ValueError, match='rows'):
+        resample_bias_table(table, (25, 25), (27, 27))
+
+
+@pytest.mark.parametrize('with_table', [True, False])
+def test_attention_equals_explicit_softmax(with_table):
+    torch.manual_seed(0)
+    attn = LITAttention(48, num_heads=3, rel_pos_grid=(4, 4) if with_table else None).eval()
+    if with_table:
+        nn.init.normal_(attn.relative_position_bias_table, std=1.)
+    x = torch.randn(2, 15, 48)
+    for impl in ('sdpa', 'explicit'):
+        attn.attn_impl = impl
+        torch.testing.assert_close(attn(x, (3, 5)), _explicit_attention(attn, x, (3, 5)), rtol=1e-5, atol=1e-5)
+
+
+def test_parameter_counts_match_the_authors_models():
+    for name, expected in PARAM_COUNTS.items():
+        with torch.device('meta'):
+            model = _create(name)
+        assert sum(p.numel() for p in model.parameters()) == expected, name
+
+
+def test_architecture_details_of_each_flavour():
+    with torch.device('meta'):
+        ti, s = _create('lit_ti', drop_path_rate=0.1), _create('lit_s')
+    # LayerNorm eps: LIT-Ti 1e-6 in blocks and final norm, 1e-5 in the stem; LIT-S/M/B 1e-5 everywhere
+    assert ti.patch_embed.norm.eps == 1e-5 and ti.norm.eps == 1e-6 and ti.stages[0].blocks[0].norm2.eps == 1e-6
+    assert s.patch_embed.norm.eps == s.norm.eps == s.stages[3].blocks[1].norm1.eps == 1e-5
+    # MLP-only blocks in stages 1-2, global attention in 3-4; tables only in LIT-S/M/B
+    for model in (ti, s):
+        assert [type(stage.blocks[0]) for stage in model.stages] == [MLPBlock, MLPBlock, AttentionBlock, AttentionBlock]
+    assert ti.stages[2].blocks[0].attn.relative_position_bias_table is None
+    assert ti.stages[3].pos_embed.shape == (1, 50, 512) and ti.global_pool == 'token' and s.global_pool == 'avg'
+    # stochastic depth grows linearly over all 16 blocks, MLP blocks included
+    rates = [getattr(block.drop_path if isinstance(block, MLPBlock) else block.drop_path1, 'drop_prob', 0.)
+             for stage in ti.stages for block in stage.blocks]
+    assert rates == pytest.approx(torch.linspace(0, 0.1, 16).tolist())
+
+
+def test_lit_ti_position_embedding_resampling():
+    stage = _create('lit_ti', **TINY).stages[1]  # stored for a 28x28 grid
+    assert torch.equal(stage.grid_pos_embed((28, 28)), stage.pos_embed)
+    # 56x56 has the stage-1 token count of a 224 input: the authors' size check skipped resampling here
+    for size in [(56, 56), (12, 20)]:
+        expected = F.interpolate(stage.pos_embed.reshape(1, 28, 28, -1).permute(0, 3, 1, 2), size=size,
+                                 mode='bilinear', align_corners=False).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(stage.grid_pos_embed(size), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timm model API
+
+
+@pytest.mark.parametrize('name', [
+    'lit_ti', 'lit_s', pytest.param('lit_m', marks=pytest.mark.slow), pytest.param('lit_b', marks=pytest.mark.slow)])
+def test_model_runs_at_224_and_non_square(name):
+    model = _create(name).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+        out = model(torch.randn(2, 3, 96, 128))
+    assert out.shape == (2, 1000) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('name, channels', [
+    ('lit_ti', [64, 128, 320, 512]), ('lit_s', [96, 192, 384, 768]), ('lit_m', [96, 192, 384, 768]),
+    ('lit_b', [128, 256, 512, 1024])])
+def test_features_only(name, channels):
+    with torch.device('meta'):
+        info = _create(name, features_only=True).feature_info
+        picked = _create(name, features_only=True, out_indices=(1, 2)).feature_info
+    assert info.channels() == channels and info.reduction() == [4, 8, 16, 32]
+    assert picked.channels() == channels[1:3] and picked.reduction() == [8, 16]
+    tiny = _create(name, features_only=True, **TINY).eval()
+    with torch.no_grad():
+        feats = tiny(torch.randn(1, 3, 96, 128))
+    assert [tuple(f.shape) for f in feats] == [(1, c, 96 // r, 128 // r) for c, r in zip(TINY['embed_dims'], [4, 8, 16, 32])]
+    pruned = _create(name, features_only=True, out_indices=(0, 1), **TINY)
+    assert len(pruned.model.stages) == 2
+
+
+@pytest.mark.parametrize('name', ['lit_ti', 'lit_s'])
+def test_forward_intermediates_match_forward_features_and_features_only(name):
+    model = _tiny(name).eval()
+    features = _create(name, features_only=True, **TINY).eval()
+    features.model.load_state_dict(model.state_dict(), strict=False)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        for a, b in zip(intermediates, features(x)):
+            torch.testing.assert_close(a, b)
+        last_only = model.forward_intermediates(x, indices=1, intermediates_only=True)
+        torch.testing.assert_close(last_only[0], intermediates[-1])
+        assert len(model.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)) == 1
+
+
+def test_lit_ti_class_token_joins_classification_not_features():
+    model = _tiny('lit_ti').eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_intermediates(x, intermediates_only=True)
+        logits = model(x)
+        model.cls_token.add_(1.)
+        feats_after = model.forward_intermediates(x, intermediates_only=True)
+        assert not torch.allclose(model(x), logits)
+    assert torch.equal(feats[-1], feats_after[-1])
+
+
+@pytest.mark.parametrize('name', ['lit_ti', 'lit_s'])
+def test_every_parameter_gets_a_gradient(name):
+    model = _tiny(name, num_classes=7).train()
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    # a features_only model (e.g. a detection backbone under DDP) has no unused parameters either
+    features = _create(name, features_only=True, **TINY).train()
+    sum(f.sum() for f in features(torch.randn(2, 3, 64, 64))).backward()
+    assert [n for n, p in features.named_parameters() if p.grad is None] == []
+
+
+@pytest.mark.parametrize('name', ['lit_ti', 'lit_s'])
+def test_grad_checkpointing_leaves_outputs_and_grads_unchanged(name):
+    model = _tiny(name, num_classes=5).train()
+    reference = copy.deepcopy(model)
+    model.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 64, 64)
+    out, out_ref = model(x), reference(x)
+    torch.testing.assert_close(out, out_ref)
+    out.sum().backward()
+    out_ref.sum().backward()
+    for (n, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, msg=n)
+
+
+def test_odd_batch_size():
+    model = _tiny('lit_ti').eval()
+    x = torch.randn(5, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        torch.testing.assert_close(out[3:4], model(x[3:4]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['lit_ti', 'lit_s'])
+def test_bf16_autocast_on_cpu_is_finite_and_dtm_runs_in_fp32(name):
+    model = _tiny(name).eval()
+    dconv_dtypes = []
+    for stage in model.stages[1:]:
+        stage.downsample.dconv.register_forward_hook(lambda m, i, o: dconv_dtypes.append(o.dtype))
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 64, 96))
+    assert dconv_dtypes == [torch.float32] * 3
+    assert torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize('name, size', [('lit_s', (64, 96)), ('lit_s', (128, 96)), ('lit_ti', (96, 64))])
+def test_sdpa_matches_explicit_attention_outputs_and_grads(name, size):
+    model = _tiny(name, num_classes=4).train()
+    explicit = copy.deepcopy(model)
+    explicit.set_attn_impl('explicit')
+    x = torch.randn(2, 3, *size)
+    out, out_explicit = model(x), explicit(x)
+    torch.testing.assert_close(out, out_explicit, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    out_explicit.square().sum().backward()
+    for (n, p), p_explicit in zip(model.named_parameters(), explicit.parameters()):
+        torch.testing.assert_close(p.grad, p_explicit.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_bias_follows_the_live_table_across_steps_and_sizes():
+    model = _tiny('lit_s', num_classes=3).train()
+    tables = [p for n, p in model.named_parameters() if n.endswith('relative_position_bias_table')]
+    optimizer = torch.optim.SGD(tables, lr=10.)
+    attn = model.stages[2].blocks[0].attn
+    sizes = [(64, 64), (96, 64)]
+    for size in sizes:  # a training step at each input size changes every table
+        table_before = attn.relative_position_bias_table.detach().clone()
+        model(torch.randn(2, 3, *size)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert not torch.equal(attn.relative_position_bias_table, table_before)
+    model.eval()
+    fresh = copy.deepcopy(model)
+    with torch.no_grad():
+        for size in sizes + sizes[:1]:
+            x = torch.randn(1, 3, *size)
+            torch.testing.assert_close(model(x), fresh(x))
+        bias = relative_position_bias(attn.relative_position_bias_table, attn.table_size, (6, 4))
+        expected = _upstream_detection_bias(attn.relative_position_bias_table, attn.table_size, 6, 4)
+        torch.testing.assert_close(bias, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_classifier_api_no_weight_decay_and_group_matcher():
+    with torch.device('meta'):
+        ti_names = _create('lit_ti').no_weight_decay()
+        s_model = _create('lit_s')
+    assert ti_names == {'cls_token'} | {f'stages.{i}.pos_embed' for i in range(4)}
+    assert s_model.no_weight_decay() == {
+        f'stages.{i}.blocks.{j}.attn.relative_position_bias_table' for i, n in ((2, 6), (3, 2)) for j in range(n)}
+    grouping = group_parameters(s_model, s_model.group_matcher())
+    assert sum(len(v) for v in grouping.values()) == len(list(s_model.parameters()))
+    assert len(group_parameters(s_model, s_model.group_matcher(coarse=True))) == 6  # stem, 4 stages, norm+head
+
+    model = _tiny('lit_ti')
+    groups = param_groups_weight_decay(model, weight_decay=0.05, no_weight_decay_list=model.no_weight_decay())
+    decayed = {id(p) for p in groups[1]['params']}
+    assert id(model.cls_token) not in decayed and id(model.stages[2].pos_embed) not in decayed
+    x = torch.randn(1, 3, 64, 64)
+    model.reset_classifier(5)
+    assert model(x).shape == (1, 5)
+    model.reset_classifier(0, '')
+    assert model(x).shape == (1, 1 + 4, 64)  # class token + 2x2 tokens
+    s_tiny = _tiny('lit_s')
+    s_tiny.reset_classifier(0, '')
+    assert s_tiny(x).shape == (1, 2, 2, 64)
+    with pytest.raises(ValueError, match='class token'):
+        s_tiny.reset_classifier(3, 'token')
+
+
+def test_bad_arguments_and_inputs_fail_clearly():
+    with pytest.raises(ValueError, match='attn_impl'):
+        _create('lit_s', attn_impl='flash', **TINY)
+    with pytest.raises(ValueError, match='attn_impl'):
+        _create('lit_ti', **TINY).set_attn_impl('nope')
+    with pytest.raises(ValueError, match='too small'):
+        _create('lit_s', **TINY)(torch.randn(1, 3, 24, 64))
+    features = _create('lit_s', features_only=True, out_indices=(0, 1), **TINY)
+    assert features(torch.randn(1, 3, 24, 24))[1].shape[-1] == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _assert_same_tensors(model, source, mapping=lambda k: k):
+    state = model.state_dict()
+    for k, v in state.items():
+        assert torch.equal(v, source[mapping(k)]), k
+
+
+def _load(name, path, **kwargs):
+    return _create(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+
+
+def test_loads_lit_ti_upstream_classification_checkpoint(tmp_path):
+    with torch.device('meta'):
+        upstream_keys = set(_to_upstream_ti(_create('lit_ti').state_dict()))
+    assert len(upstream_keys) == 190  # the authors' lit_ti.pth key count
+    assert {'pos_embed4', 'patch_embed4.dconv.conv_offset.weight', 'block1.0.norm2.weight', 'cls_token'} <= upstream_keys
+    source = _tiny('lit_ti', seed=3).state_dict()
+    torch.save(_to_upstream_ti(source), tmp_path / 'lit_ti.pth')  # bare state dict
+    _assert_same_tensors(_load('lit_ti', tmp_path / 'lit_ti.pth', **TINY), source)
+
+
+def test_loads_lit_s_upstream_classification_checkpoint_and_adapts_head(tmp_path):
+    source = _tiny('lit_s', seed=4).state_dict()
+    upstream = _to_upstream_smb(source)
+    assert 'layers.2.downsample.norm_layer.running_var' in upstream
+    assert upstream['layers.3.blocks.0.attn.relative_position_bias_table'].shape == (169, 4)
+    path = tmp_path / 'lit_s.pth'
+    torch.save({'model': upstream, 'epoch': 299}, path)
+    _assert_same_tensors(_load('lit_s', path, **TINY), source)
+    _assert_same_tensors(_load('lit_s', path, num_classes=0, **TINY), source)
+    assert _load('lit_s', path, num_classes=10, **TINY).head.weight.shape == (10, 64)
+
+
+def _mmdet_checkpoint(backbone_state):
+    state = {'backbone.' + k: v for k, v in backbone_state.items()}
+    state['neck.fpn_convs.0.conv.weight'] = torch.randn(4, 4, 3, 3)
+    state['roi_head.bbox_head.fc_cls.weight'] = torch.randn(81, 8)
+    return {'state_dict': state, 'meta': {'CLASSES': np.array(['person', 'car']), 'epoch': 12}}
+
+
+def test_loads_lit_s_coco_checkpoint_with_its_99x99_tables(tmp_path):
+    coco = _tiny('lit_s', seed=5, pos_img_size=800).state_dict()
+    assert coco['stages.2.blocks.0.attn.relative_position_bias_table'].shape == (99 * 99, 2)
+    assert coco['stages.3.blocks.0.attn.relative_position_bias_table'].shape == (49 * 49, 4)
+    backbone = {k: v for k, v in _to_upstream_smb(coco).items()
+                if not k.startswith(('norm.', 'head.')) and not k.endswith('relative_position_index')}
+    norms = {f'norm{i}.{p}': torch.randn(TINY['embed_dims'][i]) for i in (1, 2, 3) for p in ('weight', 'bias')}
+    path = tmp_path / 'mask_rcnn_lit_s.pth'
+    torch.save(_mmdet_checkpoint({**backbone, **norms}), path)
+
+    features = _load('lit_s', path, features_only=True, **TINY)
+    assert features.model.pos_img_size == (800, 800)  # tables kept at the checkpoint's size
+    _assert_same_tensors(features.model, coco)
+    with torch.no_grad():
+        assert [f.shape[1] for f in features(torch.randn(1, 3, 64, 96))] == list(TINY['embed_dims'])
+    output_norms = detection_output_norms(torch.load(path, weights_only=False))
+    assert output_norms.keys() == norms.keys() and all(torch.equal(output_norms[k], norms[k]) for k in norms)
+    # a classifier keeps its initial final norm and head; everything else comes from the file
+    classifier = _load('lit_s', path, **TINY)
+    assert torch.equal(classifier.stages[1].downsample.dconv.weight, coco['stages.1.downsample.dconv.weight'])
+
+
+def test_loads_lit_ti_coco_checkpoint(tmp_path):
+    source = _tiny('lit_ti', seed=6).state_dict()
+    backbone = {k: v for k, v in _to_upstream_ti(source).items() if not k.startswith(('cls_token', 'norm.', 'head.'))}
+    path = tmp_path / 'retina_lit_ti.pth'
+    torch.save(_mmdet_checkpoint(backbone), path)
+    _assert_same_tensors(_load('lit_ti', path, features_only=True, **TINY).model, source)
+
+
+def test_imagenet_tables_resampled_for_a_coco_sized_model(tmp_path):
+    source = _tiny('lit_s', seed=7).state_dict()
+    path = tmp_path / 'lit_s.pth'
+    torch.save({'model': _to_upstream_smb(source)}, path)
+    model = _load('lit_s', path, pos_img_size=800, **TINY)
+    key = 'stages.2.blocks.0.attn.relative_position_bias_table'
+    # the authors' mmcv_custom loader: square bicubic resize 27x27 -> 99x99
+    expected = F.interpolate(source[key].permute(1, 0).reshape(1, 2, 27, 27), size=(99, 99), mode='bicubic')
+    torch.testing.assert_close(model.state_dict()[key], expected.reshape(2, -1).permute(1, 0))
+
+
+def test_timm_format_state_dict_passes_through(tmp_path):
+    from safetensors.torch import save_file
+    source = _tiny('lit_ti', seed=8).state_dict()
+    path = tmp_path / 'model.safetensors'
+    save_file(source, str(path))
+    _assert_same_tensors(_load('lit_ti', path, **TINY), source)
+
+
+def test_wrong_architecture_and_corrupt_files_raise_checkpoint_error(tmp_path):
+    lit_s = tmp_path / 'lit_s.pth'
+    torch.save({'model': _to_upstream_smb(_create('lit_s', **TINY).state_dict())}, lit_s)
+    with pytest.raises(CheckpointError, match=r"architecture 'lit_m'(.|\n)*missing keys: stages\.2\.blocks\.2"):
+        _load('lit_m', lit_s, **dict(TINY, depths=(1, 1, 3, 1)))
+    with pytest.raises(CheckpointError, match='shape mismatches'):
+        _load('lit_b', lit_s, **dict(TINY, embed_dims=(16, 32, 48, 96)))
+    with pytest.raises(CheckpointError, match="architecture 'lit_ti'"):
+        _load('lit_ti', lit_s, **TINY)
+    truncated = tmp_path / 'truncated.pth'
+    data = lit_s.read_bytes()
+    truncated.write_bytes(data[:len(data) // 2])  # an interrupted download
+    with pytest.raises(CheckpointError, match='corrupt or truncated'):
+        _load('lit_s', truncated, **TINY)
