@@ -1,12 +1,16 @@
 """The fused LESA binary term equals the straightforward computation: outputs, gradients, BatchNorm state."""
 import copy
+from unittest import mock
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lesa_lit_models.layers import lesa_fused
+from lesa_lit_models.layers.lesa_attention import classification_binary_reference, detection_qr_binary_reference
 from lesa_lit_models.layers.lesa_fused import detection_qr_binary
 
 
@@ -152,6 +156,25 @@ def test_detection_other_batchnorm_configurations(mode, bn_kwargs):
     check_fused_matches_reference(2, 2, (3, 3), mode, torch.float64, rtol=1e-9, atol=1e-10, **bn_kwargs)
 
 
+@pytest.mark.parametrize('mode', ['eval', 'train'])
+def test_detection_autocast_bfloat16_no_less_accurate_than_reference(mode):
+    """Under autocast the statistics stay float32 and the large logit mean never meets bfloat16 rounding."""
+    grid, groups = (8, 8), 4
+    tensors64 = [t.detach() for t in make_detection_inputs(2, groups, grid, 16, 16, torch.float64, seed=1,
+                                                           offset=3.0, spread=0.3)]
+    tensors32 = [t.float() for t in tensors64]
+    bn = make_bn(2 * groups, torch.float64, 1).train(mode == 'train')
+    with torch.no_grad():  # running statistics of the data, as after training
+        qk = tensors64[0] @ tensors64[1].transpose(-1, -2)
+        bn.running_mean[:groups], bn.running_var[:groups] = qk.mean((0, 2, 3)), qk.var((0, 2, 3))
+    exact = reference_detection_qr_binary(*tensors64, grid, copy.deepcopy(bn))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        reference = reference_detection_qr_binary(*tensors32, grid, copy.deepcopy(bn).float())
+        fused = detection_qr_binary(*tensors32, grid, copy.deepcopy(bn).float())
+    assert fused.dtype == reference.dtype == torch.bfloat16
+    assert (fused.double() - exact).abs().max() <= (reference.double() - exact).abs().max()
+
+
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 @pytest.mark.parametrize('mode', ['eval', 'train'])
 def test_detection_fused_runs_on_the_flash_kernel(mode, dtype):
@@ -174,3 +197,81 @@ def test_detection_bad_inputs_name_the_problem():
         detection_qr_binary(q, k, v, rel_h[:-1], rel_w, (4, 4), bn)
     with pytest.raises(ValueError, match='2G = 4'):
         detection_qr_binary(q, k, v, rel_h, rel_w, (4, 4), make_bn(6, torch.float32, 0))
+
+
+@pytest.mark.parametrize('mode', ['eval', 'train'])
+def test_own_references_match_the_module_references(mode):
+    """Conventions cross-check: the formulas above and the LESA module's ``*_reference`` functions agree."""
+    groups, grid = 3, (3, 4)
+    tensors = [t.detach() for t in make_detection_inputs(2, groups, grid, 4, 5, torch.float64, seed=5)]
+    bn = make_bn(2 * groups, torch.float64, 5).train(mode == 'train')
+    torch.testing.assert_close(
+        detection_qr_binary_reference(*tensors, grid, copy.deepcopy(bn)),
+        reference_detection_qr_binary(*tensors, grid, copy.deepcopy(bn)))
+
+    q, k, v = tensors[:3]
+    relative = torch.randn(2 * 4 + 5, 2 * 12 - 1, dtype=torch.float64)
+    bn = make_bn(3 * groups, torch.float64, 5).train(mode == 'train')
+    for ours, module in zip(reference_classification_binary(q, k, v, relative, copy.deepcopy(bn)),
+                            classification_binary_reference(q, k, v, relative, copy.deepcopy(bn))):
+        torch.testing.assert_close(module, ours)
+
+
+def calibrate_batchnorms(model, image, seed):
+    """Running statistics of every BN from ``image`` (a fresh untrained net with running stats 0/1 explodes in
+    eval mode, which turns float32 rounding into large differences), then non-trivial ``bn_similarity``
+    affine parameters and running statistics."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    training = model.training
+    with torch.no_grad():
+        for bn in bns:
+            bn.momentum = 1.0
+        model.train()(image)
+        for bn in bns:
+            bn.momentum = 0.1
+        model.train(training)
+        gen = torch.Generator().manual_seed(seed)
+        for name, module in model.named_modules():
+            if name.endswith('bn_similarity'):
+                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=gen))
+                module.running_var.mul_(torch.rand(module.running_var.shape, generator=gen) + 0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('mode', ['eval', 'train'])
+def test_lesa_resnet50_det_fused_equals_reference(mode):
+    """Whole detection backbone: attn_impl='fused' routes every LESA block here and changes no number.
+
+    float64 with plain 3x3 convs in place of the deformable ones, whose layer computes in float32 whatever the
+    input dtype (in float32 the rounding differences of an untrained 16-block net grow ~3x per block).
+    """
+    image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    models = {}
+    for impl in ('reference', 'fused'):
+        torch.manual_seed(0)
+        models[impl] = timm.create_model(
+            'lesa_resnet50_det', img_size=64, features_only=True, attn_impl=impl, dcn_stages=(False,) * 4,
+        ).double().train(mode == 'train')
+    calibrate_batchnorms(models['reference'], image, seed=0)
+    models['fused'].load_state_dict(models['reference'].state_dict())
+
+    results = {}
+    for impl, model in models.items():
+        with mock.patch.object(lesa_fused, 'detection_qr_binary', wraps=lesa_fused.detection_qr_binary) as spy:
+            features = model(image)
+        loss = sum((f * torch.linspace(-1, 1, f.numel(), dtype=f.dtype).view_as(f)).sum() for f in features)
+        loss.backward()
+        results[impl] = (features, spy.call_count)
+    assert results['reference'][1] == 0 and results['fused'][1] == 8  # 5 LESA blocks in stage 3, 3 in stage 4
+
+    for f_fused, f_ref in zip(results['fused'][0], results['reference'][0]):
+        torch.testing.assert_close(f_fused, f_ref, rtol=1e-9, atol=1e-9)
+    params_ref = dict(models['reference'].named_parameters())
+    for name, param in models['fused'].named_parameters():
+        grad_ref = params_ref[name].grad
+        # bn_similarity.bias: d out / d bias is exactly zero (softmax is shift invariant), both sides are noise
+        scale = 1.0 if name.endswith('bn_similarity.bias') else grad_ref.abs().max().item()
+        torch.testing.assert_close(param.grad, grad_ref, rtol=1e-7, atol=1e-9 * scale,
+                                   msg=lambda m: f'grad {name}: {m}')
+    assert_bn_state_equal(models['fused'], models['reference'], rtol=1e-9, atol=1e-9)

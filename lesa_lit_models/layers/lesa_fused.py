@@ -13,14 +13,16 @@ and ``t_g + t_{G+g}`` the logits of group ``g`` are ``a_g qk + b_g qr + (t_g + t
 2-D relative term is ``qr[i, j] = rh[i, x_j] + rw[i, y_j]`` where ``rh[i, x'] = q_i . rel_height[x' - x_i + H - 1]``
 (L x H) and ``rw[i, y'] = q_i . rel_width[y' - y_i + W - 1]`` (L x W). A one-hot key picks one entry, so
 
-    q'_i = [a q_i,  b rh[i, :] + t,  b rw[i, :]]        k'_j = [k_j,  onehot_H(x_j),  onehot_W(y_j)]
+    q'_i = [a q_i,  b rh[i, :],  b rw[i, :]]        k'_j = [k_j,  onehot_H(x_j),  onehot_W(y_j)]
 
-gives ``q'_i . k'_j`` = the reference logits *exactly* (the shift ``t`` is added once because the one-hot sums to 1;
-it cancels in the softmax but keeps ``beta`` and the batch mean in the autograd graph, as in the reference, so
-DDP sees no unused parameter). The block is ``F.scaled_dot_product_attention(q', k', v, scale=1)`` with head dim
-``D = dqk + H + W``. Operands are zero-padded to a common, 8-aligned head dim (the CPU flash kernel and the CUDA
-flash kernel need equal q/k/v dims; padding is exact), so the fused kernels (flash / memory-efficient; on CPU the
-flash kernel) apply and nothing of size L x L is kept for backward.
+gives ``q'_i . k'_j = a qk[i, j] + b qr[i, j]``, the reference logits up to the per-group constant ``t``, which
+cancels in the softmax. ``t`` still enters, as ``t - t.detach()`` (value exactly 0, so no rounding of a possibly
+large constant in half precision) added to the ``rh`` entries (the one-hot picks one of them per key): its gradient
+is the reference's (the sum of the logit gradients, zero up to rounding), and ``beta`` stays in the autograd graph
+as in the reference, so DDP sees no unused parameter. The block is ``F.scaled_dot_product_attention(q', k', v,
+scale=1)`` with head dim ``D = dqk + H + W``. Operands are zero-padded to a common, 8-aligned head dim (the CPU
+flash kernel and the CUDA flash kernel need equal q/k/v dims; padding is exact), so the fused kernels (flash /
+memory-efficient; on CPU the flash kernel) apply and nothing of size L x L is kept for backward.
 
 **3. Train mode: exact batch statistics in closed form.** BatchNorm needs, per channel, the mean and the biased
 variance over (n, i, j) of each term. By the law of total variance over query rows,
@@ -201,6 +203,7 @@ def detection_qr_binary(
     content_scale = scale[:groups, None, None]
     relative_scale = scale[groups:, None, None]
     logit_shift = (shift[:groups] + shift[groups:])[:, None, None]
+    logit_shift = logit_shift - logit_shift.detach()  # softmax-invariant: keep its gradient, add exact zeros
 
     query = torch.cat([q * content_scale, rh * relative_scale + logit_shift, rw * relative_scale], dim=-1)
     token_index = torch.arange(tokens, device=q.device)
