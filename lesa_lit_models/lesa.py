@@ -410,9 +410,12 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LesaResNet) -> Dict[
             for k, v in state_dict.items():
                 if k.endswith(('.rel_height', '.rel_width')) and k in model_sd and v.shape[1:] == model_sd[k].shape[1:]:
                     state_dict[k] = resample_rel_table(v, model_sd[k].shape[0])
-    if 'fc.weight' not in model_sd:  # built without a classifier
+    pretrained_classes = getattr(model, 'pretrained_cfg', {}).get('num_classes', model.num_classes)
+    if not model.num_classes or model.num_classes != pretrained_classes:
+        # timm drops a classifier trained for other classes (and has none to fill): check all the rest
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith('fc.')}
-    return verify_state_dict(state_dict, model, ignore_shape_of=('fc.', 'conv1.weight'))
+        state_dict.update({k: v for k, v in model_sd.items() if k.startswith('fc.')})
+    return verify_state_dict(state_dict, model, ignore_shape_of=('conv1.weight',))
 
 
 def _create_lesa(variant: str, pretrained: bool = False, **kwargs) -> LesaResNet:

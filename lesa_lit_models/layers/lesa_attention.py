@@ -35,7 +35,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import to_2tuple
+from timm.layers import register_notrace_module, to_2tuple
 from timm.models import checkpoint
 
 from .deform_conv import DeformConv2dPack
@@ -80,7 +80,8 @@ def classification_binary_reference(
     """
     N, G, L, dqk = q.shape
     dv = v.shape[-1]
-    embed_q, embed_k, embed_v = relative[:, _offset_index(L, q.device)].split([dqk, dqk, dv], dim=0)
+    embed = relative.index_select(1, _offset_index(L, q.device).flatten()).view(-1, L, L)
+    embed_q, embed_k, embed_v = embed.split([dqk, dqk, dv], dim=0)
     qk = q @ k.transpose(-1, -2)
     qr = torch.einsum('ngic,cij->ngij', q, embed_q)
     kr = torch.einsum('ngjc,cji->ngij', k, embed_k)
@@ -164,6 +165,7 @@ def _binary_fn(pos_embed: str, attn_impl: str):
     return lesa_fused.detection_qr_binary
 
 
+@register_notrace_module  # shape checks and grid-dependent tables: a leaf for FX
 class Lesa(nn.Module):
     """LESA: unary conv term + binary self-attention term, coupled by a fusion gate.
 
