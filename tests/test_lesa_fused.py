@@ -239,9 +239,9 @@ def calibrate_batchnorms(model, image, seed):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('mode', ['eval', 'train'])
-def test_lesa_resnet50_det_fused_equals_reference(mode):
-    """Whole detection backbone: attn_impl='fused' routes every LESA block here and changes no number.
+def test_lesa_resnet50_det_fused_equals_reference():
+    """Whole detection backbone, eval then train mode: attn_impl='fused' routes every LESA block here and
+    changes no number (features, every parameter gradient, every BatchNorm buffer).
 
     float64 with plain 3x3 convs in place of the deformable ones, whose layer computes in float32 whatever the
     input dtype (in float32 the rounding differences of an untrained 16-block net grow ~3x per block).
@@ -252,26 +252,28 @@ def test_lesa_resnet50_det_fused_equals_reference(mode):
         torch.manual_seed(0)
         models[impl] = timm.create_model(
             'lesa_resnet50_det', img_size=64, features_only=True, attn_impl=impl, dcn_stages=(False,) * 4,
-        ).double().train(mode == 'train')
+        ).double()
     calibrate_batchnorms(models['reference'], image, seed=0)
     models['fused'].load_state_dict(models['reference'].state_dict())
 
-    results = {}
-    for impl, model in models.items():
-        with mock.patch.object(lesa_fused, 'detection_qr_binary', wraps=lesa_fused.detection_qr_binary) as spy:
-            features = model(image)
-        loss = sum((f * torch.linspace(-1, 1, f.numel(), dtype=f.dtype).view_as(f)).sum() for f in features)
-        loss.backward()
-        results[impl] = (features, spy.call_count)
-    assert results['reference'][1] == 0 and results['fused'][1] == 8  # 5 LESA blocks in stage 3, 3 in stage 4
+    for mode in ('eval', 'train'):
+        results = {}
+        for impl, model in models.items():
+            model.train(mode == 'train').zero_grad(set_to_none=True)
+            with mock.patch.object(lesa_fused, 'detection_qr_binary', wraps=lesa_fused.detection_qr_binary) as spy:
+                features = model(image)
+            loss = sum((f * torch.linspace(-1, 1, f.numel(), dtype=f.dtype).view_as(f)).sum() for f in features)
+            loss.backward()
+            results[impl] = (features, spy.call_count)
+        assert results['reference'][1] == 0 and results['fused'][1] == 8  # 5 LESA blocks in stage 3, 3 in stage 4
 
-    for f_fused, f_ref in zip(results['fused'][0], results['reference'][0]):
-        torch.testing.assert_close(f_fused, f_ref, rtol=1e-9, atol=1e-9)
-    params_ref = dict(models['reference'].named_parameters())
-    for name, param in models['fused'].named_parameters():
-        grad_ref = params_ref[name].grad
-        # bn_similarity.bias: d out / d bias is exactly zero (softmax is shift invariant), both sides are noise
-        scale = 1.0 if name.endswith('bn_similarity.bias') else grad_ref.abs().max().item()
-        torch.testing.assert_close(param.grad, grad_ref, rtol=1e-7, atol=1e-9 * scale,
-                                   msg=lambda m: f'grad {name}: {m}')
-    assert_bn_state_equal(models['fused'], models['reference'], rtol=1e-9, atol=1e-9)
+        for f_fused, f_ref in zip(results['fused'][0], results['reference'][0]):
+            torch.testing.assert_close(f_fused, f_ref, rtol=1e-9, atol=1e-9, msg=lambda m: f'{mode}: {m}')
+        params_ref = dict(models['reference'].named_parameters())
+        for name, param in models['fused'].named_parameters():
+            grad_ref = params_ref[name].grad
+            # bn_similarity.bias: d out / d bias is exactly zero (softmax is shift invariant), both sides are noise
+            scale = 1.0 if name.endswith('bn_similarity.bias') else grad_ref.abs().max().item()
+            torch.testing.assert_close(param.grad, grad_ref, rtol=1e-7, atol=1e-9 * scale,
+                                       msg=lambda m: f'{mode}, grad {name}: {m}')
+        assert_bn_state_equal(models['fused'], models['reference'], rtol=1e-9, atol=1e-9)
