@@ -1,0 +1,43 @@
+# HTC with the semantic branch (COCO-stuff maps), LESA-Wide-ResNet-50-2 backbone (DCN in stages 2-4, LESA in
+# stages 3-4), FPN, fixed 1280x1280 input, 4 GPUs x 1 image, SGD lr 0.005, 20 epochs (steps at 16 and 19).
+# Paper (LESA, arXiv 2107.05637): COCO val2017 box AP 50.1, mask AP 43.9; test-dev box AP 50.5, mask AP 44.4.
+# Upstream: Chenglin-Yang/LESA_detection configs/lesa/lesa_htc_wrn50_fpn_dconv_c3-c5_4x1_20e_coco_1280.py.
+# Training reads data/coco/stuffthingmaps/train2017/*.png; without them use the htc-without-semantic config.
+_base_ = 'mmdet::htc/htc_r50_fpn_20e_coco.py'
+custom_imports = dict(imports=['lesa_lit_models', 'lesa_lit_det'], allow_failed_imports=False)
+
+image_size = 1280  # LESA's position tables are built for this grid; train and test use the same fixed size
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='TimmBackbone',
+        model_name='lesa_wrn50_det.in1k',
+        img_size=image_size,
+        out_indices=(1, 2, 3, 4),
+        frozen_stages=1,
+        norm_eval=True,
+        with_cp=True,
+        # ImageNet LESA-WRN-50 from the hub id of the '.in1k' tag; or a local file, e.g.
+        # 'pretrained/lesa_wrn50.pth' (the authors' checkpoint.pth, original or converted)
+        pretrained=True),
+    neck=dict(in_channels=[256, 512, 1024, 2048]))
+
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True, with_seg=True),
+    dict(type='Resize', scale=(image_size, image_size), keep_ratio=False),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackDetInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(image_size, image_size), keep_ratio=False),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+]
+train_dataloader = dict(batch_size=1, num_workers=1, dataset=dict(pipeline=train_pipeline))
+val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
+test_dataloader = val_dataloader
+
+optim_wrapper = dict(optimizer=dict(lr=0.005))
+auto_scale_lr = dict(base_batch_size=4)

@@ -1,0 +1,47 @@
+# Mask R-CNN, LESA-ResNet-50 backbone (DCN in stages 2-4, LESA in stages 3-4), FPN, fixed 1024x1024 input,
+# 8 GPUs x 1 image, SGD lr 0.01, 20 epochs (steps at 16 and 19).
+# Paper (LESA, arXiv 2107.05637): COCO val2017 box AP 44.0, mask AP 39.2; test-dev box AP 44.2, mask AP 39.6.
+# Upstream: Chenglin-Yang/LESA_detection configs/lesa/lesa_mask_rcnn_r50_dconv_c3-c5_8x1_20e.py.
+_base_ = [
+    'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
+    'mmdet::_base_/datasets/coco_instance.py',
+    'mmdet::_base_/schedules/schedule_20e.py',
+    'mmdet::_base_/default_runtime.py',
+]
+custom_imports = dict(imports=['lesa_lit_models', 'lesa_lit_det'], allow_failed_imports=False)
+
+image_size = 1024  # LESA's position tables are built for this grid; train and test use the same fixed size
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='TimmBackbone',
+        model_name='lesa_resnet50_det.in1k',
+        img_size=image_size,
+        out_indices=(1, 2, 3, 4),
+        frozen_stages=1,
+        norm_eval=True,
+        with_cp=True,
+        # ImageNet LESA-ResNet-50 from the hub id of the '.in1k' tag; or a local file, e.g.
+        # 'pretrained/lesa_resnet50.pth' (the authors' checkpoint.pth, original or converted)
+        pretrained=True),
+    neck=dict(in_channels=[256, 512, 1024, 2048]))
+
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='Resize', scale=(image_size, image_size), keep_ratio=False),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackDetInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(image_size, image_size), keep_ratio=False),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+]
+train_dataloader = dict(batch_size=1, num_workers=1, dataset=dict(pipeline=train_pipeline))
+val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
+test_dataloader = val_dataloader
+
+optim_wrapper = dict(optimizer=dict(lr=0.01))
+auto_scale_lr = dict(base_batch_size=8)
