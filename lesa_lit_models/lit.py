@@ -40,6 +40,11 @@ from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, re
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+try:  # timm >= 1.0.31: construction args recorded here go into save_for_hf / push_to_hf_hub exports
+    from timm.models._input import update_model_args
+except ImportError:  # older timm only exports the model_args passed to it
+    update_model_args = None
+
 from ._checkpoint import resolve_pretrained_file, strip_prefix, unwrap_state_dict, verify_state_dict
 from .layers.deform_merge import DeformableTokenMerging
 from .layers.rel_pos import bias_table_size, relative_position_bias, resample_bias_table
@@ -283,7 +288,8 @@ class LIT(nn.Module):
             entry of that stage's position embedding.
         pos_img_size: Input size the position parameters are laid out for (stage grids ``pos_img_size / 4 / 2^i``):
             224 for the ImageNet checkpoints; the authors' COCO LIT-S tables are laid out for 800 (99x99 and
-            49x49 tables), ADE20K for 512. Any input size runs whatever this is.
+            49x49 tables), ADE20K for 512. Any input size runs whatever this is. When loading an original
+            checkpoint without this argument, it is taken from the checkpoint's tables (see ``_create_lit``).
         norm_eps: LayerNorm eps of the blocks and the final norm (LIT-Ti 1e-6; the stem always uses 1e-5).
         drop_rate: Classifier dropout.
         proj_drop_rate, attn_drop_rate: Dropout after the MLP/projection layers and on attention weights.
@@ -342,6 +348,8 @@ class LIT(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.pos_img_size = to_2tuple(pos_img_size)
+        if update_model_args is not None and self.pos_img_size != (224, 224):
+            update_model_args(self, pos_img_size=self.pos_img_size)  # e.g. COCO tables: exports rebuild them
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.num_prefix_tokens = 1 if class_token else 0
         self.output_fmt = 'NHWC'
@@ -354,6 +362,7 @@ class LIT(nn.Module):
             embed_dim=embed_dims[0],
             norm_layer=partial(nn.LayerNorm, eps=1e-5),
             output_fmt='NHWC',
+            strict_img_size=False,  # any input size (also tells timm's export that the size is not fixed)
             dynamic_img_pad=True,
         )
         if class_token:

@@ -16,6 +16,7 @@ import lesa_lit_models  # noqa: F401  (registers the models)
 from lesa_lit_models._checkpoint import CheckpointError
 from lesa_lit_models.layers.deform_merge import DeformableTokenMerging
 from lesa_lit_models.layers.rel_pos import relative_position_bias, resample_bias_table
+from lesa_lit_models import lit
 from lesa_lit_models.lit import AttentionBlock, LITAttention, MLPBlock, detection_output_norms
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -540,3 +541,15 @@ def test_wrong_architecture_and_corrupt_files_raise_checkpoint_error(tmp_path):
     truncated.write_bytes(data[:len(data) // 2])  # an interrupted download
     with pytest.raises(CheckpointError, match='corrupt or truncated'):
         _load('lit_s', truncated, **TINY)
+
+
+@pytest.mark.skipif(lit.update_model_args is None, reason='timm < 1.0.31 does not record construction args')
+def test_export_of_a_coco_checkpoint_rebuilds_its_tables(tmp_path):
+    coco = _tiny('lit_s', seed=9, pos_img_size=800).state_dict()
+    path = tmp_path / 'retina_lit_s.pth'
+    torch.save(_mmdet_checkpoint({k: v for k, v in _to_upstream_smb(coco).items() if not k.startswith('head.')}), path)
+    model = _load('lit_s', path, **TINY)  # table size taken from the checkpoint, not passed by the user
+    timm.models.save_for_hf(model, tmp_path / 'export', safe_serialization=True)
+    reloaded = _create(f'local-dir:{tmp_path / "export"}', pretrained=True)
+    assert reloaded.pos_img_size == (800, 800)
+    _assert_same_tensors(reloaded, model.state_dict())
