@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from timm.models import push_to_hf_hub, save_for_hf
 from timm.models._hub import generate_readme
+from timm.models._input import get_model_input_config
 
 __all__ = [
     'ConversionError', 'HubError', 'ExportedFile', 'ConversionResult', 'EXPORT_FILES', 'package_models',
@@ -147,6 +148,8 @@ def make_model_card(
         details['Dataset'] = datasets if len(datasets) > 1 else datasets[0]
     if cfg.get('origin_url'):
         details['Original'] = cfg['origin_url']
+    if cfg.get('notes'):
+        details['Notes'] = list(cfg['notes'])
     if source:
         details['Converted from'] = f'`{source[0]}` (sha256 `{source[1]}`)'
 
@@ -203,10 +206,13 @@ def save_converted(
     """Write ``model.safetensors`` + ``config.json`` (timm ``save_for_hf``) and ``README.md`` into ``output_dir``.
 
     ``model_kwargs`` are recorded as ``model_args`` in config.json so that non-default kwargs (``img_size``)
-    rebuild the same model. The card states the input size written to config.json. Returns (files, card).
+    rebuild the same model, and the input size the model is built for (``img_size`` where given) becomes the
+    ``input_size`` of its ``pretrained_cfg``. The card states that size. Returns (files, card).
     """
     output_dir = Path(output_dir)
-    save_for_hf(model, output_dir, model_args=dict(model_kwargs or {}), safe_serialization=True)
+    save_for_hf(
+        model, output_dir, model_args=dict(model_kwargs or {}), safe_serialization=True,
+        data_config=dict(input_size=get_model_input_config(model)['input_size']))
     config = json.loads((output_dir / 'config.json').read_text())
     card = make_model_card(model, model_ref, tuple(config['pretrained_cfg']['input_size']), source, extra_card)
     (output_dir / 'README.md').write_text(generate_readme(card, card_name, task_name=_task(model)), encoding='utf-8')
