@@ -188,6 +188,22 @@ def test_detection_fused_runs_on_the_flash_kernel(mode, dtype):
     assert all(t.grad is not None for t in tensors) and bn.weight.grad is not None
 
 
+def test_detection_sync_batchnorm():
+    """One process: SyncBatchNorm is a BatchNorm; several processes in train mode: a clear error, not wrong stats."""
+    groups, grid = 2, (3, 4)
+    tensors = make_detection_inputs(2, groups, grid, 4, 4, torch.float64, seed=0)
+    bn_ref = nn.SyncBatchNorm(2 * groups).double().train()
+    bn_fused = copy.deepcopy(bn_ref)
+    torch.testing.assert_close(detection_qr_binary(*tensors, grid, bn_fused),
+                               reference_detection_qr_binary(*tensors, grid, bn_ref))
+    assert_bn_state_equal(bn_fused, bn_ref, rtol=1e-9, atol=1e-10)
+    with mock.patch.object(lesa_fused.dist, 'is_initialized', return_value=True), \
+            mock.patch.object(lesa_fused.dist, 'get_world_size', return_value=2):
+        with pytest.raises(NotImplementedError, match='attn_impl="reference"'):
+            detection_qr_binary(*tensors, grid, bn_fused)
+        detection_qr_binary(*tensors, grid, bn_fused.eval())
+
+
 def test_detection_bad_inputs_name_the_problem():
     q, k, v, rel_h, rel_w = make_detection_inputs(1, 2, (4, 4), 4, 4, torch.float32, seed=0)
     bn = make_bn(4, torch.float32, 0)
