@@ -3,7 +3,7 @@
 Usage (``make bench`` runs the first line)::
 
     python -m benchmarks.run                        # full suite, CPU, writes benchmarks/results/
-    python -m benchmarks.run --quick --out /tmp/b   # tiny sizes, under a minute: a smoke test of the harness
+    python -m benchmarks.run --quick --out /tmp/b   # tiny sizes, 1 thread, under a minute: a smoke test
     python -m benchmarks.run --device cuda --out benchmarks/results/cuda
     python -m benchmarks.run --models 'lesa_resnet50_det,lit_s'   # only the cases of these models (fnmatch)
     python -m benchmarks.run --render benchmarks/results/results.json   # table and chart again, no measuring
@@ -150,10 +150,12 @@ def select(cases: List[Case], patterns: str) -> List[Case]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog='python -m benchmarks.run', description=__doc__.split('\n\n')[0])
-    parser.add_argument('--quick', action='store_true', help='tiny sizes and iteration counts (< 1 min)')
+    parser.add_argument('--quick', action='store_true',
+                        help='tiny sizes and iteration counts, one thread unless --threads (< 1 min)')
     parser.add_argument('--out', default=os.path.join('benchmarks', 'results'), help='output folder')
     parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (or 'cuda:N')")
-    parser.add_argument('--threads', type=int, default=0, help='intra-op threads (0: torch default)')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='intra-op threads (default: torch default, 1 with --quick)')
     parser.add_argument('--mem-limit-gb', type=float, default=16., help='memory cap of each case process')
     parser.add_argument('--mem-reserve-gb', type=float, default=2.,
                         help='lower the cap of a case to the available memory minus this (a shared machine)')
@@ -162,6 +164,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--render', metavar='RESULTS_JSON',
                         help='write results.md and the chart into --out from this results.json, measuring nothing')
     args = parser.parse_args(argv)
+    if args.threads is None:
+        args.threads = 1 if args.quick else 0
     if not args.device.startswith(('cpu', 'cuda')):
         parser.error(f'--device must be cpu or cuda[:N], got {args.device!r}')
     return args
