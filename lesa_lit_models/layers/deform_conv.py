@@ -10,7 +10,7 @@ main convolution (``conv_offset``, zero-initialised so a fresh layer starts as a
 
 The op itself is ``torchvision.ops.deform_conv2d``; offsets use the same channel layout as mmcv
 and the LIT CUDA extension (channel ``2n`` = dy, ``2n + 1`` = dx of kernel point ``n``, row-major,
-repeated per deformable group). Under autocast the op runs in float32, as both upstream
+repeated per deformable group). Under autocast the op runs in (at least) float32, as both upstream
 implementations do.
 """
 import math
@@ -81,12 +81,13 @@ class DeformConv2dPack(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         offset = self.conv_offset(x)
+        dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 under autocast, fp64 stays fp64
         with torch.autocast(device_type=x.device.type, enabled=False):
             return deform_conv2d(
-                x.float(),
-                offset.float(),
-                self.weight.float(),
-                None if self.bias is None else self.bias.float(),
+                x.to(dtype),
+                offset.to(dtype),
+                self.weight.to(dtype),
+                None if self.bias is None else self.bias.to(dtype),
                 stride=self.stride,
                 padding=self.padding,
                 dilation=self.dilation,
