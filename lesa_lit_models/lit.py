@@ -307,7 +307,9 @@ class LIT(nn.Module):
           before the next DTM, unnormalised, in NCHW. For LIT-Ti the stage-4 map is computed *without* the
           class token, exactly as the authors' detection backbone (which has no class token); the classifier
           path keeps it. The extra LayerNorms the authors' LIT-S COCO backbone applies to outputs 2-4
-          (``norm1..3``) belong to the detection adapter (see :func:`detection_output_norms`).
+          (``norm1..3``) belong to the detection adapter (see :func:`detection_output_norms`). The default
+          feature wrapper is timm's getter (NCHW); ``feature_cls='list'``/``'hook'`` give the same maps in NHWC,
+          timm's convention for NHWC models such as Swin.
         * Position embeddings, the class token and the bias tables are in :meth:`no_weight_decay` (upstream
           LIT-Ti decayed its position embeddings).
         * The relative position bias is expanded from the live table with a strided view instead of an index
@@ -697,7 +699,7 @@ def _create_lit(variant: str, pretrained: bool = False, **kwargs) -> LIT:
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
+        feature_cfg=dict(feature_cls='getter', flatten_sequential=True, out_indices=out_indices),
         **kwargs,
     )
 
