@@ -25,16 +25,18 @@ Models:
   (1280x1280) detectors. Stage strides (1, 2, 2, 2); mmcv-layout DCN v1 3x3 convs in stages 2-4, also in the
   unary term of LESA; the ``detection_qr`` 2-D position embedding, whose tables are resampled to the grid of
   any input whose sides are multiples of 32 (see :func:`~lesa_lit_models.layers.lesa_attention.resample_rel_table`).
-  No classifier (``num_classes=0``); ``features_only=True, out_indices=(1, 2, 3, 4)`` gives C2-C5.
+  No classifier (``num_classes=0``); ``features_only=True, out_indices=(1, 2, 3, 4)`` gives C2-C5. To start
+  from ImageNet weights as the authors' detectors did, load an ImageNet checkpoint into them (``pretrained=True,
+  pretrained_cfg_overlay=dict(file=...)`` or ``dict(hf_hub_id='lesa-lit-models/lesa_resnet50.in1k')``):
+  :func:`checkpoint_filter_fn` adapts it.
 
 Deviations from the authors' code: ``set_grad_checkpointing`` is off by default (their detection configs
 turn on the equivalent ``with_cp_UB_terms_only``); ``no_weight_decay`` lists the position tables (the authors
 decayed every parameter); DCN main weights get the Kaiming init of the convs they replace (mmcv: uniform), and
 all DCN offset convs start at zero. Neither init matters when loading weights.
 """
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
-
 import logging
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -167,7 +169,7 @@ class LesaResNet(nn.Module):
             plain_first_block: Keep a conv in the first block of a LESA stage.
             dcn_stages: Stages whose 3x3 convs (and LESA unary convs) are deformable.
             lesa_groups: Attention heads / unary conv groups.
-            attn_impl: LESA binary term, ``'reference'`` or ``'fused'`` (default: fused when available).
+            attn_impl: LESA ``detection_qr`` binary term, ``'fused'`` (default) or ``'reference'`` (same results).
             num_classes: Classifier classes (0: no classifier).
             in_chans: Input channels.
             global_pool: Global pooling type.
@@ -396,7 +398,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LesaResNet) -> Dict[
     * COCO weights load completely; ``rel_height`` / ``rel_width`` are resampled
       (:func:`~lesa_lit_models.layers.lesa_attention.resample_rel_table`) when ``img_size`` differs.
 
-    Raises :class:`~lesa_lit_models._checkpoint.CheckpointError` listing what does not match.
+    The classifier is checked only where timm keeps it (same ``num_classes`` as the pretrained cfg); otherwise timm
+    drops it. Raises :class:`~lesa_lit_models._checkpoint.CheckpointError` listing what does not match.
     """
     state_dict = unwrap_state_dict(state_dict)
     if any(k.startswith('backbone.') for k in state_dict):
@@ -475,13 +478,6 @@ default_cfgs = generate_default_cfgs({
                'Converted from the backbone.* keys of the authors\' mmdet checkpoint '
                '(github.com/Chenglin-Yang/LESA_detection).'),
     ),
-    'lesa_resnet50_det.in1k': _det_cfg(
-        1024,
-        hf_hub_id='lesa-lit-models/lesa_resnet50.in1k',
-        origin_url=_ONEDRIVE + 'EsV_fGZY-uhEkciwVckp4c8BlInA1GFv7gett1_LOZ0vFg?e=g1If75',
-        notes=('ImageNet weights of lesa_resnet50 as the authors\' detector initialisation: DCN offsets, 2-D '
-               'position tables and bn_similarity/bn_output start fresh.',),
-    ),
     'lesa_wrn50_det.coco': _det_cfg(
         1280,
         hf_hub_id='lesa-lit-models/lesa_wrn50_det.coco',
@@ -490,13 +486,6 @@ default_cfgs = generate_default_cfgs({
                'mask AP 43.9; test-dev box AP 50.5, mask AP 44.4 (authors\' numbers).',
                'Converted from the backbone.* keys of the authors\' mmdet checkpoint '
                '(github.com/Chenglin-Yang/LESA_detection).'),
-    ),
-    'lesa_wrn50_det.in1k': _det_cfg(
-        1280,
-        hf_hub_id='lesa-lit-models/lesa_wrn50.in1k',
-        origin_url=_ONEDRIVE + 'ElagAKEgXttArEbtVR6NpmEBWAZN0pNE5Q6MMXEJZ27VHg?e=dIdwAI',
-        notes=('ImageNet weights of lesa_wrn50 as the authors\' detector initialisation: DCN offsets, 2-D '
-               'position tables and bn_similarity/bn_output start fresh.',),
     ),
 })
 

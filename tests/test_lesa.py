@@ -3,9 +3,6 @@ checkpoint formats (written here with the authors' key names: the released files
 
 Sizes are tiny (4x4 token grids, 64 px detection inputs); the ImageNet models run at their only size, 224.
 """
-import importlib.util
-import math
-
 import numpy as np
 import pytest
 import timm
@@ -18,7 +15,7 @@ from lesa_lit_models._checkpoint import CheckpointError
 from lesa_lit_models.layers.deform_conv import DeformConv2dPack
 from lesa_lit_models.layers.lesa_attention import Lesa, resample_rel_table
 
-ATTN_IMPLS = ['reference'] + (['fused'] if importlib.util.find_spec('lesa_lit_models.layers.lesa_fused') else [])
+ATTN_IMPLS = ['reference', 'fused']
 DET_SIZE = 64
 
 
@@ -346,8 +343,6 @@ def test_detection_model_at_another_size_resamples_its_tables():
 
 
 def test_attention_implementations_agree_in_the_model():
-    if len(ATTN_IMPLS) < 2:
-        pytest.skip('lesa_fused is not installed')
     x = _image(DET_SIZE)
     with torch.no_grad():
         outs = [_det(attn_impl=impl)(x) for impl in ATTN_IMPLS]

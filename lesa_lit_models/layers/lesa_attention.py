@@ -28,7 +28,6 @@ Parameter names follow the authors' code (``Chenglin-Yang/LESA_classification`` 
 their checkpoints load without renaming. Deviation: the authors' ``flatten_index`` buffer is not stored; the
 index is rebuilt on the fly (checkpoint filters drop it).
 """
-import importlib.util
 import math
 from typing import Optional, Tuple, Union
 
@@ -47,8 +46,7 @@ __all__ = [
 
 POS_EMBED_TYPES = ('classification', 'detection_qr')
 ATTN_IMPLS = ('reference', 'fused')
-# The fused binary terms live in their own file; use them by default wherever that file is installed.
-DEFAULT_ATTN_IMPL = 'fused' if importlib.util.find_spec(f'{__package__}.lesa_fused') else 'reference'
+DEFAULT_ATTN_IMPL = 'fused'
 
 
 def _offset_index(size: int, device: torch.device) -> torch.Tensor:
@@ -176,8 +174,8 @@ class Lesa(nn.Module):
         groups: Attention heads and groups of the unary 3x3 conv (G). Query/key width C/G/2, value width C/G.
         pos_embed: ``'classification'`` (fixed grid) or ``'detection_qr'`` (any grid, tables resampled).
         deformable: Unary 3x3 conv is a DCN v1 (mmcv ``DeformConv2dPack`` layout, no bias).
-        attn_impl: ``'reference'`` or ``'fused'`` ``detection_qr`` binary term (same results); default: fused
-            when ``lesa_fused`` is installed. The ``classification`` term always runs the reference.
+        attn_impl: ``'reference'`` or ``'fused'`` (default) ``detection_qr`` binary term (same results). The
+            ``classification`` term always runs the reference.
         input_reduction: Stride of this module's input w.r.t. the image; only used to word size errors.
     """
 
