@@ -9,7 +9,9 @@ from timm.utils import ParseKwargs
 
 import lesa_lit_models  # noqa: F401  (registers the models)
 from lesa_lit_models._checkpoint import CheckpointError
-from lesa_lit_models.hub import ConversionError, ConversionResult, HubError, convert, package_models
+from lesa_lit_models.hub import (
+    ConversionError, ConversionResult, HubError, check_hub_access, convert, package_models, push_converted,
+)
 
 _EPILOG = """\
 Accepted checkpoint formats: whatever the model family's checkpoint_filter_fn reads (the loading path is
@@ -89,8 +91,6 @@ def _report(result: ConversionResult, args: argparse.Namespace) -> None:
     else:
         print(f'Verified: local-dir:{args.output_dir} reloads identical weights; outputs on a random '
               f'{"x".join(map(str, result.input_size))} input differ by at most {result.max_abs_diff:.2e}.')
-    if result.repo_url:
-        print(f'Pushed to the hub: {result.repo_url}')
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -99,14 +99,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.private and not args.push_to_hub:
         parser.error('--private only applies together with --push-to-hub ORG/NAME')
     try:
+        if args.push_to_hub:
+            check_hub_access(args.push_to_hub)  # fail before the work
         result = convert(
             args.model, args.checkpoint, args.output_dir, model_kwargs=args.model_kwargs, overwrite=args.overwrite,
-            verify=args.verify, push_to_hub=args.push_to_hub, private=args.private,
-            model_card=_read_model_card(args.model_card))
+            verify=args.verify, repo_id=args.push_to_hub, model_card=_read_model_card(args.model_card))
+        _report(result, args)
+        if args.push_to_hub:
+            print(f'Pushing to https://huggingface.co/{args.push_to_hub} ...', flush=True)
+            print(f'Pushed: {push_converted(result, args.push_to_hub, private=args.private)}')
     except (CheckpointError, ConversionError, HubError) as e:
         print(f'{parser.prog}: error: {e}', file=sys.stderr)
         return 1
-    _report(result, args)
     return 0
 
 

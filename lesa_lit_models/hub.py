@@ -59,9 +59,10 @@ class ConversionResult:
     model_name: str
     num_params: int
     files: List[ExportedFile]
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    model_card: Dict[str, Any] = field(default_factory=dict)
     max_abs_diff: Optional[float] = None  # output difference of the reloaded export (None: not verified)
     input_size: Optional[Tuple[int, ...]] = None  # input used for the verification
-    repo_url: Optional[str] = None
     extra_files: List[str] = field(default_factory=list)  # files already in the output dir that were kept
 
 
@@ -210,15 +211,19 @@ def save_converted(
     ``input_size`` of its ``pretrained_cfg``. The card states that size. Returns (files, card).
     """
     output_dir = Path(output_dir)
-    save_for_hf(
-        model, output_dir, model_args=dict(model_kwargs or {}), safe_serialization=True,
-        data_config=dict(input_size=get_model_input_config(model)['input_size']))
+    save_for_hf(model, output_dir, model_args=dict(model_kwargs or {}), safe_serialization=True,
+                data_config=_data_config(model))
     config = json.loads((output_dir / 'config.json').read_text())
     card = make_model_card(model, model_ref, tuple(config['pretrained_cfg']['input_size']), source, extra_card)
     (output_dir / 'README.md').write_text(generate_readme(card, card_name, task_name=_task(model)), encoding='utf-8')
     files = [ExportedFile(output_dir / n, (output_dir / n).stat().st_size, sha256sum(output_dir / n))
              for n in EXPORT_FILES]
     return files, card
+
+
+def _data_config(model: nn.Module) -> Dict[str, Any]:
+    # the input size the model is built for (its img_size, where given), not the source checkpoint's
+    return dict(input_size=get_model_input_config(model)['input_size'])
 
 
 def _task(model: nn.Module) -> str:
@@ -274,20 +279,21 @@ def check_hub_access(repo_id: str, token: Optional[str] = None) -> None:
 
 
 def push_converted(
-        model: nn.Module,
+        result: ConversionResult,
         repo_id: str,
-        model_card: Dict[str, Any],
-        model_kwargs: Optional[Dict[str, Any]] = None,
         private: bool = False,
         token: Optional[str] = None,
         commit_message: str = 'Add model converted with lesa-lit-convert',
 ) -> str:
-    """Upload safetensors weights, config.json and (if the repo has none) the model card; return the commit URL."""
+    """Upload a conversion (safetensors weights, config.json and, if the repo has none, the model card) with
+    timm's ``push_to_hf_hub``; return the commit URL."""
     check_hub_access(repo_id, token)
+    model = result.model
     try:
         commit = push_to_hf_hub(
-            model, repo_id, commit_message=commit_message, token=token, private=private, model_card=model_card,
-            model_args=dict(model_kwargs or {}), task_name=_task(model), safe_serialization=True)
+            model, repo_id, commit_message=commit_message, token=token, private=private,
+            model_card=result.model_card, model_args=result.model_kwargs, task_name=_task(model),
+            safe_serialization=True, data_config=_data_config(model))
     except _push_errors() as e:
         raise HubError(
             f'Pushing to {repo_id} failed: {type(e).__name__}: {e}. Check the network connection and that your '
@@ -302,24 +308,20 @@ def convert(
         model_kwargs: Optional[Dict[str, Any]] = None,
         overwrite: bool = False,
         verify: bool = True,
-        push_to_hub: Optional[str] = None,
-        private: bool = False,
+        repo_id: Optional[str] = None,
         model_card: Optional[Dict[str, Any]] = None,
-        token: Optional[str] = None,
 ) -> ConversionResult:
-    """Original checkpoint -> verified timm export in ``output_dir`` (-> hub repo ``push_to_hub``).
+    """Original checkpoint -> timm export in ``output_dir``, verified by reloading it (unless ``verify=False``).
 
-    Everything that can be checked without work is checked first (output dir, hub access), so a
-    doomed run fails in a second, not after building the model.
+    ``repo_id`` (ORG/NAME) names the hub repo the model card's usage snippet loads from; publish the result
+    with :func:`push_converted` (check :func:`check_hub_access` first to fail before the work).
     """
     model_kwargs = dict(model_kwargs or {})
     extra_files = prepare_output_dir(output_dir, overwrite)
-    if push_to_hub:
-        check_hub_access(push_to_hub, token)
     model = build_from_checkpoint(model_name, checkpoint, **model_kwargs)
     cfg = model.pretrained_cfg
-    if push_to_hub:
-        model_ref, card_name = f'hf-hub:{push_to_hub}', push_to_hub.split('/')[-1]
+    if repo_id:
+        model_ref, card_name = f'hf-hub:{repo_id}', repo_id.split('/')[-1]
     else:
         model_ref = f'local-dir:{Path(output_dir).resolve()}'
         card_name = '.'.join(filter(None, (cfg.get('architecture'), cfg.get('tag'))))
@@ -328,9 +330,7 @@ def convert(
         source=(Path(checkpoint).name, sha256sum(checkpoint)), extra_card=model_card)
     result = ConversionResult(
         model=model, model_name=model_name, num_params=sum(p.numel() for p in model.parameters()), files=files,
-        extra_files=extra_files)
+        model_kwargs=model_kwargs, model_card=card, extra_files=extra_files)
     if verify:
         result.max_abs_diff, result.input_size = verify_export(model, output_dir)
-    if push_to_hub:
-        result.repo_url = push_converted(model, push_to_hub, card, model_kwargs, private=private, token=token)
     return result
