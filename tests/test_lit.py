@@ -25,6 +25,11 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 PARAM_COUNTS = {'lit_ti': 19_886_272, 'lit_s': 27_973_720, 'lit_m': 49_372_264, 'lit_b': 87_292_384}
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
 def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random values in every float tensor (offset convs, tables, norms, BN statistics included)."""
     g = torch.Generator().manual_seed(seed)
