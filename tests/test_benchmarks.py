@@ -41,7 +41,7 @@ def test_full_suite_covers_every_model_peer_mode_and_target():
     cases = suite()
     assert {c.model for c in cases} >= PACKAGE_MODELS | PEERS
     assert len({c.key for c in cases}) == len(cases)
-    for model in PACKAGE_MODELS | PEERS:
+    for model in (PACKAGE_MODELS | PEERS) - {'lesa_wrn50_det'}:  # the 1280x1280 HTC backbone: forward only
         assert {c.mode for c in cases if c.model == model} == set(MODES), model
     lesa = [c for c in cases if c.model == 'lesa_resnet50_det']
     assert {c.img_size for c in lesa} == {(1024, 1024)} and all(c.detection and c.batch_size == 1 for c in lesa)
