@@ -58,7 +58,7 @@ def load_checkpoint_file(path: str) -> Any:
             return torch.load(path, map_location='cpu', weights_only=False)
         except Exception as e2:
             raise _corrupt(path, e2) from e2
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise _corrupt(path, e) from e
 
 
