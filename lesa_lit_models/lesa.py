@@ -377,8 +377,8 @@ def _imagenet_to_detection(state_dict: Dict[str, torch.Tensor], model_sd: Dict[s
         if any(p in k for p in _DET_KEYS_RESHAPED_FROM_IMAGENET) and k in model_sd and model_sd[k].shape != v.shape:
             continue
         out[k] = v
-    fresh = [k for k in model_sd if k not in out and any(p in k for p in
-                                                         _DET_KEYS_NOT_IN_IMAGENET + _DET_KEYS_RESHAPED_FROM_IMAGENET)]
+    fresh_keys = _DET_KEYS_NOT_IN_IMAGENET + _DET_KEYS_RESHAPED_FROM_IMAGENET
+    fresh = [k for k in model_sd if k not in out and any(p in k for p in fresh_keys)]
     _logger.info(f'ImageNet weights into a COCO backbone: {len(fresh)} tensors keep their fresh init '
                  f'(DCN offsets, 2-D position tables, bn_similarity/bn_output).')
     out.update({k: model_sd[k] for k in fresh})
@@ -412,7 +412,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LesaResNet) -> Dict[
         else:
             for k, v in state_dict.items():
                 if k.endswith(('.rel_height', '.rel_width')) and k in model_sd and v.shape[1:] == model_sd[k].shape[1:]:
-                    state_dict[k] = resample_rel_table(v, model_sd[k].shape[0])
+                    state_dict[k] = resample_rel_table(v.float(), model_sd[k].shape[0]).to(v.dtype)
     pretrained_classes = getattr(model, 'pretrained_cfg', {}).get('num_classes', model.num_classes)
     if not model.num_classes or model.num_classes != pretrained_classes:
         # timm drops a classifier trained for other classes (and has none to fill): check all the rest
