@@ -11,15 +11,15 @@ model = dict(
     backbone=dict(
         _delete_=True,
         type='TimmBackbone',
-        model_name='lesa_wrn50_det.in1k',
+        model_name='lesa_wrn50_det',
         img_size=image_size,
         out_indices=(1, 2, 3, 4),
         frozen_stages=1,
         norm_eval=True,
         with_cp=True,
-        # ImageNet LESA-WRN-50 from the hub id of the '.in1k' tag; or a local file, e.g.
-        # 'pretrained/lesa_wrn50.pth' (the authors' checkpoint.pth, original or converted)
-        pretrained=True),
+        # ImageNet LESA-WRN-50 from the hub; or a local file: the authors' checkpoint (original or converted), e.g.
+        # 'pretrained/lesa_wrn50.pth'
+        pretrained='hf-hub:lesa-lit-models/lesa_wrn50.in1k'),
     neck=dict(in_channels=[256, 512, 1024, 2048]))
 
 train_pipeline = [

@@ -16,8 +16,9 @@ model = dict(
         drop_path_rate=0.2,
         pos_img_size=800,  # relative-position tables laid out for 800x800 (99x99, 49x49), as the authors' backbone
         with_cp=True,
-        # ImageNet LIT-S from the model's hub id; or a local file, e.g. 'pretrained/lit_s.pth' (the authors')
-        pretrained=True),
+        # ImageNet LIT-S from the hub; or a local file: the authors' checkpoint (original or converted), e.g.
+        # 'pretrained/lit_s.pth'
+        pretrained='hf-hub:lesa-lit-models/lit_s.in1k'),
     neck=dict(in_channels=[96, 192, 384, 768]))
 
 optim_wrapper = dict(

@@ -12,8 +12,9 @@ model = dict(
         model_name='lit_ti',
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.1,
-        # ImageNet LIT-Ti from the model's hub id; or a local file, e.g. 'pretrained/lit_ti.pth' (the authors')
-        pretrained=True),
+        # ImageNet LIT-Ti from the hub; or a local file: the authors' checkpoint (original or converted), e.g.
+        # 'pretrained/lit_ti.pth'
+        pretrained='hf-hub:lesa-lit-models/lit_ti.in1k'),
     neck=dict(in_channels=[64, 128, 320, 512]))
 
 optim_wrapper = dict(optimizer=dict(_delete_=True, type='AdamW', lr=0.0001, weight_decay=0.0001))

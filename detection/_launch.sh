@@ -1,0 +1,35 @@
+# Shared by train.sh and test.sh (sourced): pick the interpreter and start one process or torchrun.
+
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -n "${VIRTUAL_ENV:-}" ]]; then PYTHON="$VIRTUAL_ENV/bin/python"
+  elif [[ -x "$HERE/../.venv/bin/python" ]]; then PYTHON="$HERE/../.venv/bin/python"
+  else PYTHON=python3
+  fi
+fi
+# mmengine 0.10 loads its own checkpoints (resume, load_from) with torch.load's default, which torch >= 2.6
+# turned into weights_only=True; those checkpoints hold python objects. Only load checkpoints you trust.
+export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="${TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD:-1}"
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+PORT="${PORT:-29500}"
+
+# parse_gpus ARGS...: GPUS from the first argument when it is a number; SHIFT = arguments consumed
+parse_gpus() {
+  GPUS=""; SHIFT=0
+  if [[ $# -ge 1 && "$1" =~ ^[0-9]+$ ]]; then GPUS=$1; SHIFT=1; fi
+}
+
+# launch SCRIPT ARGS...: one process, or torchrun for several GPUs or nodes (adds --launcher pytorch)
+launch() {
+  local script=$1; shift
+  if [[ "$GPUS" == 0 ]]; then
+    export CUDA_VISIBLE_DEVICES=-1
+  fi
+  if [[ "$NNODES" -eq 1 && ( -z "$GPUS" || "$GPUS" -le 1 ) ]]; then
+    exec "$PYTHON" "$script" "$@"
+  fi
+  exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" \
+    --master_addr="$MASTER_ADDR" --master_port="$PORT" --nproc_per_node="${GPUS:-1}" \
+    "$script" "$@" --launcher pytorch
+}

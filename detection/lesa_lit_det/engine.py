@@ -1,0 +1,206 @@
+"""The steps shared by ``tools/train.py``, ``tools/test.py`` and the demo, around mmengine's Runner.
+
+* config loading with the adjustments the command line offers (data root, input size, test-dev);
+* device adaptation: fp32 instead of ``AmpOptimWrapper`` and the gloo backend when there is no GPU;
+* clear errors for a missing dataset and for a checkpoint of another model (or in the authors' mmdet 2.x layout);
+* ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``: mmengine 0.10 calls ``torch.load`` without ``weights_only``, which
+  torch >= 2.6 turns into ``weights_only=True`` and which then refuses mmengine's own checkpoints (resume,
+  ``load_from``). The variable is read at every ``torch.load`` call; only load checkpoints you trust.
+"""
+import os
+
+os.environ.setdefault('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
+
+import os.path as osp  # noqa: E402
+from typing import Dict, Iterable, List, Optional, Sequence  # noqa: E402
+
+import torch  # noqa: E402
+from mmengine.config import Config, ConfigDict  # noqa: E402
+from mmengine.logging import print_log  # noqa: E402
+from mmengine.model import is_model_wrapper  # noqa: E402
+
+from lesa_lit_models._checkpoint import CheckpointError, verify_state_dict  # noqa: E402
+
+__all__ = [
+    'DatasetNotFoundError', 'load_config', 'set_data_root', 'set_input_size', 'reduce_proposals', 'use_test_dev',
+    'adapt_to_device', 'check_dataset_paths', 'load_detector_checkpoint', 'init_cpu_distributed',
+]
+
+LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
+EVALUATORS = {'val_dataloader': 'val_evaluator', 'test_dataloader': 'test_evaluator'}
+TEST_DEV_ANN = 'annotations/image_info_test-dev2017.json'
+CONVERTER = 'python detection/tools/convert_coco_checkpoint.py CONFIG UPSTREAM.pth OUT.pth'
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """Annotation files or image folders named by the config do not exist."""
+
+
+def _dataset(loader: ConfigDict) -> ConfigDict:
+    dataset = loader.dataset
+    while 'dataset' in dataset:  # dataset wrappers (RepeatDataset, ClassBalancedDataset, ...)
+        dataset = dataset.dataset
+    return dataset
+
+
+def _loaders(cfg: Config, names: Iterable[str] = LOADERS) -> List[ConfigDict]:
+    return [cfg[name] for name in names if cfg.get(name) is not None]
+
+
+def load_config(
+        path: str,
+        cfg_options: Optional[Dict] = None,
+        data_root: Optional[str] = None,
+        input_size: Optional[int] = None,
+) -> Config:
+    """``Config.fromfile`` plus ``--cfg-options``, then the data root and input size overrides."""
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'Config file not found: {path!r}; the shipped ones are in detection/configs/.')
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    if data_root is not None:
+        set_data_root(cfg, data_root)
+    if input_size is not None:
+        set_input_size(cfg, input_size)
+    return cfg
+
+
+def set_data_root(cfg: Config, root: str):
+    """Point every dataset and COCO evaluator at ``root`` (a folder in the COCO layout).
+
+    The stock base configs build ``ann_file`` of their evaluators from ``data_root`` when they are read, so
+    overriding ``data_root`` alone would leave the evaluators on ``data/coco/``.
+    """
+    root = osp.join(root, '')
+    for name in LOADERS:
+        if cfg.get(name) is None:
+            continue
+        dataset = _dataset(cfg[name])
+        dataset.data_root = root
+        evaluator = cfg.get(EVALUATORS.get(name, ''))
+        if isinstance(evaluator, dict) and 'ann_file' in evaluator:
+            evaluator.ann_file = osp.join(root, dataset.ann_file)
+
+
+def set_input_size(cfg: Config, size: int):
+    """Resize to ``size`` instead of the configured scale (for quick runs), and size LESA's tables for it.
+
+    ``keep_ratio`` stays as configured: fixed-size configs (LESA) get ``size x size`` images, the others images
+    whose longer side is at most ``size``.
+    """
+    resized = 0
+    for loader in _loaders(cfg):
+        for transform in _dataset(loader).pipeline:
+            if transform['type'] == 'Resize':
+                transform['scale'] = (size, size)
+                resized += 1
+    if not resized:
+        raise ValueError('set_input_size: the config pipelines have no Resize transform to change.')
+    if 'img_size' in cfg.model.backbone:
+        cfg.model.backbone.img_size = size
+
+
+def reduce_proposals(cfg: Config, proposals: int = 100, samples: int = 64, detections: int = 20):
+    """Fewer RPN proposals, sampled RoIs and detections per image (one-stage: fewer candidates), for CPU runs."""
+    train_cfg, test_cfg = cfg.model.get('train_cfg') or {}, cfg.model.get('test_cfg') or {}
+    if 'rpn_proposal' in train_cfg:
+        train_cfg.rpn_proposal.update(nms_pre=2 * proposals, max_per_img=proposals)
+        stages = train_cfg.rcnn if isinstance(train_cfg.rcnn, list) else [train_cfg.rcnn]
+        for stage in stages:
+            stage.sampler.num = samples
+        test_cfg.rpn.update(nms_pre=2 * proposals, max_per_img=proposals)
+        test_cfg.rcnn.max_per_img = detections
+    else:
+        test_cfg.update(nms_pre=2 * proposals, max_per_img=detections)
+
+
+def use_test_dev(cfg: Config, outfile_prefix: str):
+    """Test on COCO test-dev (``test2017/`` + ``image_info_test-dev2017.json``): write the result json only."""
+    dataset = _dataset(cfg.test_dataloader)
+    dataset.ann_file = TEST_DEV_ANN
+    dataset.data_prefix = dict(img='test2017/')
+    dataset.pipeline = [t for t in dataset.pipeline if t['type'] != 'LoadAnnotations']
+    cfg.test_evaluator.ann_file = osp.join(dataset.get('data_root', ''), TEST_DEV_ANN)
+    set_format_only(cfg, outfile_prefix)
+
+
+def set_format_only(cfg: Config, outfile_prefix: str):
+    """Write ``<prefix>.bbox.json`` (and ``.segm.json``) in the COCO results format instead of evaluating."""
+    cfg.test_evaluator.format_only = True
+    cfg.test_evaluator.outfile_prefix = outfile_prefix
+
+
+def adapt_to_device(cfg: Config):
+    """Without CUDA: train in fp32 (``AmpOptimWrapper`` needs a GPU) and use the gloo backend."""
+    if torch.cuda.is_available():
+        return
+    optim_wrapper = cfg.get('optim_wrapper')
+    if optim_wrapper is not None and optim_wrapper.get('type') == 'AmpOptimWrapper':
+        print_log('No GPU: training in fp32 with OptimWrapper instead of AmpOptimWrapper.', logger='current')
+        optim_wrapper.type = 'OptimWrapper'
+        for key in ('loss_scale', 'dtype', 'use_fsdp'):
+            optim_wrapper.pop(key, None)
+    cfg.setdefault('env_cfg', ConfigDict()).setdefault('dist_cfg', ConfigDict())['backend'] = 'gloo'
+
+
+def check_dataset_paths(cfg: Config, loaders: Sequence[str]):
+    """Raise :class:`DatasetNotFoundError` naming every annotation file or image folder that is missing."""
+    missing = []
+    for name in loaders:
+        if cfg.get(name) is None:
+            continue
+        dataset = _dataset(cfg[name])
+        root = dataset.get('data_root', '') or ''
+        paths = [osp.join(root, dataset.ann_file)] if dataset.get('ann_file') else []
+        paths += [osp.join(root, prefix) for prefix in (dataset.get('data_prefix') or {}).values()]
+        missing += [f'{name}: {path}' for path in paths if not osp.exists(path)]
+    if not missing:
+        return
+    message = 'Dataset files not found:\n  ' + '\n  '.join(missing) + (
+        '\nPut COCO in the layout of detection/README.md under the config\'s data_root (default data/coco/), or '
+        'pass --data-root DIR. A small synthetic dataset: python detection/tools/make_synthetic_coco.py DIR.')
+    if any('stuffthingmaps' in m for m in missing):
+        message += ('\nHTC\'s semantic branch trains on COCO-stuff maps (stuffthingmaps/train2017/); without them '
+                    'use the htc-without-semantic config.')
+    raise DatasetNotFoundError(message)
+
+
+def load_detector_checkpoint(model: torch.nn.Module, path: str) -> Dict:
+    """Load a detector checkpoint strictly (mmengine's own loading only warns); return its ``meta``.
+
+    Raises :class:`CheckpointError` for a checkpoint of another architecture and, with the command to run,
+    for the authors' mmdet 2.x checkpoints, whose backbone keys must be converted first.
+    """
+    if is_model_wrapper(model):
+        model = model.module
+    if not osp.isfile(path):
+        raise CheckpointError(f'Checkpoint file not found: {path!r}.')
+    checkpoint = torch.load(path, map_location='cpu', weights_only=False)
+    state_dict = checkpoint.get('state_dict', checkpoint) if isinstance(checkpoint, dict) else {}
+    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    expects_adapter = any(k.startswith('backbone.body.') for k in model.state_dict())
+    has_adapter = any(k.startswith('backbone.body.') for k in state_dict)
+    if expects_adapter and not has_adapter and any(k.startswith('backbone.') for k in state_dict):
+        raise CheckpointError(
+            f'{path} has backbone keys in another layout (the authors\' mmdet 2.x COCO checkpoints do): convert it '
+            f'for this config first:\n  {CONVERTER}')
+    try:
+        verify_state_dict(state_dict, model)
+    except CheckpointError as e:
+        raise CheckpointError(f'{path} does not fit the model of this config. {e}') from e
+    model.load_state_dict(state_dict)
+    return checkpoint.get('meta', {})
+
+
+def init_cpu_distributed(cfg: Config, launcher: str):
+    """Several processes without GPUs (torchrun on CPU): gloo process group and a device-less DDP wrapper.
+
+    mmengine's own initialisation binds each process to a CUDA device, which does not exist here.
+    """
+    if launcher != 'pytorch' or torch.cuda.is_available() or torch.distributed.is_initialized():
+        return
+    torch.distributed.init_process_group('gloo')
+    cfg.model_wrapper_cfg = dict(
+        type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
+        find_unused_parameters=cfg.get('find_unused_parameters', False))

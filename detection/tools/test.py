@@ -1,0 +1,87 @@
+"""Evaluate a detector checkpoint with the COCO metric (bbox and segm), or write COCO result jsons.
+
+    python detection/tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--data-root DIR]
+                                  [--format-only | --test-dev] [--out-prefix PREFIX] [--out results.pkl]
+                                  [--show-dir DIR] [--cfg-options KEY=VALUE ...] [--launcher none|pytorch|slurm|mpi]
+
+The checkpoint must fit the config's model exactly (mmengine would only warn); the authors' mmdet 2.x COCO
+checkpoints are converted first with ``detection/tools/convert_coco_checkpoint.py``. The metrics are also written
+to ``<work dir>/metrics.json``. Use ``detection/test.sh`` for GPUs, nodes or the CPU.
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import sys
+
+from lesa_lit_det.engine import DatasetNotFoundError, adapt_to_device, check_dataset_paths, init_cpu_distributed, \
+    load_config, load_detector_checkpoint, set_format_only, use_test_dev
+from lesa_lit_models._checkpoint import CheckpointError
+from mmengine.config import DictAction
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('config', help='config file the checkpoint was trained (or converted) with')
+    parser.add_argument('checkpoint', help='checkpoint file (mmengine format)')
+    parser.add_argument('--work-dir', help='logs and metrics.json (default: work_dirs/<config name>)')
+    parser.add_argument('--data-root', help='dataset folder in the COCO layout (default: the config\'s data/coco/)')
+    parser.add_argument('--input-size', type=int, help='resize to this size instead of the config\'s')
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument('--format-only', action='store_true',
+                      help='write the COCO result jsons of the test set without evaluating them')
+    mode.add_argument('--test-dev', action='store_true',
+                      help='run on COCO test-dev (test2017/, annotations/image_info_test-dev2017.json) and write the '
+                           'json to submit')
+    parser.add_argument('--out-prefix', help='result json prefix: PREFIX.bbox.json, PREFIX.segm.json (default with '
+                                             '--format-only/--test-dev: <work dir>/results)')
+    parser.add_argument('--out', help='also dump the raw predictions to this .pkl file')
+    parser.add_argument('--show-dir', help='draw predictions into this folder (inside the work dir)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries, key=value')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    parser.add_argument('--local-rank', '--local_rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.cfg_options, args.data_root, args.input_size)
+    cfg.launcher = args.launcher
+    cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
+        'work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg.load_from = None  # loaded below, strictly
+    cfg.model.backbone.pretrained = False  # every weight comes from the checkpoint
+    out_prefix = args.out_prefix or osp.join(cfg.work_dir, 'results')
+    if args.test_dev:
+        use_test_dev(cfg, out_prefix)
+    elif args.format_only:
+        set_format_only(cfg, out_prefix)
+    elif args.out_prefix:
+        cfg.test_evaluator.outfile_prefix = args.out_prefix
+    if args.out:
+        cfg.test_evaluator = [cfg.test_evaluator, dict(type='DumpDetResults', out_file_path=args.out)]
+    if args.show_dir:
+        cfg.default_hooks.visualization.update(draw=True, test_out_dir=args.show_dir)
+    adapt_to_device(cfg)
+    try:
+        check_dataset_paths(cfg, ['test_dataloader'])
+    except DatasetNotFoundError as e:
+        sys.exit(f'error: {e}')
+    init_cpu_distributed(cfg, args.launcher)
+    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    try:
+        load_detector_checkpoint(runner.model, args.checkpoint)
+    except CheckpointError as e:
+        sys.exit(f'error: {e}')
+    metrics = runner.test()
+    if runner.rank == 0:
+        with open(osp.join(cfg.work_dir, 'metrics.json'), 'w') as f:
+            json.dump(metrics, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()

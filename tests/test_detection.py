@@ -1,0 +1,528 @@
+"""mmdetection 3.x integration: the backbone adapter, every config, one train and predict step per paper detector,
+the synthetic dataset, the COCO-checkpoint converter and the errors for missing data and wrong checkpoints.
+
+Everything runs on the CPU at reduced input sizes; the end-to-end runs through train.sh / test.sh are in
+test_detection_e2e.py.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lesa_lit_det  # noqa: F401  (registers TimmBackbone)
+import lesa_lit_models  # noqa: F401  (registers the timm models)
+from lesa_lit_det.convert import convert_coco_checkpoint
+from lesa_lit_det.engine import DatasetNotFoundError, adapt_to_device, check_dataset_paths, load_config, \
+    load_detector_checkpoint, reduce_proposals
+from lesa_lit_det.synthetic import DatasetExistsError, SHAPE_CATEGORIES, SyntheticCocoSpec, make_synthetic_coco
+from lesa_lit_models._checkpoint import CheckpointError
+from mmdet.registry import DATASETS, MODELS
+from mmdet.utils import register_all_modules
+from mmengine.dataset import pseudo_collate
+from mmengine.structures import InstanceData
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+register_all_modules()
+
+ROOT = Path(__file__).resolve().parents[1]
+DETECTION = ROOT / 'detection'
+CONFIGS = sorted((DETECTION / 'configs').rglob('*.py'))
+LESA = DETECTION / 'configs' / 'lesa'
+LIT = DETECTION / 'configs' / 'lit'
+MASK_RCNN_LESA = LESA / 'mask-rcnn_lesa-r50-dconv-c3-c5_fpn_1024-8xb1-20e_coco.py'
+HTC_LESA = LESA / 'htc_lesa-wrn50-dconv-c3-c5_fpn_1280-4xb1-20e_coco.py'
+HTC_LESA_NO_SEM = LESA / 'htc-without-semantic_lesa-wrn50-dconv-c3-c5_fpn_1280-4xb1-20e_coco.py'
+RETINA_LIT_TI = LIT / 'retinanet_lit-ti_fpn_1x_coco.py'
+RETINA_LIT_S = LIT / 'retinanet_lit-s_fpn_amp-1x_coco.py'
+MASK_RCNN_LIT_TI = LIT / 'mask-rcnn_lit-ti_fpn_1x_coco.py'
+MASK_RCNN_LIT_S = LIT / 'mask-rcnn_lit-s_fpn_amp-1x_coco.py'
+
+# The papers' recipes: optimizer, lr, weight decay, images per GPU, epochs, AMP, box AP (mask AP) in the header.
+RECIPES = {
+    MASK_RCNN_LESA: ('SGD', 0.01, 1e-4, 1, 20, False, ['44.0', '39.2']),
+    HTC_LESA: ('SGD', 0.005, 1e-4, 1, 20, False, ['50.1', '43.9', '50.5', '44.4']),
+    HTC_LESA_NO_SEM: ('SGD', 0.005, 1e-4, 1, 20, False, []),
+    RETINA_LIT_TI: ('AdamW', 1e-4, 1e-4, 2, 12, False, ['41.6']),
+    RETINA_LIT_S: ('AdamW', 1e-4, 1e-4, 2, 12, True, ['41.6']),
+    MASK_RCNN_LIT_TI: ('AdamW', 2e-4, 1e-4, 2, 12, False, ['42.0', '39.1']),
+    MASK_RCNN_LIT_S: ('AdamW', 2e-4, 1e-4, 2, 12, True, ['42.9', '39.6']),
+}
+PAPER_CONFIGS = list(RECIPES)
+SMALL = 128  # input side for CPU steps; a multiple of 32, so LESA's grids stay exact
+
+
+@pytest.fixture(scope='module')
+def coco(tmp_path_factory):
+    root = tmp_path_factory.mktemp('synthetic') / 'coco'
+    make_synthetic_coco(str(root), SyntheticCocoSpec(num_train=4, num_val=2, num_test=2, min_side=96, max_side=144))
+    return root
+
+
+def small_config(path, data_root=None, size=SMALL, **cfg_options):
+    """A paper config at a small input, random backbone init, fewer proposals: seconds per step on a CPU."""
+    cfg = load_config(str(path), dict(cfg_options, **{'model.backbone.pretrained': False}),
+                      data_root=None if data_root is None else str(data_root), input_size=size)
+    reduce_proposals(cfg, proposals=50, samples=32)
+    return cfg
+
+
+def build(cfg):
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    return model
+
+
+def batch(cfg, split, indices):
+    dataset = DATASETS.build(cfg[f'{split}_dataloader'].dataset)
+    return pseudo_collate([dataset[i] for i in indices])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# synthetic dataset
+
+
+def test_synthetic_dataset_is_coco_and_deterministic(tmp_path, coco):
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+
+    again = tmp_path / 'again'
+    make_synthetic_coco(str(again), SyntheticCocoSpec(num_train=4, num_val=2, num_test=2, min_side=96, max_side=144))
+    files = sorted(p.relative_to(coco) for p in coco.rglob('*') if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob('*') if p.is_file())
+    assert all((coco / f).read_bytes() == (again / f).read_bytes() for f in files)
+
+    api = COCO(str(coco / 'annotations' / 'instances_train2017.json'))
+    assert sorted(api.getCatIds()) == sorted(c[0] for c in SHAPE_CATEGORIES.values())
+    assert len(api.getImgIds()) == 4 and api.getAnnIds()
+    for ann in api.loadAnns(api.getAnnIds()):
+        info = api.loadImgs(ann['image_id'])[0]
+        rle = mask_utils.frPyObjects(ann['segmentation'], info['height'], info['width'])
+        assert mask_utils.area(mask_utils.merge(rle)) == pytest.approx(ann['area'], rel=0.1)
+        x, y, w, h = ann['bbox']
+        assert 0 <= x and 0 <= y and x + w <= info['width'] and y + h <= info['height'] and w > 1 and h > 1
+        stuff = np.array(__import__('PIL.Image', fromlist=['Image']).open(
+            coco / 'stuffthingmaps' / 'train2017' / info['file_name'].replace('.jpg', '.png')))
+        assert ann['category_id'] - 1 in np.unique(stuff)
+    test_dev = json.loads((coco / 'annotations' / 'image_info_test-dev2017.json').read_text())
+    assert 'annotations' not in test_dev and len(test_dev['images']) == 2
+
+
+def test_synthetic_dataset_loads_in_mmdet_with_masks_and_stuff_maps(coco):
+    cfg = small_config(HTC_LESA, coco)
+    dataset = DATASETS.build(cfg.train_dataloader.dataset)
+    sample = dataset[0]
+    gt = sample['data_samples'].gt_instances
+    assert len(dataset) == 4 and len(gt) > 0
+    # mmdet numbers the categories present in the json (COCO ids 38, 72, 85) as labels 0..2; CocoMetric maps back
+    assert dataset.cat_ids == sorted(c[0] for c in SHAPE_CATEGORIES.values())
+    assert set(gt.labels.tolist()) <= {0, 1, 2}
+    assert gt.masks.masks.shape[1:] == sample['inputs'].shape[1:]
+    assert sample['data_samples'].gt_sem_seg.sem_seg.shape[1:] == sample['inputs'].shape[1:]
+
+
+def test_synthetic_generator_never_overwrites_foreign_folders(tmp_path, coco):
+    foreign = tmp_path / 'mine'
+    foreign.mkdir()
+    (foreign / 'notes.txt').write_text('keep me')
+    with pytest.raises(DatasetExistsError, match='not a synthetic dataset'):
+        make_synthetic_coco(str(foreign), overwrite=True)
+    assert (foreign / 'notes.txt').read_text() == 'keep me'
+
+    spec = SyntheticCocoSpec(num_train=2, num_val=1, num_test=0, min_side=64, max_side=64)
+    make_synthetic_coco(str(tmp_path / 'ours'), spec)
+    assert make_synthetic_coco(str(tmp_path / 'ours'), spec)['reused']
+    other = SyntheticCocoSpec(num_train=3, num_val=1, num_test=0, min_side=64, max_side=64)
+    with pytest.raises(DatasetExistsError, match='--overwrite'):
+        make_synthetic_coco(str(tmp_path / 'ours'), other)
+    summary = make_synthetic_coco(str(tmp_path / 'ours'), other, overwrite=True)
+    assert summary['instances_train2017.json']['images'] == 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# configs
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.name)
+def test_config_builds_with_neck_matching_backbone(path):
+    cfg = load_config(str(path), {'model.backbone.pretrained': False})
+    assert cfg.custom_imports.imports == ['lesa_lit_models', 'lesa_lit_det']
+    model = MODELS.build(cfg.model)
+    assert list(cfg.model.neck.in_channels) == list(model.backbone.channels)
+    assert model.backbone.strides == (4, 8, 16, 32)
+    header = ''.join(line for line in path.read_text().splitlines(True) if line.startswith('#'))
+    assert 'AP' in header
+
+
+@pytest.mark.parametrize('path', PAPER_CONFIGS, ids=lambda p: p.name)
+def test_config_follows_the_paper_recipe(path):
+    optimizer, lr, weight_decay, images_per_gpu, epochs, amp, paper_numbers = RECIPES[path]
+    cfg = load_config(str(path))
+    assert cfg.optim_wrapper.optimizer.type == optimizer
+    assert cfg.optim_wrapper.optimizer.lr == lr and cfg.optim_wrapper.optimizer.weight_decay == weight_decay
+    assert cfg.optim_wrapper.get('type', 'OptimWrapper') == ('AmpOptimWrapper' if amp else 'OptimWrapper')
+    assert cfg.train_dataloader.batch_size == images_per_gpu and cfg.train_cfg.max_epochs == epochs
+    header = ''.join(line for line in path.read_text().splitlines(True) if line.startswith('#'))
+    assert all(number in header for number in paper_numbers)
+    backbone = cfg.model.backbone
+    assert backbone.pretrained == f'hf-hub:lesa-lit-models/{backbone.model_name.replace("_det", "")}.in1k'
+    if 'lesa' in backbone.model_name:
+        side = backbone.img_size
+        assert (backbone.frozen_stages, backbone.norm_eval, backbone.with_cp) == (1, True, True)
+        for loader in ('train_dataloader', 'test_dataloader'):
+            resize = [t for t in cfg[loader].dataset.pipeline if t.type == 'Resize']
+            assert resize == [dict(type='Resize', scale=(side, side), keep_ratio=False)]
+        assert cfg.param_scheduler[1].milestones == [16, 19]
+    else:
+        assert backbone.get('frozen_stages', -1) == -1 and not backbone.get('norm_eval', False)
+        is_small = backbone.model_name == 'lit_s'
+        assert bool(backbone.get('out_norms')) == is_small and backbone.get('with_cp', False) == is_small
+        custom_keys = cfg.optim_wrapper.get('paramwise_cfg', {}).get('custom_keys', {})
+        assert bool(custom_keys) == is_small
+        assert cfg.param_scheduler[1].milestones == [8, 11]
+
+
+def test_lit_s_paramwise_settings_reach_the_parameters():
+    cfg = small_config(MASK_RCNN_LIT_S)
+    adapt_to_device(cfg)
+    from mmengine.optim import build_optim_wrapper
+    model = build(cfg)
+    optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    decay = {id(p): group['weight_decay'] for group in optim_wrapper.optimizer.param_groups for p in group['params']}
+    params = dict(model.named_parameters())
+    assert decay[id(params['backbone.out_norms.1.weight'])] == 0
+    table = next(n for n in params if n.endswith('relative_position_bias_table'))
+    assert decay[id(params[table])] == 0
+    assert decay[id(params['backbone.body.model.stages.2.blocks.0.attn.qkv.weight'])] == 1e-4
+
+
+def test_amp_configs_train_in_fp32_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    cfg = load_config(str(RETINA_LIT_S))
+    adapt_to_device(cfg)
+    assert cfg.optim_wrapper.type == 'OptimWrapper' and 'loss_scale' not in cfg.optim_wrapper
+    assert cfg.env_cfg.dist_cfg.backend == 'gloo'
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    cfg = load_config(str(RETINA_LIT_S))
+    adapt_to_device(cfg)
+    assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one train step and one predict step per paper detector
+
+
+@pytest.mark.parametrize('path', [
+    MASK_RCNN_LESA,
+    pytest.param(HTC_LESA, marks=pytest.mark.slow),
+    pytest.param(HTC_LESA_NO_SEM, marks=pytest.mark.slow),
+    RETINA_LIT_TI, RETINA_LIT_S, MASK_RCNN_LIT_TI, MASK_RCNN_LIT_S,
+], ids=lambda p: p.name)
+def test_paper_detector_train_and_predict_step(path, coco):
+    torch.manual_seed(0)
+    cfg = small_config(path, coco)
+    model = build(cfg).train()
+    data = model.data_preprocessor(batch(cfg, 'train', [0, 1]), True)
+    losses = model(**data, mode='loss')
+    loss, _ = model.parse_losses(losses)
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    trainable = [(n, p) for n, p in model.backbone.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for _, p in trainable), 'every trainable backbone weight learns'
+    assert any(p.grad.abs().sum() > 0 for _, p in trainable)
+    frozen = [p for p in model.backbone.parameters() if not p.requires_grad]
+    assert bool(frozen) == (cfg.model.backbone.get('frozen_stages', -1) >= 0)
+
+    model.eval()
+    data = model.data_preprocessor(batch(cfg, 'test', [0]), False)
+    with torch.no_grad():
+        result = model(**data, mode='predict')[0]
+    predictions = result.pred_instances
+    assert predictions.bboxes.shape[1] == 4 and len(predictions.scores) == len(predictions.labels)
+    if 'mask' in path.name or 'htc' in path.name:
+        assert predictions.masks.shape[1:] == tuple(result.ori_shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the adapter
+
+
+def make_backbone(model_name, **kwargs):
+    return MODELS.build(dict(type='TimmBackbone', model_name=model_name, **kwargs))
+
+
+@pytest.mark.parametrize('model_name, kwargs, frozen, trainable', [
+    ('lesa_resnet50_det', dict(img_size=64, out_indices=(1, 2, 3, 4)), ['conv1', 'bn1', 'layer1'], ['layer2']),
+    ('lit_ti', dict(out_indices=(0, 1, 2, 3)), ['model.patch_embed', 'model.stages.0'], ['model.stages.1']),
+])
+def test_frozen_stages_and_norm_eval_follow_mmdet(model_name, kwargs, frozen, trainable):
+    backbone = make_backbone(model_name, frozen_stages=1, norm_eval=True, **kwargs).train()
+    body = backbone.body
+    for name in frozen:
+        module = body.get_submodule(name)
+        assert not module.training and not any(p.requires_grad for p in module.parameters())
+    for name in trainable:
+        module = body.get_submodule(name)
+        assert all(p.requires_grad for p in module.parameters())
+        norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert norms and not any(m.training for m in norms)  # norm_eval
+    stem_only = make_backbone(model_name, frozen_stages=0, **kwargs).train()
+    assert not any(p.requires_grad for p in stem_only.body.get_submodule(frozen[0]).parameters())
+    assert all(p.requires_grad for p in stem_only.body.get_submodule(frozen[-1]).parameters())
+    unfrozen = make_backbone(model_name, **kwargs).train()
+    assert all(p.requires_grad for p in unfrozen.parameters())
+    assert all(m.training for m in unfrozen.modules())
+
+
+def test_out_indices_pick_levels_and_shapes():
+    backbone = make_backbone('resnet18', out_indices=(2, 4))
+    features = backbone(torch.randn(1, 3, 64, 96))
+    assert backbone.channels == (128, 512) and backbone.strides == (8, 32)
+    assert [f.shape for f in features] == [(1, 128, 8, 12), (1, 512, 2, 3)]
+
+
+@pytest.mark.parametrize('model_name, kwargs, flagged', [
+    ('lesa_resnet50_det', dict(img_size=64, out_indices=(1, 2, 3, 4)), 'Lesa'),
+    ('lit_s', dict(), 'LITStage'),
+    ('resnet18', dict(out_indices=(1, 2, 3, 4)), 'FeatureListNet'),
+])
+def test_with_cp_uses_the_models_own_checkpointing(model_name, kwargs, flagged):
+    torch.manual_seed(0)
+    plain = make_backbone(model_name, **kwargs)
+    checkpointed = make_backbone(model_name, with_cp=True, **kwargs)
+    checkpointed.load_state_dict(plain.state_dict())
+    flags = {type(m).__name__ for m in checkpointed.modules() if getattr(m, 'grad_checkpointing', False) is True}
+    assert flagged in flags
+    x = torch.randn(2, 3, 64, 64)
+    plain.eval(), checkpointed.eval()
+    for a, b in zip(plain(x), checkpointed(x)):
+        torch.testing.assert_close(a, b)
+    checkpointed.train()
+    sum(f.mean() for f in checkpointed(x)).backward()
+    assert all(p.grad is not None for p in checkpointed.parameters() if p.requires_grad)
+
+
+def test_init_cfg_is_refused_and_init_weights_keeps_loaded_weights(tmp_path):
+    with pytest.raises(ValueError, match='pretrained='):
+        make_backbone('resnet18', init_cfg=dict(type='Pretrained', checkpoint='torchvision://resnet18'))
+    source = make_backbone('lit_ti')
+    path = tmp_path / 'lit_ti_coco.pth'
+    torch.save({'state_dict': {f'backbone.{k}': v for k, v in source.state_dict().items()}}, path)
+    backbone = make_backbone('lit_ti', pretrained=str(path))
+    backbone.init_weights()
+    for k, v in source.state_dict().items():
+        torch.testing.assert_close(backbone.state_dict()[k], v)
+
+
+def upstream_backbone_key(key, model_name):
+    """A key of the adapter (without ``backbone.``) in the authors' mmdet 2.x layout of that backbone."""
+    if model_name.startswith('lesa'):  # LESA keeps the authors' (torchvision) names
+        return key.replace('body.', '', 1)
+    key = key.replace('body.model.', '', 1)
+    if model_name == 'lit_ti':
+        key = re.sub(r'^stages\.(\d)\.downsample\.', lambda m: f'patch_embed{int(m[1]) + 1}.', key)
+        key = re.sub(r'^stages\.(\d)\.pos_embed$', lambda m: f'pos_embed{int(m[1]) + 1}', key)
+        key = re.sub(r'^stages\.(\d)\.blocks\.', lambda m: f'block{int(m[1]) + 1}.', key)
+        return re.sub(r'^patch_embed\.', 'patch_embed1.', key)
+    key = re.sub(r'^out_norms\.(\d)\.', r'norm\1.', key)  # LIT-S/M/B
+    key = re.sub(r'^stages\.(\d)\.downsample\.', lambda m: f'layers.{int(m[1]) - 1}.downsample.', key)
+    return re.sub(r'^stages\.(\d)\.blocks\.', r'layers.\1.blocks.', key)
+
+
+def to_upstream(state_dict, model_name, prefix=''):
+    """A state dict in the authors' mmdet 2.x layout: backbone keys renamed, neck and heads as they are."""
+    return {
+        (f'backbone.{upstream_backbone_key(k[len(prefix):], model_name)}' if k.startswith(prefix) else k): v
+        for k, v in state_dict.items()
+    }
+
+
+def test_out_norms_load_from_the_authors_lit_s_coco_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    source = make_backbone('lit_s', out_norms=(1, 2, 3), pos_img_size=800)
+    with torch.no_grad():
+        for norm in source.out_norms.values():
+            norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+    path = tmp_path / 'lit_s_coco.pth'
+    meta = dict(mmdet_version='2.11.0', CLASSES=np.array(['person']))  # numpy in meta, as mmcv saves it
+    torch.save({'meta': meta, 'state_dict': to_upstream(source.state_dict(), 'lit_s')}, path)
+    loaded = make_backbone('lit_s', out_norms=(1, 2, 3), pretrained=str(path))
+    assert loaded.body.model.stages[2].blocks[0].attn.relative_position_bias_table.shape[0] == 99 * 99
+    for k, v in source.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v)
+    x = torch.randn(1, 3, 96, 128)
+    source.eval(), loaded.eval()
+    for a, b in zip(source(x), loaded(x)):
+        torch.testing.assert_close(a, b)
+
+
+def test_pretrained_from_a_file_of_another_backbone_is_a_clear_error(tmp_path):
+    path = tmp_path / 'lit_ti.pth'
+    torch.save(make_backbone('lit_ti').body.model.state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"does not fit backbone 'lit_s'"):
+        make_backbone('lit_s', pretrained=str(path))
+    with pytest.raises(CheckpointError, match='not found'):
+        make_backbone('lit_ti', pretrained=str(tmp_path / 'missing.pth'))
+    adapter_file = tmp_path / 'adapter.pth'
+    torch.save({'state_dict': {f'backbone.{k}': v for k, v in make_backbone('lit_ti').state_dict().items()}},
+               adapter_file)
+    with pytest.raises(CheckpointError, match='another backbone'):
+        make_backbone('resnet18', pretrained=str(adapter_file))
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """A Hugging Face cache with chosen repos, and no network (the real hub code path)."""
+    import huggingface_hub.constants as constants
+    import safetensors.torch
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
+
+    def add_repo(repo_id, state_dict, commit='a' * 40):
+        repo = tmp_path / 'hub' / ('models--' + repo_id.replace('/', '--'))
+        (repo / 'refs').mkdir(parents=True)
+        (repo / 'refs' / 'main').write_text(commit)
+        snapshot = repo / 'snapshots' / commit
+        snapshot.mkdir(parents=True)
+        safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()},
+                                    str(snapshot / 'model.safetensors'))
+    return add_repo
+
+
+def test_pretrained_from_the_hub(offline_hub):
+    import timm
+    reference = timm.create_model('lit_ti')
+    with pytest.raises(CheckpointError, match='Hugging Face Hub'):
+        make_backbone('lit_ti', pretrained=True)
+    offline_hub(timm.models.get_pretrained_cfg('lit_ti').hf_hub_id, reference.state_dict())
+    offline_hub('someone/lit_ti_finetuned', reference.state_dict())
+    for pretrained in (True, 'hf-hub:someone/lit_ti_finetuned'):
+        backbone = make_backbone('lit_ti', pretrained=pretrained)
+        torch.testing.assert_close(backbone.body.model.stages[2].blocks[0].attn.qkv.weight,
+                                   reference.stages[2].blocks[0].attn.qkv.weight)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# errors for missing data and wrong checkpoints
+
+
+def test_missing_dataset_paths_are_listed_with_the_fix(tmp_path, coco):
+    cfg = load_config(str(MASK_RCNN_LIT_TI), data_root=str(tmp_path / 'nowhere'))
+    with pytest.raises(DatasetNotFoundError) as error:
+        check_dataset_paths(cfg, ['train_dataloader', 'val_dataloader'])
+    message = str(error.value)
+    assert str(tmp_path / 'nowhere' / 'annotations' / 'instances_train2017.json') in message
+    assert 'val2017' in message and '--data-root' in message
+
+    no_stuff = tmp_path / 'no_stuff'
+    make_synthetic_coco(str(no_stuff), SyntheticCocoSpec(num_train=1, num_val=1, num_test=0, stuff_maps=False))
+    check_dataset_paths(load_config(str(HTC_LESA_NO_SEM), data_root=str(no_stuff)), ['train_dataloader'])
+    with pytest.raises(DatasetNotFoundError, match='htc-without-semantic'):
+        check_dataset_paths(load_config(str(HTC_LESA), data_root=str(no_stuff)), ['train_dataloader'])
+
+    result = subprocess.run(
+        [sys.executable, str(DETECTION / 'tools' / 'train.py'), str(MASK_RCNN_LIT_TI), '--data-root',
+         str(tmp_path / 'nowhere'), '--work-dir', str(tmp_path / 'work')], capture_output=True, text=True)
+    assert result.returncode != 0 and 'Dataset files not found' in result.stderr
+    assert 'Traceback' not in result.stderr
+
+
+def test_detector_checkpoint_loading_is_strict_with_clear_errors(tmp_path):
+    cfg = small_config(MASK_RCNN_LESA)
+    model = build(cfg)
+    state_dict = model.state_dict()
+    good = tmp_path / 'good.pth'
+    torch.save({'meta': {}, 'state_dict': state_dict}, good)
+    fresh = build(cfg)
+    load_detector_checkpoint(fresh, str(good))
+    torch.testing.assert_close(fresh.state_dict(), state_dict)
+
+    upstream = tmp_path / 'upstream.pth'
+    torch.save({'meta': {}, 'state_dict': to_upstream(state_dict, 'lesa_resnet50_det', 'backbone.')}, upstream)
+    with pytest.raises(CheckpointError, match='convert_coco_checkpoint.py'):
+        load_detector_checkpoint(fresh, str(upstream))
+
+    other = tmp_path / 'lit_ti_mask_rcnn.pth'
+    torch.save({'state_dict': build(small_config(MASK_RCNN_LIT_TI)).state_dict()}, other)
+    with pytest.raises(CheckpointError, match='does not fit the model of this config'):
+        load_detector_checkpoint(fresh, str(other))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the COCO-checkpoint converter
+
+
+@pytest.mark.parametrize('path', [
+    MASK_RCNN_LESA, RETINA_LIT_TI, MASK_RCNN_LIT_S, pytest.param(HTC_LESA, marks=pytest.mark.slow),
+], ids=lambda p: p.name)
+def test_converter_round_trips_the_authors_layout(path, tmp_path):
+    torch.manual_seed(0)
+    options = {'model.backbone.img_size': SMALL} if 'lesa' in path.name else {}
+    cfg = small_config(path, **options)
+    model = build(cfg)
+    with torch.no_grad():  # nothing at its init value, so a dropped or swapped tensor shows
+        for value in model.state_dict().values():
+            if value.is_floating_point():
+                value.add_(torch.rand_like(value) * 0.1)
+    upstream = tmp_path / 'upstream.pth'
+    meta = dict(mmdet_version='2.11.0', CLASSES=np.array(['a', 'b']), epoch=12)
+    torch.save({'meta': meta, 'state_dict': to_upstream(model.state_dict(), cfg.model.backbone.model_name, 'backbone.')}, upstream)
+    converted = tmp_path / 'converted.pth'
+    cfg_options = dict(options, **{'model.backbone.pretrained': False})
+    summary = convert_coco_checkpoint(str(path), str(upstream), str(converted), cfg_options)
+    assert summary['backbone_tensors'] > 0 and summary['other_tensors'] > 0
+    fresh = build(small_config(path, **options))
+    load_detector_checkpoint(fresh, str(converted))
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], value, msg=key)
+
+
+def test_converter_refuses_a_checkpoint_of_another_backbone(tmp_path):
+    lit_ti = build(small_config(MASK_RCNN_LIT_TI))
+    upstream = tmp_path / 'lit_ti_mask_rcnn.pth'
+    torch.save({'state_dict': to_upstream(lit_ti.state_dict(), 'lit_ti', 'backbone.')}, upstream)
+    with pytest.raises(CheckpointError, match='does not fit'):
+        convert_coco_checkpoint(str(MASK_RCNN_LIT_S), str(upstream), str(tmp_path / 'out.pth'))
+    result = subprocess.run(
+        [sys.executable, str(DETECTION / 'tools' / 'convert_coco_checkpoint.py'), str(MASK_RCNN_LIT_S),
+         str(upstream), str(tmp_path / 'out.pth')], capture_output=True, text=True)
+    assert result.returncode != 0 and 'does not fit' in result.stderr and 'Traceback' not in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launchers
+
+
+def test_slurm_scripts_start_one_task_per_gpu(tmp_path):
+    fake_srun = tmp_path / 'bin' / 'srun'
+    fake_srun.parent.mkdir()
+    fake_srun.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$SRUN_LOG"\n')
+    fake_srun.chmod(0o755)
+    env = dict(os.environ, PATH=f'{fake_srun.parent}:{os.environ["PATH"]}', SRUN_LOG=str(tmp_path / 'args'),
+               GPUS='16', PYTHON=sys.executable)
+    subprocess.run(['bash', str(DETECTION / 'slurm_train.sh'), 'gpu', 'lesa', str(MASK_RCNN_LESA), 'work_dirs/x',
+                    '--auto-scale-lr'], env=env, check=True)
+    args = (tmp_path / 'args').read_text().splitlines()
+    assert args[:2] == ['-p', 'gpu'] and '--gres=gpu:8' in args and '--ntasks=16' in args
+    assert '--ntasks-per-node=8' in args
+    assert args[-4:] == [str(MASK_RCNN_LESA), '--work-dir=work_dirs/x', '--launcher=slurm', '--auto-scale-lr']
+    subprocess.run(['bash', str(DETECTION / 'slurm_test.sh'), 'gpu', 'eval', str(MASK_RCNN_LESA), 'ckpt.pth'],
+                   env=dict(env, GPUS='4'), check=True)
+    args = (tmp_path / 'args').read_text().splitlines()
+    assert '--ntasks=4' in args and '--gres=gpu:4' in args
+    assert args[-3:] == [str(MASK_RCNN_LESA), 'ckpt.pth', '--launcher=slurm']
+
+
+def test_demo_refuses_a_foreign_work_dir(tmp_path):
+    foreign = tmp_path / 'results'
+    foreign.mkdir()
+    (foreign / 'paper.pdf').write_text('mine')
+    result = subprocess.run(['bash', str(DETECTION / 'demo.sh'), str(foreign)], capture_output=True, text=True,
+                            env=dict(os.environ, PYTHON=sys.executable))
+    assert result.returncode == 1 and 'refusing' in result.stderr
+    assert [p.name for p in foreign.iterdir()] == ['paper.pdf']
