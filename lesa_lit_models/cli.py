@@ -7,7 +7,6 @@ from typing import List, Optional
 
 from timm.utils import ParseKwargs
 
-import lesa_lit_models  # noqa: F401  (registers the models)
 from lesa_lit_models._checkpoint import CheckpointError
 from lesa_lit_models.hub import (
     ConversionError, ConversionResult, HubError, check_hub_access, convert, package_models, push_converted,

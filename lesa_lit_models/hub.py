@@ -27,9 +27,8 @@ from timm.models._input import get_model_input_config
 
 __all__ = [
     'ConversionError', 'HubError', 'ExportedFile', 'ConversionResult', 'EXPORT_FILES', 'package_models',
-    'build_from_checkpoint',
-    'make_model_card', 'prepare_output_dir', 'save_converted', 'verify_export', 'check_hub_access',
-    'push_converted', 'convert', 'sha256sum',
+    'build_from_checkpoint', 'make_model_card', 'prepare_output_dir', 'save_converted', 'verify_export',
+    'check_hub_access', 'push_converted', 'convert', 'sha256sum',
 ]
 
 EXPORT_FILES = ('model.safetensors', 'config.json', 'README.md')
@@ -56,7 +55,6 @@ class ExportedFile:
 @dataclass
 class ConversionResult:
     model: nn.Module
-    model_name: str
     num_params: int
     files: List[ExportedFile]
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
@@ -329,7 +327,7 @@ def convert(
         model, output_dir, model_ref, card_name, model_kwargs,
         source=(Path(checkpoint).name, sha256sum(checkpoint)), extra_card=model_card)
     result = ConversionResult(
-        model=model, model_name=model_name, num_params=sum(p.numel() for p in model.parameters()), files=files,
+        model=model, num_params=sum(p.numel() for p in model.parameters()), files=files,
         model_kwargs=model_kwargs, model_card=card, extra_files=extra_files)
     if verify:
         result.max_abs_diff, result.input_size = verify_export(model, output_dir)

@@ -11,7 +11,11 @@ covered without editing this file. To fit a few minutes on 2 CPU cores:
 
 Input sizes follow timm's harness: the cfg's ``input_size`` for ``fixed_input_size`` models, else ``SMALL`` px;
 a flexible model whose constructor sizes its tables by ``img_size`` (the LESA ``_det`` backbones) is built
-with ``img_size=SMALL``.
+with ``img_size=SMALL``. The whole file takes about 230 s of CPU time (2-3 minutes on 2 idle cores).
+
+Known open contract failures are strict xfails with the reason (``FX_OPEN_FAILURES``). TorchScript is not
+covered: no model of the package runs scripted (LESA imports inside forward, LIT-S list sizes, and the shared
+DeformConv2dPack's ``torch.autocast(device_type=x.device.type)`` is not a constant).
 """
 import functools
 import inspect
@@ -171,6 +175,7 @@ def test_model_backward(name):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', HEAVY)
 def test_grad_checkpointing_leaves_outputs_and_grads_unchanged(name):
     model = _create(name).eval()  # eval: BatchNorm must not update its statistics twice under recomputation
@@ -209,11 +214,12 @@ def test_forward_intermediates_matches_feature_info_and_forward_features(name):
             final, intermediates = model.forward_intermediates(image)
             torch.testing.assert_close(final, expected_final)
             _assert_feature_maps(intermediates, model.feature_info, image)
-        last_two = model.forward_intermediates(image, indices=2, intermediates_only=True)
-        for got, want in zip(last_two, intermediates[-2:]):
+        # negative indices count from the last feature level; stop_early skips the rest of the network
+        first_two = model.forward_intermediates(
+            image, indices=[0, 1 - len(intermediates)], intermediates_only=True, stop_early=True)
+        assert len(first_two) == 2
+        for got, want in zip(first_two, intermediates[:2]):
             torch.testing.assert_close(got, want)
-        first = model.forward_intermediates(image, indices=[0], intermediates_only=True, stop_early=True)
-        torch.testing.assert_close(first[0], intermediates[0])
 
 
 @pytest.mark.slow
@@ -264,7 +270,7 @@ def test_fx_forward_and_backward(name):
 
     model.train()
     fx_model = create_feature_extractor(model, {train_nodes[-1]: 'out'}).train()
-    fx_model(_input(name, batch_size=2))['out'].mean().backward()
+    fx_model(_input(name, batch_size=2))['out'].mean().backward()  # batch 2: BatchNorm in train mode
     no_grad = [n for n, p in fx_model.named_parameters() if p.grad is None]
     assert not no_grad, f'parameters without a gradient through the FX graph: {no_grad}'
 
