@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         '--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
         help='extra timm.create_model kwargs, recorded in config.json model_args (e.g. img_size=1024 for the '
-             '_det models, num_classes=0 for a headless backbone)')
+             '_det models, num_classes=0 for a headless backbone); give it after the positional arguments')
     parser.add_argument(
         '--push-to-hub', metavar='ORG/NAME', help='also upload the converted model to this Hugging Face Hub repo')
     parser.add_argument('--private', action='store_true', help='create the hub repo as private (with --push-to-hub)')
