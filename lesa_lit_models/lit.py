@@ -35,8 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, resample_abs_pos_embed, to_2tuple, \
-    trunc_normal_
+from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, register_notrace_function, \
+    resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -54,6 +54,16 @@ __all__ = ['LIT', 'checkpoint_filter_fn', 'detection_output_norms']
 _logger = logging.getLogger(__name__)
 
 _ATTN_IMPLS = ('sdpa', 'explicit')
+
+
+@register_notrace_function  # FX leaf (no leading underscore: FX does not autowrap private names)
+def check_input_size(x: torch.Tensor, patch: int, num_stages: int):
+    # the last kept stage needs at least one token: ceil(side / patch) >= 2 ** (num_stages - 1)
+    need = 2 ** (num_stages - 1)
+    if math.ceil(x.shape[-2] / patch) < need or math.ceil(x.shape[-1] / patch) < need:
+        raise ValueError(
+            f'Input of {x.shape[-2]}x{x.shape[-1]} pixels is too small: this LIT needs at least '
+            f'{patch * (need - 1) + 1} pixels per side (stride {patch * need}); resize or pad the image.')
 
 
 def _check_attn_impl(attn_impl: str) -> str:
@@ -466,15 +476,6 @@ class LIT(nn.Module):
         self.head = nn.Identity() if num_classes <= 0 else nn.Linear(
             self.num_features, num_classes, device=weight.device, dtype=weight.dtype)
 
-    def _check_input_size(self, x: torch.Tensor):
-        # the last kept stage needs at least one token: ceil(side / patch) >= 2 ** (num_stages - 1)
-        patch = self.patch_embed.patch_size[0]
-        need = 2 ** (len(self.stages) - 1)
-        if math.ceil(x.shape[-2] / patch) < need or math.ceil(x.shape[-1] / patch) < need:
-            raise ValueError(
-                f'Input of {x.shape[-2]}x{x.shape[-1]} pixels is too small: this LIT needs at least '
-                f'{patch * (need - 1) + 1} pixels per side (stride {patch * need}); resize or pad the image.')
-
     def _class_tokens(self, x: torch.Tensor) -> torch.Tensor:
         return self.cls_token.expand(x.shape[0], -1, -1)
 
@@ -502,7 +503,7 @@ class LIT(nn.Module):
         """
         if output_fmt not in ('NCHW', 'NHWC'):
             raise ValueError(f"output_fmt={output_fmt!r}: use 'NCHW' or 'NHWC'.")
-        self._check_input_size(x)
+        check_input_size(x, self.patch_embed.patch_size[0], len(self.stages))
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_index = len(self.stages) - 1
         stages = self.stages[:max_index + 1] if stop_early and not torch.jit.is_scripting() else self.stages
@@ -551,7 +552,7 @@ class LIT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised last-stage output: NHWC map, or ``(B, 1 + H * W, C)`` tokens with the class token."""
-        self._check_input_size(x)
+        check_input_size(x, self.patch_embed.patch_size[0], len(self.stages))
         x = self.patch_embed(x)
         last_index = len(self.stages) - 1
         for i, stage in enumerate(self.stages):
@@ -565,7 +566,7 @@ class LIT(nn.Module):
         if self.global_pool == 'token':
             x = x[:, 0]
         elif self.global_pool == 'avg':
-            x = x[:, self.num_prefix_tokens:].mean(dim=1) if x.ndim == 3 else x.mean(dim=(1, 2))
+            x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.cls_token is not None else x.mean(dim=(1, 2))
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 

@@ -19,11 +19,13 @@ from typing import Tuple, Union
 import torch
 import torch.nn as nn
 from torch.nn.modules.utils import _pair
+from timm.layers import register_notrace_module
 from torchvision.ops import deform_conv2d
 
 __all__ = ['DeformConv2dPack']
 
 
+@register_notrace_module  # FX leaf: the autocast guard needs a concrete device
 class DeformConv2dPack(nn.Module):
     """DCN v1 layer whose offsets come from a zero-initialised conv on the same input.
 

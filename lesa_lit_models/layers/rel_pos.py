@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_function
 
 __all__ = ['bias_table_size', 'resample_bias_table', 'relative_position_bias']
 
@@ -51,6 +52,7 @@ def resample_bias_table(
     return grid.reshape(num_heads, -1).t().contiguous()
 
 
+@register_notrace_function  # FX: shapes depend on the input grid
 def relative_position_bias(
         table: torch.Tensor,
         table_size: Tuple[int, int],
