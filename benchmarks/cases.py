@@ -27,6 +27,8 @@ class Case:
     pass and keep BatchNorm in eval mode while training (mmdet's ``norm_eval=True``).
     ``grad_checkpointing`` switches on the model's own checkpointing (LESA: the unary and binary terms of each
     block, as upstream's detection setting), not timm's per-stage checkpointing of the feature wrapper.
+    ``frozen_stages`` (detection, fwd+bwd) freezes the stem and that many stages as mmdet's ResNet does (no gradient,
+    eval mode); the authors' LESA detectors train with ``frozen_stages=1``.
     """
     model: str
     img_size: Tuple[int, int]
@@ -34,6 +36,7 @@ class Case:
     batch_size: int = 1
     attn_impl: Optional[str] = None
     grad_checkpointing: bool = False
+    frozen_stages: int = 0
     detection: bool = False
     model_kwargs: Tuple[Tuple[str, object], ...] = ()
     warmup: int = 1
@@ -57,7 +60,8 @@ class Case:
     @property
     def setting(self) -> Tuple:
         """Everything but the mode and the iteration counts: one table row."""
-        return self.model, self.img_size, self.batch_size, self.attn_impl, self.grad_checkpointing, self.detection
+        return (self.model, self.img_size, self.batch_size, self.attn_impl, self.grad_checkpointing, self.frozen_stages,
+                self.detection)
 
     @property
     def key(self) -> str:
@@ -67,7 +71,15 @@ class Case:
             parts.append(self.attn_impl)
         if self.grad_checkpointing:
             parts.append('ckpt')
+        if self.frozen_stages:
+            parts.append(f'frozen{self.frozen_stages}')
         return '-'.join(parts)
+
+    @property
+    def training_label(self) -> str:
+        """How the train pass differs from the plain one: `` +ckpt``, `` +frozen_stages=N``."""
+        return (' +ckpt' if self.grad_checkpointing else '') + (
+            f' +frozen_stages={self.frozen_stages}' if self.frozen_stages else '')
 
 
 @dataclass(frozen=True)
@@ -95,25 +107,26 @@ def _detection_cases(
         model: str,
         img_size: Tuple[int, int],
         impls: Tuple[str, ...],
-        train_settings: Tuple[Tuple[str, bool], ...],
+        train_settings: Tuple[Tuple[str, bool, int], ...],
         warmup: int,
         iters: int,
         model_kwargs: Tuple = (),
 ) -> List[Case]:
-    """Forward of each impl, forward+backward of each (impl, gradient checkpointing) of ``train_settings``."""
+    """Forward of each impl, forward+backward of each (impl, gradient checkpointing, frozen stages) setting."""
     base = Case(model, img_size, detection=True, model_kwargs=model_kwargs, warmup=warmup, iters=iters)
     return [
         *[replace(base, attn_impl=impl) for impl in impls],
-        *[replace(base, mode='fwd+bwd', attn_impl=impl, grad_checkpointing=ckpt) for impl, ckpt in train_settings],
+        *[replace(base, mode='fwd+bwd', attn_impl=impl, grad_checkpointing=ckpt, frozen_stages=frozen)
+          for impl, ckpt, frozen in train_settings],
     ]
 
 
 LESA_IMPLS = ('fused', 'reference')
 LIT_IMPLS = ('sdpa', 'explicit')
 # without checkpointing the LESA reference keeps several (G, L, L) fp32 tensors per block for backward (over 10 GiB
-# at 1024x1024), so it is also run as upstream trains it: with the unary/binary terms checkpointed
-LESA_TRAIN = (('fused', False), ('reference', False), ('fused', True), ('reference', True))
-LIT_TRAIN = (('sdpa', False), ('explicit', False))
+# at 1024x1024), so it is also run as upstream trains it: unary/binary terms checkpointed, stem and stage 1 frozen
+LESA_TRAIN = tuple((impl, ckpt, frozen) for frozen in (0, 1) for ckpt in (False, True) for impl in LESA_IMPLS)
+LIT_TRAIN = (('sdpa', False, 0), ('explicit', False, 0))
 
 
 def _lesa_det_kwargs(img_size: int) -> Tuple[Tuple[str, object], ...]:
@@ -155,19 +168,21 @@ def _label(case: Case) -> str:
 def comparisons(cases: List[Case]) -> List[Comparison]:
     """Fused vs reference detection backbones, classifiers vs their peers at 224.
 
-    A fused detection case is compared with the reference case of the same checkpointing setting and, when it
-    runs without checkpointing, also with the checkpointed reference (the upstream detection setting).
+    A fused detection case is compared with the reference case of the same settings and, when it runs without
+    checkpointing, also with the checkpointed reference (how upstream trains).
     """
     out = []
-    det = {(c.model, c.img_size, c.mode, c.attn_impl, c.grad_checkpointing): c for c in cases if c.detection}
-    for (model, size, mode, impl, ckpt), fast in det.items():
+    det = {(c.model, c.img_size, c.mode, c.frozen_stages, c.attn_impl, c.grad_checkpointing): c
+           for c in cases if c.detection}
+    for (model, size, mode, frozen, impl, ckpt), fast in det.items():
         if impl not in _REFERENCE_OF:
             continue
         modes, targets = TARGETS.get((model, size), ((), {}))
         for slow_ckpt in ((ckpt,) if ckpt else (False, True)):
-            slow = det.get((model, size, mode, _REFERENCE_OF[impl], slow_ckpt))
+            slow = det.get((model, size, mode, frozen, _REFERENCE_OF[impl], slow_ckpt))
             if slow is not None:
-                title = f'{model} {size[0]}x{size[1]} {mode}: {_label(fast)} vs {_label(slow)}'
+                title = (f'{model} {size[0]}x{size[1]} {mode}{f" frozen_stages={frozen}" if frozen else ""}: '
+                         f'{_label(fast)} vs {_label(slow)}')
                 out.append(Comparison(title, fast, slow, **(targets if mode in modes else {})))
     cls = {(c.model, c.mode): c for c in cases if not c.detection}
     for ours, peers in PEERS.items():

@@ -72,6 +72,19 @@ def _enable_model_checkpointing(model) -> int:
     return len(flagged)
 
 
+def _freeze_stages(model, num_stages: int) -> None:
+    """Freeze the stem and the first ``num_stages`` stages of a timm feature wrapper whose children run in order
+    (``features_only`` ResNets): no gradients, eval mode, as mmdet's ``frozen_stages``."""
+    stages = [f['module'] for f in model.feature_info.info if f['reduction'] >= 4]
+    names = list(dict(model.named_children()))
+    if len(stages) < num_stages or stages[num_stages - 1] not in names:
+        raise ValueError(f'cannot freeze {num_stages} stages of {type(model).__name__} (stages {stages})')
+    for name in names[:names.index(stages[num_stages - 1]) + 1]:
+        module = getattr(model, name)
+        module.eval()
+        module.requires_grad_(False)
+
+
 def _sum_outputs(out):
     if not isinstance(out, (list, tuple, dict)):
         return out.float().sum()
@@ -103,6 +116,8 @@ def measure(case: Case, device: str = 'cpu', threads: int = 0, mem_limit_gb: flo
     model.train(train)
     if case.detection:
         _set_batchnorm_eval(model)
+    if case.frozen_stages:
+        _freeze_stages(model, case.frozen_stages)
     if case.grad_checkpointing and not _enable_model_checkpointing(model):
         return {**result, 'status': 'error', 'error': f'{case.model} has no module-level gradient checkpointing'}
     tensors = [*model.parameters(), *model.buffers(), x]

@@ -27,11 +27,11 @@ METHOD = (
 )
 DETECTION_NOTE = (
     'Detection backbones: `features_only=True` with the feature maps the detectors use (LESA: C2-C5, LIT: the 4 '
-    'stages), summed for the backward pass; batch 1; all stages trainable; BatchNorm in eval mode in the train '
+    'stages), summed for the backward pass; batch 1; BatchNorm in eval mode in the train '
     'pass (`model.train()` then every BatchNorm `.eval()`, as mmdet\'s `norm_eval=True`). `+ckpt`: the model\'s '
-    'own gradient checkpointing (LESA: the unary and binary terms of each block are recomputed in backward, the '
-    'upstream detection setting); forward-only rows are the same with or '
-    'without it and are measured once.'
+    'own gradient checkpointing (LESA: the unary and binary terms of each block are recomputed in backward); '
+    '`+frozen_stages=1`: stem and first stage frozen (no gradients), as mmdet\'s `frozen_stages=1`. The authors '
+    'train their LESA detectors with both. Forward-only rows do not depend on either and are measured once.'
 )
 
 
@@ -172,7 +172,7 @@ def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, 
                   '|---|---|---|---|---|---|---|---|']
         for case, by_mode in det:
             h, w = case.img_size
-            impl = (case.attn_impl or 'default') + (' +ckpt' if case.grad_checkpointing else '')
+            impl = (case.attn_impl or 'default') + case.training_label
             cells = [*_cells(by_mode['fwd'], results, mem), *_cells(by_mode['fwd+bwd'], results, mem)]
             lines.append(f'| {case.model} | {h}x{w} | {impl} | {_params(by_mode, results)} | {" | ".join(cells)} |')
     cls = [row for row in _rows(cases) if not row[0].detection]
@@ -207,7 +207,7 @@ def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, 
 def _bar_label(case: Case) -> str:
     h, w = case.img_size
     impl = f' {case.attn_impl}' if case.attn_impl and case.detection else ''
-    return f'{case.model}{impl}{" +ckpt" if case.grad_checkpointing else ""} {h}x{w}'
+    return f'{case.model}{impl}{case.training_label} {h}x{w}'
 
 
 def write_chart(path: str, meta: Dict, cases: List[Case], results: Dict[str, Dict]) -> None:

@@ -45,8 +45,8 @@ def test_full_suite_covers_every_model_peer_mode_and_target():
         assert {c.mode for c in cases if c.model == model} == set(MODES), model
     lesa = [c for c in cases if c.model == 'lesa_resnet50_det']
     assert {c.img_size for c in lesa} == {(1024, 1024)} and all(c.detection and c.batch_size == 1 for c in lesa)
-    assert {(c.attn_impl, c.grad_checkpointing) for c in lesa if c.mode == 'fwd+bwd'} == {
-        ('fused', False), ('reference', False), ('fused', True), ('reference', True)}
+    assert {(c.attn_impl, c.grad_checkpointing, c.frozen_stages) for c in lesa if c.mode == 'fwd+bwd'} == {
+        (impl, ckpt, frozen) for impl in ('fused', 'reference') for ckpt in (False, True) for frozen in (0, 1)}
     assert {c.attn_impl for c in cases if c.model == 'lit_s' and c.img_size == (800, 1344)} == {'sdpa', 'explicit'}
     assert {c.img_size for c in cases if c.model == 'botnet26t_256'} == {(256, 256)}
 
@@ -55,6 +55,18 @@ def test_full_suite_covers_every_model_peer_mode_and_target():
     assert (lesa_same.min_memory_ratio, lesa_same.min_speed_ratio) == (5., 2.)
     assert 'lesa_resnet50_det 1024x1024 fwd+bwd: fused vs reference +ckpt' in targets
     assert targets['lit_s 800x1344 fwd+bwd: sdpa vs explicit'].min_memory_ratio == 2.
+
+
+def test_frozen_stages_freeze_the_stem_and_first_stages_only():
+    import timm
+    model = timm.create_model('resnet18', features_only=True, out_indices=(1, 2, 3, 4))
+    model.train()
+    measure._freeze_stages(model, 1)
+    frozen = {name.split('.')[0] for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {'conv1', 'bn1', 'layer1'}
+    assert not model.layer1.training and model.layer2.training
+    with pytest.raises(ValueError, match='cannot freeze 5 stages'):
+        measure._freeze_stages(model, 5)
 
 
 def _fake_results(cases, oom_keys=()):
