@@ -27,7 +27,6 @@ from mmdet.utils import register_all_modules
 from mmengine.dataset import pseudo_collate
 from mmengine.structures import InstanceData
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 register_all_modules()
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +54,15 @@ RECIPES = {
 }
 PAPER_CONFIGS = list(RECIPES)
 SMALL = 128  # input side for CPU steps; a multiple of 32, so LESA's grids stay exact
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared CPU, OpenMP threads waiting for busy cores make steps several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')
@@ -471,7 +479,8 @@ def test_converter_round_trips_the_authors_layout(path, tmp_path):
                 value.add_(torch.rand_like(value) * 0.1)
     upstream = tmp_path / 'upstream.pth'
     meta = dict(mmdet_version='2.11.0', CLASSES=np.array(['a', 'b']), epoch=12)
-    torch.save({'meta': meta, 'state_dict': to_upstream(model.state_dict(), cfg.model.backbone.model_name, 'backbone.')}, upstream)
+    upstream_state = to_upstream(model.state_dict(), cfg.model.backbone.model_name, 'backbone.')
+    torch.save({'meta': meta, 'state_dict': upstream_state}, upstream)
     converted = tmp_path / 'converted.pth'
     cfg_options = dict(options, **{'model.backbone.pretrained': False})
     summary = convert_coco_checkpoint(str(path), str(upstream), str(converted), cfg_options)

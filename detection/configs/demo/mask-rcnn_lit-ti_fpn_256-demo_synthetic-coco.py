@@ -1,15 +1,16 @@
 # CPU demo (detection/demo.sh): the LIT-Ti Mask R-CNN of configs/lit/ at 256 pixels, trained from scratch on the
-# synthetic dataset (detection/tools/make_synthetic_coco.py; pass its folder with --data-root) for a few minutes.
+# synthetic dataset (detection/tools/make_synthetic_coco.py; pass its folder with --data-root) in a few minutes,
+# then evaluated once with test.sh (no validation during training).
 # Not a paper setting. The paper's LIT-Ti Mask R-CNN (LIT, arXiv 2105.14217): COCO val2017 box AP 42.0, mask AP 39.1.
 _base_ = '../lit/mask-rcnn_lit-ti_fpn_1x_coco.py'
 
 image_size = 256
-epochs = 12
+epochs = 4
 model = dict(
     backbone=dict(pretrained=False),  # no ImageNet weights needed (nor downloaded)
     train_cfg=dict(
         rpn_proposal=dict(nms_pre=400, max_per_img=200),
-        rcnn=dict(sampler=dict(num=128))),
+        rcnn=dict(sampler=dict(num=64))),
     test_cfg=dict(
         rpn=dict(nms_pre=400, max_per_img=200),
         rcnn=dict(max_per_img=20)))
@@ -28,14 +29,14 @@ test_pipeline = [
     dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
 ]
 train_dataloader = dict(batch_size=2, num_workers=1, dataset=dict(pipeline=train_pipeline))
-val_dataloader = dict(num_workers=1, dataset=dict(pipeline=test_pipeline))
-test_dataloader = val_dataloader
+test_dataloader = dict(num_workers=1, dataset=dict(pipeline=test_pipeline))
+val_dataloader = val_cfg = val_evaluator = None
 
 train_cfg = dict(max_epochs=epochs, val_interval=epochs)
 param_scheduler = [
-    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=50),
-    dict(type='MultiStepLR', begin=0, end=epochs, by_epoch=True, milestones=[int(epochs * 0.75)], gamma=0.1),
+    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=16),
+    dict(type='MultiStepLR', begin=0, end=epochs, by_epoch=True, milestones=[epochs - 1], gamma=0.1),
 ]
-optim_wrapper = dict(optimizer=dict(lr=0.001))
-default_hooks = dict(logger=dict(interval=10), checkpoint=dict(interval=epochs))
+optim_wrapper = dict(optimizer=dict(lr=0.0005), clip_grad=dict(max_norm=10))  # from scratch: higher lr, clipped
+default_hooks = dict(logger=dict(interval=8), checkpoint=dict(interval=epochs))
 randomness = dict(seed=0)
