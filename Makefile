@@ -13,7 +13,7 @@ $(STAMP): scripts/setup_env.sh setup.cfg pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/python -m lesa_lit_models.demo
+	VIRTUAL_ENV=$(abspath $(VENV)) bash detection/demo.sh
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
