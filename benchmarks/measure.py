@@ -3,7 +3,9 @@
 The first iteration is the memory pass (and the first warm-up): on CUDA the allocator's peak
 (``torch.cuda.max_memory_allocated`` after a reset), on CPU the peak of the bytes the CPU allocator reports to
 ``torch.profiler(profile_memory=True)`` during that iteration, added to what is resident before it (weights,
-buffers, input). The timed iterations run without the profiler.
+buffers, input). The timed iterations run without the profiler; each records its wall time (throughput) and the
+process's CPU time, which on a shared machine is the steadier measure of the work (with one intra-op thread it
+equals the wall time of an idle machine).
 
 torch and timm are imported inside the functions: the harness process stays light, and the fork server that
 starts each case has them preloaded.
@@ -156,13 +158,13 @@ def measure(case: Case, device: str = 'cpu', threads: int = 0, mem_limit_gb: flo
         step()
         sync()
         warmup_s.append(time.perf_counter() - t0)
-    times = []
+    times, cpu_times = [], []
     for _ in range(case.iters):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         sync()
         times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
+        cpu_times.append(time.process_time() - c0)
     return {
         **result,
         'status': 'ok',
@@ -171,7 +173,9 @@ def measure(case: Case, device: str = 'cpu', threads: int = 0, mem_limit_gb: flo
         'rss_growth_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before,
         'warmup_s': warmup_s,
         'iter_s': times,
-        'img_per_s': case.batch_size / median,
+        'iter_cpu_s': cpu_times,
+        'img_per_s': case.batch_size / statistics.median(times),
+        'img_per_cpu_s': case.batch_size / statistics.median(cpu_times),
     }
 
 
