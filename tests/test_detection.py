@@ -20,7 +20,8 @@ import lesa_lit_models  # noqa: F401  (registers the timm models)
 from lesa_lit_det.convert import convert_coco_checkpoint
 from lesa_lit_det.engine import DatasetNotFoundError, adapt_to_device, check_dataset_paths, load_config, \
     load_detector_checkpoint, reduce_proposals
-from lesa_lit_det.synthetic import DatasetExistsError, SHAPE_CATEGORIES, SyntheticCocoSpec, make_synthetic_coco
+from lesa_lit_det.synthetic import COCO_CATEGORIES, DatasetExistsError, SHAPE_CATEGORIES, SyntheticCocoSpec, \
+    make_synthetic_coco
 from lesa_lit_models._checkpoint import CheckpointError
 from mmdet.registry import DATASETS, MODELS
 from mmdet.utils import register_all_modules
@@ -106,7 +107,9 @@ def test_synthetic_dataset_is_coco_and_deterministic(tmp_path, coco):
     assert all((coco / f).read_bytes() == (again / f).read_bytes() for f in files)
 
     api = COCO(str(coco / 'annotations' / 'instances_train2017.json'))
-    assert sorted(api.getCatIds()) == sorted(c[0] for c in SHAPE_CATEGORIES.values())
+    assert len(api.getCatIds()) == 80 and api.loadCats(api.getCatIds(catNms=['kite']))[0]['id'] == 38
+    shape_ids = {COCO_CATEGORIES[name] for name in SHAPE_CATEGORIES.values()}
+    assert {ann['category_id'] for ann in api.loadAnns(api.getAnnIds())} == shape_ids
     assert len(api.getImgIds()) == 4 and api.getAnnIds()
     for ann in api.loadAnns(api.getAnnIds()):
         info = api.loadImgs(ann['image_id'])[0]
@@ -127,9 +130,9 @@ def test_synthetic_dataset_loads_in_mmdet_with_masks_and_stuff_maps(coco):
     sample = dataset[0]
     gt = sample['data_samples'].gt_instances
     assert len(dataset) == 4 and len(gt) > 0
-    # mmdet numbers the categories present in the json (COCO ids 38, 72, 85) as labels 0..2; CocoMetric maps back
-    assert dataset.cat_ids == sorted(c[0] for c in SHAPE_CATEGORIES.values())
-    assert set(gt.labels.tolist()) <= {0, 1, 2}
+    classes = dataset.metainfo['classes']
+    assert dataset.cat_ids == list(COCO_CATEGORIES.values())  # the labels of real COCO
+    assert {classes[label] for label in gt.labels.tolist()} <= set(SHAPE_CATEGORIES.values())
     assert gt.masks.masks.shape[1:] == sample['inputs'].shape[1:]
     assert sample['data_samples'].gt_sem_seg.sem_seg.shape[1:] == sample['inputs'].shape[1:]
 

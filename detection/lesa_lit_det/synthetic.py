@@ -10,9 +10,10 @@ its data root (``--data-root``)::
     ROOT/stuffthingmaps/train2017/*.png              COCO-stuff label maps for HTC's semantic branch
     ROOT/synthetic_coco.json                         the generator settings (marks the folder as ours)
 
-The three shape classes reuse COCO category names and ids (rectangle -> tv, ellipse -> clock, triangle -> kite),
-so the stock 80-class heads and ``CocoDataset``'s class list apply unchanged. Stuff maps follow COCO-stuff:
-pixel value = category id - 1, 255 = unlabelled; the background of each image is one stuff class.
+The category list is COCO's 80 thing categories (names and ids); the three shapes are annotated as three of them
+(rectangle -> tv, ellipse -> clock, triangle -> kite). So the stock 80-class heads, ``CocoDataset``'s labels and
+``CocoMetric``'s id mapping apply unchanged, and a prediction of any class is a valid result. Stuff maps follow
+COCO-stuff: pixel value = category id - 1, 255 = unlabelled; the background of each image is one stuff class.
 Everything is drawn from one seed, so the same arguments give byte-identical files.
 """
 import json
@@ -25,16 +26,25 @@ from typing import Dict, List, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ['SyntheticCocoSpec', 'make_synthetic_coco', 'SHAPE_CATEGORIES']
+__all__ = ['SyntheticCocoSpec', 'make_synthetic_coco', 'COCO_CATEGORIES', 'SHAPE_CATEGORIES']
 
 MARKER = 'synthetic_coco.json'
 
-# shape -> COCO category (id, name, supercategory)
-SHAPE_CATEGORIES = {
-    'rectangle': (72, 'tv', 'electronic'),
-    'ellipse': (85, 'clock', 'indoor'),
-    'triangle': (38, 'kite', 'sports'),
-}
+# COCO's 80 thing categories: name -> id (the ids of instances_*2017.json, with their gaps)
+COCO_CATEGORIES = dict(zip(
+    ('person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat', 'traffic light',
+     'fire hydrant', 'stop sign', 'parking meter', 'bench', 'bird', 'cat', 'dog', 'horse', 'sheep', 'cow',
+     'elephant', 'bear', 'zebra', 'giraffe', 'backpack', 'umbrella', 'handbag', 'tie', 'suitcase', 'frisbee',
+     'skis', 'snowboard', 'sports ball', 'kite', 'baseball bat', 'baseball glove', 'skateboard', 'surfboard',
+     'tennis racket', 'bottle', 'wine glass', 'cup', 'fork', 'knife', 'spoon', 'bowl', 'banana', 'apple',
+     'sandwich', 'orange', 'broccoli', 'carrot', 'hot dog', 'pizza', 'donut', 'cake', 'chair', 'couch',
+     'potted plant', 'bed', 'dining table', 'toilet', 'tv', 'laptop', 'mouse', 'remote', 'keyboard', 'cell phone',
+     'microwave', 'oven', 'toaster', 'sink', 'refrigerator', 'book', 'clock', 'vase', 'scissors', 'teddy bear',
+     'hair drier', 'toothbrush'),
+    (*range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70, *range(72, 83), *range(84, 91)),
+))
+# shape -> the COCO category it is annotated as
+SHAPE_CATEGORIES = {'rectangle': 'tv', 'ellipse': 'clock', 'triangle': 'kite'}
 # background stuff classes (COCO-stuff id, name) and the colour range the background is drawn in
 BACKGROUNDS = [
     (157, 'sky-other', (90, 150, 210)),
@@ -118,7 +128,7 @@ def _draw_image(rng: np.random.Generator, spec: SyntheticCocoSpec):
         mask_image = Image.new('L', (width, height), 0)
         ImageDraw.Draw(mask_image).polygon(points, fill=1)
         mask = np.asarray(mask_image, dtype=bool)
-        category_id = SHAPE_CATEGORIES[shape][0]
+        category_id = COCO_CATEGORIES[SHAPE_CATEGORIES[shape]]
         if stuff is not None:
             stuff[mask] = category_id - 1
         objects.append((category_id, polygon.round(2), mask))
@@ -138,7 +148,7 @@ def _annotation(ann_id: int, image_id: int, category_id: int, polygon: np.ndarra
 
 
 def _categories() -> List[Dict]:
-    return [{'id': cid, 'name': name, 'supercategory': sup} for cid, name, sup in sorted(SHAPE_CATEGORIES.values())]
+    return [{'id': cid, 'name': name} for name, cid in COCO_CATEGORIES.items()]
 
 
 def _check_destination(root: str, spec: SyntheticCocoSpec, overwrite: bool) -> bool:
