@@ -229,10 +229,7 @@ def test_amp_configs_train_in_fp32_without_a_gpu(monkeypatch):
 
 
 @pytest.mark.parametrize('path', [
-    MASK_RCNN_LESA,
-    pytest.param(HTC_LESA, marks=pytest.mark.slow),
-    pytest.param(HTC_LESA_NO_SEM, marks=pytest.mark.slow),
-    RETINA_LIT_TI, RETINA_LIT_S, MASK_RCNN_LIT_TI, MASK_RCNN_LIT_S,
+    MASK_RCNN_LESA, HTC_LESA, HTC_LESA_NO_SEM, RETINA_LIT_TI, RETINA_LIT_S, MASK_RCNN_LIT_TI, MASK_RCNN_LIT_S,
 ], ids=lambda p: p.name)
 def test_paper_detector_train_and_predict_step(path, coco):
     torch.manual_seed(0)
@@ -494,6 +491,7 @@ def test_converter_round_trips_the_authors_layout(path, tmp_path):
         torch.testing.assert_close(fresh.state_dict()[key], value, msg=key)
 
 
+@pytest.mark.slow
 def test_converter_refuses_a_checkpoint_of_another_backbone(tmp_path):
     lit_ti = build(small_config(MASK_RCNN_LIT_TI))
     upstream = tmp_path / 'lit_ti_mask_rcnn.pth'

@@ -36,6 +36,8 @@ def convert_coco_checkpoint(config: str, upstream: str, out: str, cfg_options: O
 
     register_all_modules()
     cfg = load_config(config, cfg_options)
+    if cfg.model.backbone.get('type') != 'TimmBackbone':
+        raise CheckpointError(f'{config} does not use TimmBackbone: its checkpoints need no conversion.')
     cfg.model.backbone.pretrained = upstream
     try:
         model = MODELS.build(cfg.model)

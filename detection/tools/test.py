@@ -54,7 +54,8 @@ def main(argv=None):
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
         'work_dirs', osp.splitext(osp.basename(args.config))[0])
     cfg.load_from = None  # loaded below, strictly
-    cfg.model.backbone.pretrained = False  # every weight comes from the checkpoint
+    if cfg.model.backbone.get('type') == 'TimmBackbone':
+        cfg.model.backbone.pretrained = False  # every weight comes from the checkpoint
     out_prefix = args.out_prefix or osp.join(cfg.work_dir, 'results')
     if args.test_dev:
         use_test_dev(cfg, out_prefix)
