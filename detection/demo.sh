@@ -27,7 +27,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 START=$SECONDS
 run() { printf '\n$ %s\n' "$*"; "$@"; }
 
-run "$PYTHON" "$HERE/tools/make_synthetic_coco.py" "$WORK_DIR/data" --num-train 48 --num-val 8
+run "$PYTHON" "$HERE/tools/make_synthetic_coco.py" "$WORK_DIR/data" --num-train 40 --num-val 8
 run "$HERE/train.sh" "$CONFIG" 0 --data-root "$WORK_DIR/data" --work-dir "$WORK_DIR/train"
 CHECKPOINT="$(cat "$WORK_DIR/train/last_checkpoint")"
 run "$HERE/test.sh" "$CONFIG" "$CHECKPOINT" 0 --data-root "$WORK_DIR/data" --work-dir "$WORK_DIR/test" \
