@@ -528,6 +528,31 @@ def test_slurm_scripts_start_one_task_per_gpu(tmp_path):
     assert args[-3:] == [str(MASK_RCNN_LESA), 'ckpt.pth', '--launcher=slurm']
 
 
+def test_train_and_test_scripts_pick_the_launcher(tmp_path):
+    fake_python = tmp_path / 'python'
+    fake_python.write_text('#!/bin/sh\necho "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset} $*"\n')
+    fake_python.chmod(0o755)
+
+    def launch(script, *args, **env):
+        env = dict(os.environ, PYTHON=str(fake_python), **env)
+        env.pop('CUDA_VISIBLE_DEVICES', None)
+        return subprocess.run(['bash', str(DETECTION / script), *args], env=env, check=True, capture_output=True,
+                              text=True).stdout.split()
+
+    train, test = str(DETECTION / 'tools' / 'train.py'), str(DETECTION / 'tools' / 'test.py')
+    assert launch('train.sh', 'cfg.py', '--work-dir', 'w') == ['CUDA_VISIBLE_DEVICES=unset', train, 'cfg.py',
+                                                               '--work-dir', 'w']
+    assert launch('train.sh', 'cfg.py', '0')[:3] == ['CUDA_VISIBLE_DEVICES=-1', train, 'cfg.py']
+    assert launch('test.sh', 'cfg.py', 'ckpt.pth', '1', '--test-dev') == [
+        'CUDA_VISIBLE_DEVICES=unset', test, 'cfg.py', 'ckpt.pth', '--test-dev']
+    assert launch('train.sh', 'cfg.py', '8', '--resume', NNODES='2', NODE_RANK='1', MASTER_ADDR='10.1.1.1') == [
+        'CUDA_VISIBLE_DEVICES=unset', '-m', 'torch.distributed.run', '--nnodes=2', '--node_rank=1',
+        '--master_addr=10.1.1.1', '--master_port=29500', '--nproc_per_node=8', train, 'cfg.py', '--resume',
+        '--launcher', 'pytorch']
+    assert launch('test.sh', 'cfg.py', 'ckpt.pth', '4', PORT='29999')[-7:] == [
+        '--master_port=29999', '--nproc_per_node=4', test, 'cfg.py', 'ckpt.pth', '--launcher', 'pytorch']
+
+
 def test_demo_refuses_a_foreign_work_dir(tmp_path):
     foreign = tmp_path / 'results'
     foreign.mkdir()
