@@ -2,24 +2,22 @@
 
 * config loading with the adjustments the command line offers (data root, input size, test-dev);
 * device adaptation: fp32 instead of ``AmpOptimWrapper`` and the gloo backend when there is no GPU;
-* clear errors for a missing dataset and for a checkpoint of another model (or in the authors' mmdet 2.x layout);
-* ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``: mmengine 0.10 calls ``torch.load`` without ``weights_only``, which
-  torch >= 2.6 turns into ``weights_only=True`` and which then refuses mmengine's own checkpoints (resume,
-  ``load_from``). The variable is read at every ``torch.load`` call; only load checkpoints you trust.
+* clear errors for a missing dataset and for a checkpoint of another model (or in the authors' mmdet 2.x layout).
+
+mmengine 0.10 calls ``torch.load`` without ``weights_only``, which torch >= 2.6 turns into ``weights_only=True``,
+and which then refuses mmengine's own checkpoints (resume, ``load_from``). The entry points (``train.sh``,
+``test.sh``, ``tools/train.py``, ``tools/test.py``) set ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``, which torch reads
+at every call; :func:`load_detector_checkpoint` passes ``weights_only=False`` itself. Load only trusted files.
 """
-import os
+import os.path as osp
+from typing import Dict, Iterable, List, Optional, Sequence
 
-os.environ.setdefault('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
+import torch
+from mmengine.config import Config, ConfigDict
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
 
-import os.path as osp  # noqa: E402
-from typing import Dict, Iterable, List, Optional, Sequence  # noqa: E402
-
-import torch  # noqa: E402
-from mmengine.config import Config, ConfigDict  # noqa: E402
-from mmengine.logging import print_log  # noqa: E402
-from mmengine.model import is_model_wrapper  # noqa: E402
-
-from lesa_lit_models._checkpoint import CheckpointError, verify_state_dict  # noqa: E402
+from lesa_lit_models._checkpoint import CheckpointError, verify_state_dict
 
 __all__ = [
     'DatasetNotFoundError', 'load_config', 'set_data_root', 'set_input_size', 'reduce_proposals', 'use_test_dev',

@@ -48,6 +48,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    # mmengine 0.10 + torch >= 2.6: mmengine's own checkpoints (resume, load_from) need full unpickling
+    os.environ.setdefault('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
     args = parse_args(argv)
     cfg = load_config(args.config, args.cfg_options, args.data_root, args.input_size)
     cfg.launcher = args.launcher
