@@ -26,7 +26,6 @@ from lesa_lit_models._checkpoint import CheckpointError
 from mmdet.registry import DATASETS, MODELS
 from mmdet.utils import register_all_modules
 from mmengine.dataset import pseudo_collate
-from mmengine.structures import InstanceData
 
 register_all_modules()
 

@@ -136,13 +136,12 @@ def _draw_image(rng: np.random.Generator, spec: SyntheticCocoSpec):
 
 
 def _annotation(ann_id: int, image_id: int, category_id: int, polygon: np.ndarray, mask: np.ndarray) -> Dict:
-    ys, xs = np.nonzero(mask)
     x0, y0 = float(polygon[:, 0].min()), float(polygon[:, 1].min())
     x1, y1 = float(polygon[:, 0].max()), float(polygon[:, 1].max())
     return {
         'id': ann_id, 'image_id': image_id, 'category_id': category_id,
         'segmentation': [polygon.reshape(-1).tolist()],
-        'area': float(len(xs)), 'bbox': [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+        'area': float(mask.sum()), 'bbox': [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
         'iscrowd': 0,
     }
 
