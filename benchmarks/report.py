@@ -236,7 +236,7 @@ def write_chart(path: str, meta: Dict, cases: List[Case], results: Dict[str, Dic
               for title, det in (('classifiers', False), ('detection backbones', True))]
     groups = [(t, rows) for t, rows in groups if rows]
     heights = [max(2., 0.45 * len(rows) + 1.2) for _, rows in groups]
-    fig, axes = plt.subplots(len(groups), 2, figsize=(13, sum(heights)), squeeze=False,
+    fig, axes = plt.subplots(len(groups), 2, figsize=(15, sum(heights)), squeeze=False,
                              gridspec_kw={'height_ratios': heights})
     colors = {'fwd': '#4c72b0', 'fwd+bwd': '#dd8452'}
     for (title, rows), ax_row in zip(groups, axes):
@@ -252,7 +252,7 @@ def write_chart(path: str, meta: Dict, cases: List[Case], results: Dict[str, Dic
                     if r.get('status') == 'ok':
                         value = r[metric] / (_MiB if metric == 'peak_bytes' else 1)
                         ax.barh(y, value, height=0.4, color=colors[mode])
-                        ax.text(value, y, f' {value:.3g}', va='center', fontsize=7)
+                        ax.text(value, y, f' {value:.3g}' if value < 1000 else f' {value:.0f}', va='center', fontsize=7)
                         values.append(value)
                     elif r.get('status') == 'oom' and metric == 'peak_bytes':
                         limit_mib = r.get('mem_limit_gb', meta['mem_limit_gb']) * _GiB / _MiB
@@ -270,7 +270,7 @@ def write_chart(path: str, meta: Dict, cases: List[Case], results: Dict[str, Dic
             ax.set_yticks(range(len(rows)), labels, fontsize=8)
             ax.invert_yaxis()
             ax.set_xlabel(xlabel)
-            ax.set_title(f'{title}: {xlabel}', fontsize=10)
+            ax.set_title(title, fontsize=10)
             ax.grid(axis='x', which='major', alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
     fig.legend(handles, list(colors), loc='upper right', ncol=2)
