@@ -130,7 +130,7 @@ LIT_TRAIN = (('sdpa', False, 0), ('explicit', False, 0))
 
 
 def _lesa_det_kwargs(img_size: int) -> Tuple[Tuple[str, object], ...]:
-    """Position tables for the benchmarked size; C2-C5 as mmdet's ``out_indices=(0, 1, 2, 3)``."""
+    """Position tables for the benchmarked size; C2-C5 (timm feature indices 1-4, mmdet ResNet's 0-3)."""
     return ('img_size', img_size), ('out_indices', (1, 2, 3, 4))
 
 

@@ -16,10 +16,11 @@ What is measured (``benchmarks/cases.py``), fp32, random init (nothing is downlo
   ``pvt_v2_b2``, ``swin_tiny_patch4_window7_224``;
 * detection backbones, batch 1, ``features_only=True`` (the maps the detectors take), BatchNorm in eval mode while
   training (mmdet's ``norm_eval=True``): ``lesa_resnet50_det`` at 1024x1024, ``attn_impl='fused'`` and
-  ``'reference'``, forward+backward without and with the model's gradient checkpointing (the unary and binary
-  terms, the upstream setting: the reference keeps several (8, 4096, 4096) fp32 tensors per block otherwise);
-  ``lesa_wrn50_det`` at 1280x1280, forward of both (its training step takes minutes on 2 CPU cores); ``lit_s``
-  and ``lit_ti`` at 800x1344, ``attn_impl='sdpa'`` and ``'explicit'`` (materialised ``softmax(q k^T s + bias) v``);
+  ``'reference'``, forward+backward with all stages trainable and in the authors' setting (``frozen_stages=1``),
+  each without and with the model's gradient checkpointing (the unary and binary terms, as upstream: the reference
+  keeps several (8, 4096, 4096) fp32 tensors per block otherwise); ``lesa_wrn50_det`` at 1280x1280, forward of
+  both (its training step takes minutes on 2 CPU cores); ``lit_s`` and ``lit_ti`` at 800x1344, ``attn_impl='sdpa'``
+  and ``'explicit'`` (materialised ``softmax(q k^T s + bias) v``);
 * modes ``fwd`` (eval, ``torch.inference_mode``) and ``fwd+bwd`` (train, backward of the sum of the outputs);
 * ratios of one run: fused/reference (and sdpa/explicit) peak memory and speed, with the targets of issue #6
   (LESA-ResNet-50 detection backbone at 1024x1024, fwd+bwd: >= 5x less memory, >= 2x faster; LIT-S at 800x1344:
