@@ -47,7 +47,7 @@ except ImportError:  # older timm only exports the model_args passed to it
 
 from ._checkpoint import resolve_pretrained_file, strip_prefix, unwrap_state_dict, verify_state_dict
 from .layers.deform_merge import DeformableTokenMerging
-from .layers.rel_pos import bias_table_size, relative_position_bias, resample_bias_table
+from .layers.rel_pos import bias_from_grid, bias_table_size, relative_position_bias_grid, resample_bias_table
 
 __all__ = ['LIT', 'checkpoint_filter_fn', 'detection_output_norms']
 
@@ -72,6 +72,40 @@ def _check_attn_impl(attn_impl: str) -> str:
     return attn_impl
 
 
+def _attend_with_bias_rows(q, k, v, grid, feat_size, query_rows, dropout_p):
+    bias = bias_from_grid(grid, feat_size, query_rows).unsqueeze(0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+
+
+@register_notrace_function  # FX leaf: the number of bands depends on the input grid
+def attend_in_row_bands(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        grid: torch.Tensor,
+        feat_size: Tuple[int, int],
+        max_logits: int,
+        dropout_p: float = 0.,
+) -> torch.Tensor:
+    """``softmax(q k^T * scale + bias) v`` over an ``H x W`` map, one band of query rows at a time.
+
+    Each band holds at most ``max_logits`` logits (at least one row) and expands only its rows of the bias from the
+    ``(heads, 2H - 1, 2W - 1)`` offset ``grid``; with gradients enabled each band is recomputed in backward
+    (activation checkpointing), so nothing of size ``(heads, N, N)`` is kept. One band is one plain SDPA call.
+    """
+    height, width = feat_size
+    rows_per_band = max(1, max_logits // (q.shape[0] * q.shape[1] * width * k.shape[2]))
+    if rows_per_band >= height:
+        return _attend_with_bias_rows(q, k, v, grid, feat_size, None, dropout_p)
+    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, grid))
+    bands = []
+    for start in range(0, height, rows_per_band):
+        stop = min(height, start + rows_per_band)
+        args = (q[:, :, start * width:stop * width], k, v, grid, feat_size, (start, stop), dropout_p)
+        bands.append(checkpoint(_attend_with_bias_rows, *args) if recompute else _attend_with_bias_rows(*args))
+    return torch.cat(bands, dim=2)
+
+
 class LITAttention(nn.Module):
     """Global multi-head self-attention over all tokens of a stage, optionally with a relative position bias.
 
@@ -83,7 +117,13 @@ class LITAttention(nn.Module):
     ``attn_impl``: ``'sdpa'`` (default) uses ``F.scaled_dot_product_attention`` with the bias as additive mask;
     ``'explicit'`` materialises ``softmax(q k^T * scale + bias) v`` (the upstream formulation, for benchmarks
     and checks).
+
+    With a bias, ``'sdpa'`` goes through :func:`attend_in_row_bands`: when the logits of the whole map would
+    exceed :attr:`max_chunk_logits` (batch x heads x queries x keys) it attends one band of query rows at a time,
+    recomputed in backward, so training keeps no ``(heads, N, N)`` tensor (every fused kernel returns a trained
+    bias's gradient as a dense one). Each query's softmax still spans every key: the result is exact.
     """
+    max_chunk_logits: int = 2 ** 25
 
     def __init__(
             self,
@@ -119,18 +159,19 @@ class LITAttention(nn.Module):
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = None
+        grid = None
         if self.relative_position_bias_table is not None:
-            bias = relative_position_bias(
-                self.relative_position_bias_table, self.table_size, feat_size, dtype=q.dtype).unsqueeze(0)
-        if self.attn_impl == 'sdpa':
-            x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.)
-        else:
+            grid = relative_position_bias_grid(self.relative_position_bias_table, self.table_size, feat_size, q.dtype)
+        dropout_p = self.attn_drop.p if self.training else 0.
+        if self.attn_impl == 'explicit':
             attn = (q * self.scale) @ k.transpose(-2, -1)
-            if bias is not None:
-                attn = attn + bias
+            if grid is not None:
+                attn = attn + bias_from_grid(grid, feat_size).unsqueeze(0)
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        elif grid is not None:
+            x = attend_in_row_bands(q, k, v, grid, feat_size, self.max_chunk_logits, dropout_p)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 

@@ -15,7 +15,8 @@ from timm.models import group_parameters
 import lesa_lit_models  # noqa: F401  (registers the models)
 from lesa_lit_models._checkpoint import CheckpointError
 from lesa_lit_models.layers.deform_merge import DeformableTokenMerging
-from lesa_lit_models.layers.rel_pos import relative_position_bias, resample_bias_table
+from lesa_lit_models.layers.rel_pos import bias_from_grid, relative_position_bias, relative_position_bias_grid, \
+    resample_bias_table
 from lesa_lit_models import lit
 from lesa_lit_models.lit import AttentionBlock, LITAttention, MLPBlock, detection_output_norms
 
@@ -225,6 +226,69 @@ def test_attention_equals_explicit_softmax(with_table):
     for impl in ('sdpa', 'explicit'):
         attn.attn_impl = impl
         torch.testing.assert_close(attn(x, (3, 5)), _explicit_attention(attn, x, (3, 5)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('feat_size, rows', [((5, 4), (0, 2)), ((5, 4), (3, 5)), ((7, 3), (2, 6)), ((4, 6), (0, 4))])
+def test_bias_of_a_band_of_query_rows_is_that_slice_of_the_dense_bias(feat_size, rows):
+    h, w = feat_size
+    table = torch.randn(9 * 11, 3)  # a 5x6-grid table, resampled for every size here but (5, 6)
+    dense = relative_position_bias(table, (9, 11), feat_size)
+    band = bias_from_grid(relative_position_bias_grid(table, (9, 11), feat_size), feat_size, rows)
+    assert torch.equal(band, dense[:, rows[0] * w:rows[1] * w])
+
+
+def _largest_saved_tensor(fn):
+    """Run ``fn`` and return the element count of the largest tensor autograd keeps for backward."""
+    sizes = [0]
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, max(sizes)
+
+
+@pytest.mark.parametrize('feat_size', [(9, 8), (11, 5)])
+def test_attention_in_row_bands_is_exact_and_keeps_no_full_logits_for_backward(feat_size):
+    attn = LITAttention(48, num_heads=3, rel_pos_grid=(4, 4)).train()
+    nn.init.normal_(attn.relative_position_bias_table, std=1.)
+    h, w = feat_size
+    n = h * w
+    x = torch.randn(2, n, 48, requires_grad=True)
+    attn.max_chunk_logits = 2 * 3 * 2 * w * n  # bands of two query rows, the last one shorter (odd heights)
+
+    out, largest = _largest_saved_tensor(lambda: attn(x, feat_size))
+    assert largest < 2 * 3 * n * n  # no (batch, heads, N, N) logits, probabilities or bias kept
+    expected = _explicit_attention(attn, x, feat_size)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn_like(out)
+    params = [x, attn.relative_position_bias_table, attn.qkv.weight, attn.qkv.bias]
+    grads = torch.autograd.grad(out, params, grad_out)
+    expected_grads = torch.autograd.grad(expected, params, grad_out)
+    for name, g, g_expected in zip(('x', 'table', 'qkv.weight', 'qkv.bias'), grads, expected_grads):
+        torch.testing.assert_close(g, g_expected, rtol=1e-4, atol=1e-5, msg=name)
+
+    attn.attn_impl = 'explicit'  # the upstream formulation keeps them, so the bound above can fail
+    assert _largest_saved_tensor(lambda: attn(x, feat_size))[1] >= 2 * 3 * n * n
+    attn.attn_impl = 'sdpa'
+    with torch.no_grad():
+        torch.testing.assert_close(attn.eval()(x, feat_size), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_row_band_attention_leaves_a_whole_model_unchanged():
+    model = _tiny('lit_s', num_classes=4).train()
+    banded = copy.deepcopy(model)
+    for m in banded.modules():
+        if isinstance(m, LITAttention):
+            m.max_chunk_logits = 1  # one query row per band
+    x = torch.randn(2, 3, 96, 64)
+    out, out_banded = model(x), banded(x)
+    torch.testing.assert_close(out_banded, out, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    out_banded.square().sum().backward()
+    for (n, p), p_banded in zip(model.named_parameters(), banded.parameters()):
+        torch.testing.assert_close(p_banded.grad, p.grad, rtol=1e-4, atol=1e-5, msg=n)
 
 
 def test_parameter_counts_match_the_authors_models():

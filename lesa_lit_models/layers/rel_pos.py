@@ -12,6 +12,7 @@ same, then expands the table into the dense ``(num_heads, H * W, H * W)`` bias w
 (``unfold``) of the live table instead of gathering through an ``(H * W)^2`` index: the result is
 bit-identical to ``table[index]``, differentiable, never stale when the table is trained, and needs no
 index tensor or cache (the index alone is 141 MB at an 800x1344 input), so nothing is rebuilt on the CPU.
+:func:`bias_from_grid` expands only the rows of a band of queries, for attention computed a chunk at a time.
 """
 from typing import Optional, Tuple
 
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
-__all__ = ['bias_table_size', 'resample_bias_table', 'relative_position_bias']
+__all__ = ['bias_table_size', 'resample_bias_table', 'relative_position_bias_grid', 'bias_from_grid',
+           'relative_position_bias']
 
 
 def bias_table_size(grid_size: Tuple[int, int]) -> Tuple[int, int]:
@@ -53,25 +55,48 @@ def resample_bias_table(
 
 
 @register_notrace_function  # FX: shapes depend on the input grid
+def relative_position_bias_grid(
+        table: torch.Tensor,
+        table_size: Tuple[int, int],
+        feat_size: Tuple[int, int],
+        dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """The ``(heads, 2H - 1, 2W - 1)`` offset grid of an ``H x W`` map from a flat ``(th * tw, heads)`` table.
+
+    The table is resampled bicubically when its grid ``table_size`` differs. ``dtype`` casts the small grid (the
+    attention dtype under autocast), so the large bias expanded from it is only ever materialised once.
+    """
+    num_heads = table.shape[1]
+    grid = _resample_grid(table.t().reshape(1, num_heads, *table_size), bias_table_size(feat_size))[0]
+    return grid if dtype is None else grid.to(dtype)
+
+
+@register_notrace_function  # FX: shapes depend on the input grid
+def bias_from_grid(
+        grid: torch.Tensor,
+        feat_size: Tuple[int, int],
+        query_rows: Optional[Tuple[int, int]] = None,
+) -> torch.Tensor:
+    """Dense bias of the queries in map rows ``[start, stop)`` (all rows by default) against every key.
+
+    Returns ``(heads, (stop - start) * W, H * W)``, a slice of :func:`relative_position_bias` computed without
+    the rest of it: the chunked attention of :class:`~lesa_lit_models.lit.LITAttention` builds one slice at a time.
+    """
+    height, width = feat_size
+    start, stop = query_rows or (0, height)
+    # bias[h, (y, x), (y', x')] = grid[h, y - y' + H - 1, x - x' + W - 1]: query rows [start, stop) read grid rows
+    # [start, stop + H - 1). With that band flipped, the keys of a query form the contiguous H x W window starting
+    # at (stop - 1 - y, W - 1 - x): unfold takes all windows, the second flip puts them back in query order.
+    band = grid[:, start:stop + height - 1].flip(1, 2)
+    windows = band.unfold(1, height, 1).unfold(2, width, 1)  # heads, rows, W, H, W (queries flipped)
+    return windows.flip(1, 2).reshape(grid.shape[0], (stop - start) * width, height * width)
+
+
 def relative_position_bias(
         table: torch.Tensor,
         table_size: Tuple[int, int],
         feat_size: Tuple[int, int],
         dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """Dense ``(heads, H * W, H * W)`` attention bias of an ``H x W`` map from a flat ``(th * tw, heads)`` table.
-
-    The table is first resampled bicubically to ``(2H - 1, 2W - 1)`` when its grid ``table_size`` differs.
-    ``dtype`` casts the small resampled table before the expansion (the attention dtype under autocast), so the
-    large bias is only ever materialised once.
-    """
-    height, width = feat_size
-    num_heads = table.shape[1]
-    grid = _resample_grid(table.t().reshape(1, num_heads, *table_size), bias_table_size(feat_size))[0]
-    if dtype is not None:
-        grid = grid.to(dtype)
-    # bias[h, (y, x), (y', x')] = grid[h, y - y' + H - 1, x - x' + W - 1]. With the grid flipped, the keys of a
-    # query at (y, x) form the contiguous H x W window starting at (H - 1 - y, W - 1 - x): unfold takes all
-    # windows, the second flip puts them back in query order.
-    windows = grid.flip(1, 2).unfold(1, height, 1).unfold(2, width, 1)  # heads, H, W, H, W (query flipped)
-    return windows.flip(1, 2).reshape(num_heads, height * width, height * width)
+    """Dense ``(heads, H * W, H * W)`` attention bias of an ``H x W`` map from a flat ``(th * tw, heads)`` table."""
+    return bias_from_grid(relative_position_bias_grid(table, table_size, feat_size, dtype), feat_size)
