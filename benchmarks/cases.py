@@ -134,15 +134,18 @@ def _lesa_det_kwargs(img_size: int) -> Tuple[Tuple[str, object], ...]:
     return ('img_size', img_size), ('out_indices', (1, 2, 3, 4))
 
 
-def suite(quick: bool = False) -> List[Case]:
-    """The full suite (classifiers at 224, detection backbones at detection sizes) or a tiny smoke suite."""
+def suite(quick: bool = False, device: str = 'cpu') -> List[Case]:
+    """The full suite (classifiers at 224, detection backbones at detection sizes) or a tiny smoke suite.
+
+    On CUDA, where an iteration takes milliseconds, every full-suite case warms up 3 times and times 10.
+    """
     if quick:
         return [
             *[Case('resnet50', (64, 64), mode, warmup=1, iters=1) for mode in MODES],
             *_detection_cases('lesa_resnet50_det', (128, 128), LESA_IMPLS, LESA_TRAIN[:2], 1, 1, _lesa_det_kwargs(128)),
             *_detection_cases('lit_s', (128, 192), LIT_IMPLS, LIT_TRAIN, 1, 1),
         ]
-    return [
+    cases = [
         *_classification_cases(224, batch_size=4, warmup=1, iters=3),
         # on 2 CPU cores one fwd+bwd iteration at 1024x1024 takes minutes: the memory pass warms up, one is timed
         *_detection_cases('lesa_resnet50_det', (1024, 1024), LESA_IMPLS, LESA_TRAIN, 1, 1, _lesa_det_kwargs(1024)),
@@ -151,6 +154,7 @@ def suite(quick: bool = False) -> List[Case]:
         *_detection_cases('lit_s', (800, 1344), LIT_IMPLS, LIT_TRAIN, 1, 2),
         *_detection_cases('lit_ti', (800, 1344), LIT_IMPLS, LIT_TRAIN, 1, 2),
     ]
+    return [replace(c, warmup=3, iters=10) for c in cases] if device.startswith('cuda') else cases
 
 
 # targets of issue #6, per detection backbone and input size: (modes, minimum ratios)

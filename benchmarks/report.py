@@ -154,7 +154,7 @@ def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, 
         f'`{meta["command"]}` on {meta["date"]}, commit `{meta["commit"]}`.',
         '',
         f'Device: {dev["description"]}; torch {dev["torch"]}, timm {dev["timm"]}, {dev["threads"]} intra-op threads; '
-        f'load average {meta["load_before"]} before the run, {meta["load_after"]} after; '
+        f'load average {meta["load_before"]} before the run, {meta.get("load_after", "unknown (interrupted)")} after; '
         f'memory cap per case {mem:g} GiB, lowered to the memory available at its start minus '
         f'{meta.get("mem_reserve_gb", 0):g} GiB (an OOM cell names its cap); fp32.',
         '',

@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         write_outputs(args.out, meta, cases, results, json_too=not same_file)
         print(f'Rendered {args.render} into {args.out}')
         return 0
-    cases = select(suite(quick=args.quick), args.models)
+    cases = select(suite(quick=args.quick, device=args.device), args.models)
     if not cases:
         print(f'No case matches --models {args.models!r}.', file=sys.stderr)
         return 2
@@ -226,6 +226,8 @@ def main(argv=None) -> int:
             summary = (f'{result["img_per_s"]:.3g} img/s, peak {result["peak_bytes"] / 2 ** 20:.0f} MiB'
                        if result['status'] == 'ok' else f'{result["status"]}: {result.get("error", "")}')
             print(f'[{i}/{len(cases)}] {case.key}: {summary} ({result["wall_s"]:.0f} s)', flush=True)
+            # kept after every case: an interrupted run still renders (--render) what it measured
+            report.write_json(os.path.join(args.out, 'results.json'), meta, cases[:i], results)
     meta['load_after'] = _load()
     meta['total_s'] = round(time.monotonic() - started, 1)
     write_outputs(args.out, meta, cases, results)

@@ -56,6 +56,10 @@ def test_full_suite_covers_every_model_peer_mode_and_target():
     assert 'lesa_resnet50_det 1024x1024 fwd+bwd: fused vs reference +ckpt' in targets
     assert targets['lit_s 800x1344 fwd+bwd: sdpa vs explicit'].min_memory_ratio == 2.
 
+    on_gpu = suite(device='cuda')
+    assert [c.key for c in on_gpu] == [c.key for c in cases]
+    assert all((c.warmup, c.iters) == (3, 10) for c in on_gpu)
+
 
 def test_frozen_stages_freeze_the_stem_and_first_stages_only():
     import timm
