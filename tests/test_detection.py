@@ -31,7 +31,7 @@ register_all_modules()
 
 ROOT = Path(__file__).resolve().parents[1]
 DETECTION = ROOT / 'detection'
-CONFIGS = sorted((DETECTION / 'configs').rglob('*.py'))
+CONFIGS = sorted(p for p in (DETECTION / 'configs').rglob('*.py') if '_base_' not in p.parts)  # not the fragments
 LESA = DETECTION / 'configs' / 'lesa'
 LIT = DETECTION / 'configs' / 'lit'
 MASK_RCNN_LESA = LESA / 'mask-rcnn_lesa-r50-dconv-c3-c5_fpn_1024-8xb1-20e_coco.py'

@@ -1,5 +1,6 @@
 """The steps shared by ``tools/train.py``, ``tools/test.py`` and the demo, around mmengine's Runner.
 
+* the command-line options both tools share, the config they load from them, and the Runner built from it;
 * config loading with the adjustments the command line offers (data root, input size, test-dev);
 * device adaptation: fp32 instead of ``AmpOptimWrapper`` and the gloo backend when there is no GPU;
 * clear errors for a missing dataset and for a checkpoint of another model (or in the authors' mmdet 2.x layout).
@@ -9,19 +10,24 @@ and which then refuses mmengine's own checkpoints (resume, ``load_from``). The e
 ``test.sh``, ``tools/train.py``, ``tools/test.py``) set ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``, which torch reads
 at every call; :func:`load_detector_checkpoint` passes ``weights_only=False`` itself. Load only trusted files.
 """
+import argparse
+import os
 import os.path as osp
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
-from mmengine.config import Config, ConfigDict
+from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
 
 from lesa_lit_models._checkpoint import CheckpointError, verify_state_dict
 
 __all__ = [
-    'DatasetNotFoundError', 'load_config', 'set_data_root', 'set_input_size', 'reduce_proposals', 'use_test_dev',
-    'adapt_to_device', 'check_dataset_paths', 'load_detector_checkpoint', 'init_cpu_distributed',
+    'DatasetNotFoundError', 'add_common_args', 'parse_common_args', 'load_run_config', 'build_runner',
+    'load_config', 'set_data_root', 'set_input_size', 'reduce_proposals', 'use_test_dev', 'adapt_to_device',
+    'check_dataset_paths', 'load_detector_checkpoint', 'init_cpu_distributed',
 ]
 
 LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
@@ -43,6 +49,44 @@ def _dataset(loader: ConfigDict) -> ConfigDict:
 
 def _loaders(cfg: Config, names: Iterable[str] = LOADERS) -> List[ConfigDict]:
     return [cfg[name] for name in names if cfg.get(name) is not None]
+
+
+def add_common_args(parser: argparse.ArgumentParser, work_dir_help: str, input_size_help: str):
+    """Add the options ``tools/train.py`` and ``tools/test.py`` take after their positional arguments:
+    ``--work-dir``, ``--data-root`` and ``--input-size``."""
+    parser.add_argument('--work-dir', help=work_dir_help)
+    parser.add_argument('--data-root', help='dataset folder in the COCO layout (default: the config\'s data/coco/)')
+    parser.add_argument('--input-size', type=int, help=input_size_help)
+
+
+def parse_common_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Add the options both tools end with (``--cfg-options``, ``--launcher``, ``--local-rank``), parse ``argv``
+    and export ``LOCAL_RANK`` (from ``--local-rank`` unless set) for mmengine."""
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries, key=value')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    parser.add_argument('--local-rank', '--local_rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def load_run_config(args: argparse.Namespace) -> Config:
+    """The config of ``args.config`` with the command line's overrides, launcher and work dir (default:
+    ``work_dirs/<config name>``)."""
+    cfg = load_config(args.config, args.cfg_options, args.data_root, args.input_size)
+    cfg.launcher = args.launcher
+    cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
+        'work_dirs', osp.splitext(osp.basename(args.config))[0])
+    return cfg
+
+
+def build_runner(cfg: Config, launcher: str, loaders: Sequence[str]) -> Runner:
+    """Adapt ``cfg`` to the device, check the datasets of ``loaders`` (:class:`DatasetNotFoundError`), set up
+    several CPU processes if so launched, and build mmengine's Runner (or the config's ``runner_type``)."""
+    adapt_to_device(cfg)
+    check_dataset_paths(cfg, loaders)
+    init_cpu_distributed(cfg, launcher)
+    return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
 
 
 def load_config(

@@ -14,21 +14,17 @@ import os
 import os.path as osp
 import sys
 
-from lesa_lit_det.engine import DatasetNotFoundError, adapt_to_device, check_dataset_paths, init_cpu_distributed, \
-    load_config, load_detector_checkpoint, set_format_only, use_test_dev
+from lesa_lit_det.engine import DatasetNotFoundError, add_common_args, build_runner, load_detector_checkpoint, \
+    load_run_config, parse_common_args, set_format_only, use_test_dev
 from lesa_lit_models._checkpoint import CheckpointError
-from mmengine.config import DictAction
-from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('config', help='config file the checkpoint was trained (or converted) with')
     parser.add_argument('checkpoint', help='checkpoint file (mmengine format)')
-    parser.add_argument('--work-dir', help='logs and metrics.json (default: work_dirs/<config name>)')
-    parser.add_argument('--data-root', help='dataset folder in the COCO layout (default: the config\'s data/coco/)')
-    parser.add_argument('--input-size', type=int, help='resize to this size instead of the config\'s')
+    add_common_args(parser, work_dir_help='logs and metrics.json (default: work_dirs/<config name>)',
+                    input_size_help='resize to this size instead of the config\'s')
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument('--format-only', action='store_true',
                       help='write the COCO result jsons of the test set without evaluating them')
@@ -39,22 +35,14 @@ def parse_args(argv=None):
                                              '--format-only/--test-dev: <work dir>/results)')
     parser.add_argument('--out', help='also dump the raw predictions to this .pkl file')
     parser.add_argument('--show-dir', help='draw predictions into this folder (inside the work dir)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries, key=value')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
-    parser.add_argument('--local-rank', '--local_rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    return parse_common_args(parser, argv)
 
 
 def main(argv=None):
     # mmengine 0.10 + torch >= 2.6: mmengine's own checkpoints (resume, load_from) need full unpickling
     os.environ.setdefault('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
     args = parse_args(argv)
-    cfg = load_config(args.config, args.cfg_options, args.data_root, args.input_size)
-    cfg.launcher = args.launcher
-    cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
-        'work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg = load_run_config(args)
     cfg.load_from = None  # loaded below, strictly
     if cfg.model.backbone.get('type') == 'TimmBackbone':
         cfg.model.backbone.pretrained = False  # every weight comes from the checkpoint
@@ -69,13 +57,10 @@ def main(argv=None):
         cfg.test_evaluator = [cfg.test_evaluator, dict(type='DumpDetResults', out_file_path=args.out)]
     if args.show_dir:
         cfg.default_hooks.visualization.update(draw=True, test_out_dir=args.show_dir)
-    adapt_to_device(cfg)
     try:
-        check_dataset_paths(cfg, ['test_dataloader'])
+        runner = build_runner(cfg, args.launcher, ['test_dataloader'])
     except DatasetNotFoundError as e:
         sys.exit(f'error: {e}')
-    init_cpu_distributed(cfg, args.launcher)
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     try:
         load_detector_checkpoint(runner.model, args.checkpoint)
     except CheckpointError as e:

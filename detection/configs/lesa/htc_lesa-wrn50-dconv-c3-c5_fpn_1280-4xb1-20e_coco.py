@@ -3,24 +3,19 @@
 # Paper (LESA, arXiv 2107.05637): COCO val2017 box AP 50.1, mask AP 43.9; test-dev box AP 50.5, mask AP 44.4.
 # Upstream: Chenglin-Yang/LESA_detection configs/lesa/lesa_htc_wrn50_fpn_dconv_c3-c5_4x1_20e_coco_1280.py.
 # Training reads data/coco/stuffthingmaps/train2017/*.png; without them use the htc-without-semantic config.
-_base_ = 'mmdet::htc/htc_r50_fpn_20e_coco.py'
-custom_imports = dict(imports=['lesa_lit_models', 'lesa_lit_det'], allow_failed_imports=False)
+_base_ = ['mmdet::htc/htc_r50_fpn_20e_coco.py', './_base_/lesa_backbone.py']
 
 image_size = 1280  # LESA's position tables are built for this grid; train and test use the same fixed size
 model = dict(
     backbone=dict(
         _delete_=True,
-        type='TimmBackbone',
+        **_base_.lesa_backbone,
         model_name='lesa_wrn50_det',
         img_size=image_size,
-        out_indices=(1, 2, 3, 4),
-        frozen_stages=1,
-        norm_eval=True,
-        with_cp=True,
         # ImageNet LESA-WRN-50 from the hub; or a local file: the authors' checkpoint (original or converted), e.g.
         # 'pretrained/lesa_wrn50.pth'
         pretrained='hf-hub:lesa-lit-models/lesa_wrn50.in1k'),
-    neck=dict(in_channels=[256, 512, 1024, 2048]))
+    neck=dict(in_channels=_base_.lesa_neck_in_channels))
 
 train_pipeline = [
     dict(type='LoadImageFromFile'),

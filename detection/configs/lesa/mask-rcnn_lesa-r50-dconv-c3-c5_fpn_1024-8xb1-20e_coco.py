@@ -7,24 +7,20 @@ _base_ = [
     'mmdet::_base_/datasets/coco_instance.py',
     'mmdet::_base_/schedules/schedule_20e.py',
     'mmdet::_base_/default_runtime.py',
+    './_base_/lesa_backbone.py',
 ]
-custom_imports = dict(imports=['lesa_lit_models', 'lesa_lit_det'], allow_failed_imports=False)
 
 image_size = 1024  # LESA's position tables are built for this grid; train and test use the same fixed size
 model = dict(
     backbone=dict(
         _delete_=True,
-        type='TimmBackbone',
+        **_base_.lesa_backbone,
         model_name='lesa_resnet50_det',
         img_size=image_size,
-        out_indices=(1, 2, 3, 4),
-        frozen_stages=1,
-        norm_eval=True,
-        with_cp=True,
         # ImageNet LESA-ResNet-50 from the hub; or a local file: the authors' checkpoint (original or converted), e.g.
         # 'pretrained/lesa_resnet50.pth'
         pretrained='hf-hub:lesa-lit-models/lesa_resnet50.in1k'),
-    neck=dict(in_channels=[256, 512, 1024, 2048]))
+    neck=dict(in_channels=_base_.lesa_neck_in_channels))
 
 train_pipeline = [
     dict(type='LoadImageFromFile'),

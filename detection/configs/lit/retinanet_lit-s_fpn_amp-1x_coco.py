@@ -3,30 +3,8 @@
 # 8 and 11), mixed precision on GPU (fp32 on CPU), gradient checkpointing.
 # Paper (LIT, arXiv 2105.14217): COCO val2017 box AP 41.6.
 # Upstream: zhuang-group/LIT detection/configs/lit/retinanet_lit_s_fpn_1x_coco.py.
-_base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
-custom_imports = dict(imports=['lesa_lit_models', 'lesa_lit_det'], allow_failed_imports=False)
+_base_ = ['mmdet::retinanet/retinanet_r50_fpn_1x_coco.py', './_base_/lit-s_backbone.py']
 
-model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='TimmBackbone',
-        model_name='lit_s',
-        out_indices=(0, 1, 2, 3),
-        out_norms=(1, 2, 3),
-        drop_path_rate=0.2,
-        pos_img_size=800,  # relative-position tables laid out for 800x800 (99x99, 49x49), as the authors' backbone
-        with_cp=True,
-        # ImageNet LIT-S from the hub; or a local file: the authors' checkpoint (original or converted), e.g.
-        # 'pretrained/lit_s.pth'
-        pretrained='hf-hub:lesa-lit-models/lit_s.in1k'),
-    neck=dict(in_channels=[96, 192, 384, 768]))
-
+model = dict(backbone=dict(_delete_=True, **_base_.lit_backbone), neck=dict(in_channels=_base_.lit_neck_in_channels))
 optim_wrapper = dict(
-    type='AmpOptimWrapper',
-    loss_scale='dynamic',
-    optimizer=dict(_delete_=True, type='AdamW', lr=0.0001, weight_decay=0.0001),
-    paramwise_cfg=dict(custom_keys={
-        'absolute_pos_embed': dict(decay_mult=0.),
-        'relative_position_bias_table': dict(decay_mult=0.),
-        'norm': dict(decay_mult=0.),
-    }))
+    _base_.lit_optim_wrapper, optimizer=dict(_delete_=True, type='AdamW', lr=0.0001, weight_decay=0.0001))
