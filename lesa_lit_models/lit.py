@@ -123,7 +123,7 @@ class LITAttention(nn.Module):
     recomputed in backward, so training keeps no ``(heads, N, N)`` tensor (every fused kernel returns a trained
     bias's gradient as a dense one). Each query's softmax still spans every key: the result is exact.
     """
-    max_chunk_logits: int = 2 ** 25
+    max_chunk_logits: int = 2 ** 26
 
     def __init__(
             self,

@@ -285,11 +285,17 @@ def test_lesa_resnet50_det_fused_equals_reference():
 
         for f_fused, f_ref in zip(results['fused'][0], results['reference'][0]):
             torch.testing.assert_close(f_fused, f_ref, rtol=1e-9, atol=1e-9, msg=lambda m: f'{mode}: {m}')
-        params_ref = dict(models['reference'].named_parameters())
+        grads_ref = {n: p.grad for n, p in models['reference'].named_parameters()}
+
+        def block_grad_scale(name):
+            # rounding noise scales with the gradients of the whole LESA module (conv2), not of one parameter:
+            # bn_similarity.bias has an exactly zero true gradient (softmax is shift invariant), and in the last
+            # block of this untrained net the softmax saturates (|q|, |k| ~ 1e3), so its relative-position
+            # gradients vanish (~1e-24): there both sides are noise of the module's scale
+            block = name.split('.conv2.')[0] + '.conv2.' if '.conv2.' in name else name
+            return max(g.abs().max().item() for n, g in grads_ref.items() if n.startswith(block))
+
         for name, param in models['fused'].named_parameters():
-            grad_ref = params_ref[name].grad
-            # bn_similarity.bias: d out / d bias is exactly zero (softmax is shift invariant), both sides are noise
-            scale = 1.0 if name.endswith('bn_similarity.bias') else grad_ref.abs().max().item()
-            torch.testing.assert_close(param.grad, grad_ref, rtol=1e-7, atol=1e-9 * scale,
+            torch.testing.assert_close(param.grad, grads_ref[name], rtol=1e-7, atol=1e-9 * block_grad_scale(name),
                                        msg=lambda m: f'{mode}, grad {name}: {m}')
         assert_bn_state_equal(models['fused'], models['reference'], rtol=1e-9, atol=1e-9)

@@ -20,9 +20,10 @@ cancels in the softmax. ``t`` still enters, as ``t - t.detach()`` (value exactly
 large constant in half precision) added to the ``rh`` entries (the one-hot picks one of them per key): its gradient
 is the reference's (the sum of the logit gradients, zero up to rounding), and ``beta`` stays in the autograd graph
 as in the reference, so DDP sees no unused parameter. The block is ``F.scaled_dot_product_attention(q', k', v,
-scale=1)`` with head dim ``D = dqk + H + W``. Operands are zero-padded to a common, 8-aligned head dim (the CPU
-flash kernel and the CUDA flash kernel need equal q/k/v dims; padding is exact), so the fused kernels (flash /
-memory-efficient; on CPU the flash kernel) apply and nothing of size L x L is kept for backward.
+scale=1)`` with head dim ``D = dqk + H + W``. Operands are contiguous and zero-padded to 8-aligned head dims
+(exact): on CUDA q'/k' and v each to their own, which the memory-efficient kernel takes (v stays narrow, so less
+is kept for backward); elsewhere all three to a common one, as the CPU flash kernel needs equal dims. The fused
+kernels apply and nothing of size L x L is kept for backward.
 
 **3. Train mode: exact batch statistics in closed form.** BatchNorm needs, per channel, the mean and the biased
 variance over (n, i, j) of each term. By the law of total variance over query rows,
@@ -119,7 +120,12 @@ def _check_sync_bn_supported(bn: nn.Module) -> None:
 
 
 def _similarity_affine(
-        bn: nn.modules.batchnorm._BatchNorm, q: torch.Tensor, k: torch.Tensor, rh: torch.Tensor, rw: torch.Tensor,
+        bn: nn.modules.batchnorm._BatchNorm,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        rel_height: torch.Tensor,
+        rel_width: torch.Tensor,
+        grid: Tuple[int, int],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (scale, shift) that ``bn`` applies to the similarity stack, mirroring ``_BatchNorm.forward``.
 
@@ -133,7 +139,7 @@ def _similarity_affine(
         count = batch * tokens * tokens
         if bn.training and count <= 1:
             raise ValueError(f'Expected more than 1 value per channel when training, got N={batch}, L={tokens}.')
-        mean, var = _similarity_batch_moments(q, k, rh, rw)
+        mean, var = _similarity_batch_moments(q, k, *_relative_logits_2d(q, rel_height, rel_width, grid))
         if bn.training and bn.track_running_stats:
             momentum = bn.momentum
             with torch.no_grad():
@@ -157,7 +163,8 @@ def _similarity_affine(
 
 
 def _pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
-    return F.pad(x, (0, size - x.shape[-1])) if x.shape[-1] < size else x
+    """Zero-pad the last dim to ``size``; always contiguous (the fused kernels need a unit last-dim stride)."""
+    return F.pad(x, (0, size - x.shape[-1])) if x.shape[-1] < size else x.contiguous()
 
 
 def detection_qr_binary(
@@ -197,21 +204,23 @@ def detection_qr_binary(
         raise ValueError(f'bn_similarity must have 2G = {2 * groups} channels (one per group and term), '
                          f'got {bn_similarity.num_features}.')
 
-    rh, rw = _relative_logits_2d(q, rel_height, rel_width, grid)
-    scale, shift = _similarity_affine(bn_similarity, q, k, rh, rw)
+    scale, shift = _similarity_affine(bn_similarity, q, k, rel_height, rel_width, grid)
     scale, shift = scale.to(q.dtype), shift.to(q.dtype)
     content_scale = scale[:groups, None, None]
-    relative_scale = scale[groups:, None, None]
     logit_shift = (shift[:groups] + shift[groups:])[:, None, None]
     logit_shift = logit_shift - logit_shift.detach()  # softmax-invariant: keep its gradient, add exact zeros
+    # b * rh from (b * q): backward keeps that (N, G, L, dqk) query, not the (N, G, L, H + W) logits
+    rh, rw = _relative_logits_2d(q * scale[groups:, None, None], rel_height, rel_width, grid)
 
-    query = torch.cat([q * content_scale, rh * relative_scale + logit_shift, rw * relative_scale], dim=-1)
+    query = torch.cat([q * content_scale, rh + logit_shift, rw], dim=-1)
     token_index = torch.arange(tokens, device=q.device)
     key_position = torch.cat([
         F.one_hot(token_index // width, height), F.one_hot(token_index % width, width)], dim=-1).to(k.dtype)
     key = torch.cat([k, key_position.expand(batch, groups, tokens, height + width)], dim=-1)
 
-    head_dim = -(-max(query.shape[-1], v.shape[-1]) // 8) * 8
+    qk_dim, v_dim = (-(-d // 8) * 8 for d in (query.shape[-1], v.shape[-1]))
+    if q.device.type != 'cuda':  # the CPU flash kernel needs equal q/k/v head dims
+        qk_dim = v_dim = max(qk_dim, v_dim)
     out = F.scaled_dot_product_attention(
-        _pad_last(query, head_dim), _pad_last(key, head_dim), _pad_last(v, head_dim), scale=1.0)
+        _pad_last(query, qk_dim), _pad_last(key, qk_dim), _pad_last(v, v_dim), scale=1.0)
     return out[..., :v.shape[-1]]
