@@ -130,6 +130,16 @@ def _explicit_attention(attn: LITAttention, x, feat_size):
     return F.linear(out, attn.proj.weight, attn.proj.bias)
 
 
+def _assert_same_outputs_and_grads(model: nn.Module, expected: nn.Module, x: torch.Tensor):
+    """Two copies of one model (other attention settings) give the same output and parameter gradients."""
+    out, out_expected = model(x), expected(x)
+    torch.testing.assert_close(out, out_expected, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    out_expected.square().sum().backward()
+    for (n, p), p_expected in zip(model.named_parameters(), expected.parameters()):
+        torch.testing.assert_close(p.grad, p_expected.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
 # upstream key layouts (LIT-upstream-notes.md section 7), written independently of the package's filter
 def _to_upstream_ti(sd):
     out = {}
@@ -282,13 +292,7 @@ def test_row_band_attention_leaves_a_whole_model_unchanged():
     for m in banded.modules():
         if isinstance(m, LITAttention):
             m.max_chunk_logits = 1  # one query row per band
-    x = torch.randn(2, 3, 96, 64)
-    out, out_banded = model(x), banded(x)
-    torch.testing.assert_close(out_banded, out, rtol=1e-5, atol=1e-5)
-    out.square().sum().backward()
-    out_banded.square().sum().backward()
-    for (n, p), p_banded in zip(model.named_parameters(), banded.parameters()):
-        torch.testing.assert_close(p_banded.grad, p.grad, rtol=1e-4, atol=1e-5, msg=n)
+    _assert_same_outputs_and_grads(banded, model, torch.randn(2, 3, 96, 64))
 
 
 def test_parameter_counts_match_the_authors_models():
@@ -434,13 +438,7 @@ def test_sdpa_matches_explicit_attention_outputs_and_grads(name, size):
     model = _tiny(name, num_classes=4).train()
     explicit = copy.deepcopy(model)
     explicit.set_attn_impl('explicit')
-    x = torch.randn(2, 3, *size)
-    out, out_explicit = model(x), explicit(x)
-    torch.testing.assert_close(out, out_explicit, rtol=1e-5, atol=1e-5)
-    out.square().sum().backward()
-    out_explicit.square().sum().backward()
-    for (n, p), p_explicit in zip(model.named_parameters(), explicit.parameters()):
-        torch.testing.assert_close(p.grad, p_explicit.grad, rtol=1e-4, atol=1e-5, msg=n)
+    _assert_same_outputs_and_grads(model, explicit, torch.randn(2, 3, *size))
 
 
 def test_bias_follows_the_live_table_across_steps_and_sizes():
