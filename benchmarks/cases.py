@@ -29,6 +29,8 @@ class Case:
     block, as upstream's detection setting), not timm's per-stage checkpointing of the feature wrapper.
     ``frozen_stages`` (detection, fwd+bwd) freezes the stem and that many stages as mmdet's ResNet does (no gradient,
     eval mode); the authors' LESA detectors train with ``frozen_stages=1``.
+    ``bf16`` runs the model under ``torch.autocast(dtype=torch.bfloat16)`` (mixed precision, as the LIT detector
+    configs train on GPU); otherwise fp32.
     """
     model: str
     img_size: Tuple[int, int]
@@ -39,6 +41,7 @@ class Case:
     frozen_stages: int = 0
     detection: bool = False
     model_kwargs: Tuple[Tuple[str, object], ...] = ()
+    bf16: bool = False
     warmup: int = 1
     iters: int = 3
 
@@ -61,7 +64,7 @@ class Case:
     def setting(self) -> Tuple:
         """Everything but the mode and the iteration counts: one table row."""
         return (self.model, self.img_size, self.batch_size, self.attn_impl, self.grad_checkpointing, self.frozen_stages,
-                self.detection)
+                self.detection, self.bf16)
 
     @property
     def key(self) -> str:
@@ -73,13 +76,15 @@ class Case:
             parts.append('ckpt')
         if self.frozen_stages:
             parts.append(f'frozen{self.frozen_stages}')
+        if self.bf16:
+            parts.append('bf16')
         return '-'.join(parts)
 
     @property
-    def training_label(self) -> str:
-        """How the train pass differs from the plain one: `` +ckpt``, `` +frozen_stages=N``."""
+    def variant_label(self) -> str:
+        """How the case differs from the plain fp32 one: `` +ckpt``, `` +frozen_stages=N``, `` +bf16``."""
         return (' +ckpt' if self.grad_checkpointing else '') + (
-            f' +frozen_stages={self.frozen_stages}' if self.frozen_stages else '')
+            f' +frozen_stages={self.frozen_stages}' if self.frozen_stages else '') + (' +bf16' if self.bf16 else '')
 
 
 @dataclass(frozen=True)
@@ -154,7 +159,11 @@ def suite(quick: bool = False, device: str = 'cpu') -> List[Case]:
         *_detection_cases('lit_s', (800, 1344), LIT_IMPLS, LIT_TRAIN, 1, 2),
         *_detection_cases('lit_ti', (800, 1344), LIT_IMPLS, LIT_TRAIN, 1, 2),
     ]
-    return [replace(c, warmup=3, iters=10) for c in cases] if device.startswith('cuda') else cases
+    if not device.startswith('cuda'):
+        return cases
+    # mixed precision, as the LIT detectors train on GPU (bf16 matmuls on CPU are slow and not how anyone trains)
+    cases += [replace(c, bf16=True) for c in cases if c.detection and c.model.startswith('lit_')]
+    return [replace(c, warmup=3, iters=10) for c in cases]
 
 
 # targets of issue #6, per detection backbone and input size: (modes, minimum ratios)
@@ -166,7 +175,7 @@ _REFERENCE_OF = {'fused': 'reference', 'sdpa': 'explicit'}
 
 
 def _label(case: Case) -> str:
-    return case.attn_impl + (' +ckpt' if case.grad_checkpointing else '')
+    return case.attn_impl + (' +ckpt' if case.grad_checkpointing else '') + (' +bf16' if case.bf16 else '')
 
 
 def comparisons(cases: List[Case]) -> List[Comparison]:
@@ -176,14 +185,14 @@ def comparisons(cases: List[Case]) -> List[Comparison]:
     checkpointing, also with the checkpointed reference (how upstream trains).
     """
     out = []
-    det = {(c.model, c.img_size, c.mode, c.frozen_stages, c.attn_impl, c.grad_checkpointing): c
+    det = {(c.model, c.img_size, c.mode, c.frozen_stages, c.bf16, c.attn_impl, c.grad_checkpointing): c
            for c in cases if c.detection}
-    for (model, size, mode, frozen, impl, ckpt), fast in det.items():
+    for (model, size, mode, frozen, bf16, impl, ckpt), fast in det.items():
         if impl not in _REFERENCE_OF:
             continue
         modes, targets = TARGETS.get((model, size), ((), {}))
         for slow_ckpt in ((ckpt,) if ckpt else (False, True)):
-            slow = det.get((model, size, mode, frozen, _REFERENCE_OF[impl], slow_ckpt))
+            slow = det.get((model, size, mode, frozen, bf16, _REFERENCE_OF[impl], slow_ckpt))
             if slow is not None:
                 title = (f'{model} {size[0]}x{size[1]} {mode}{f" frozen_stages={frozen}" if frozen else ""}: '
                          f'{_label(fast)} vs {_label(slow)}')

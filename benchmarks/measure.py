@@ -126,13 +126,17 @@ def measure(case: Case, device: str = 'cpu', threads: int = 0, mem_limit_gb: flo
     resident = sum(t.numel() * t.element_size() for t in tensors)
     result['params_m'] = sum(p.numel() for p in model.parameters()) / 1e6
 
+    def forward():
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=case.bf16):
+            return model(x)
+
     def step():
         if train:
             model.zero_grad(set_to_none=True)
-            _sum_outputs(model(x)).backward()
+            _sum_outputs(forward()).backward()
         else:
             with torch.inference_mode():
-                model(x)
+                forward()
 
     cuda = torch.device(device).type == 'cuda'
 

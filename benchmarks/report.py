@@ -156,7 +156,7 @@ def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, 
         f'Device: {dev["description"]}; torch {dev["torch"]}, timm {dev["timm"]}, {dev["threads"]} intra-op threads; '
         f'load average {meta["load_before"]} before the run, {meta.get("load_after", "unknown (interrupted)")} after; '
         f'host memory cap per case {mem:g} GiB, lowered to the memory available at its start minus '
-        f'{meta.get("mem_reserve_gb", 0):g} GiB (an OOM cell names its cap); fp32.',
+        f'{meta.get("mem_reserve_gb", 0):g} GiB (an OOM cell names its cap); fp32 unless marked +bf16.',
         '',
         f'Method: {METHOD}',
         '',
@@ -189,7 +189,7 @@ def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, 
                   '|---|---|---|---|---|---|---|---|']
         for case, by_mode in det:
             h, w = case.img_size
-            impl = (case.attn_impl or 'default') + case.training_label
+            impl = (case.attn_impl or 'default') + case.variant_label
             cells = [*_cells(by_mode['fwd'], results, mem), *_cells(by_mode['fwd+bwd'], results, mem)]
             lines.append(f'| {case.model} | {h}x{w} | {impl} | {_params(by_mode, results)} | {" | ".join(cells)} |')
     cls = [row for row in _rows(cases) if not row[0].detection]
@@ -221,7 +221,7 @@ def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, 
 def _bar_label(case: Case) -> str:
     h, w = case.img_size
     impl = f' {case.attn_impl}' if case.attn_impl and case.detection else ''
-    return f'{case.model}{impl}{case.training_label} {h}x{w}'
+    return f'{case.model}{impl}{case.variant_label} {h}x{w}'
 
 
 def write_chart(path: str, meta: Dict, cases: List[Case], results: Dict[str, Dict]) -> None:

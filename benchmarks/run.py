@@ -9,7 +9,8 @@ Usage (``make bench`` runs the first line)::
     python -m benchmarks.run --models 'lesa_resnet50_det,lit_s'   # only the cases of these models (fnmatch)
     python -m benchmarks.run --render benchmarks/results/results.json   # table and chart again, no measuring
 
-What is measured (``benchmarks/cases.py``), fp32, random init (nothing is downloaded):
+What is measured (``benchmarks/cases.py``), fp32 (on CUDA the LIT detection cases also under bf16 autocast, as
+the LIT detectors train there), random init (nothing is downloaded):
 
 * classifiers at 224, batch 4: ``lesa_resnet50``, ``lesa_wrn50``, ``lit_ti``, ``lit_s``, ``lit_m``, ``lit_b`` and
   the timm peers ``resnet50``, ``botnet26t_256`` (at its fixed 256), ``wide_resnet50_2``, ``pvt_v2_b1``,

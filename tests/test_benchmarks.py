@@ -57,8 +57,14 @@ def test_full_suite_covers_every_model_peer_mode_and_target():
     assert targets['lit_s 800x1344 fwd+bwd: sdpa vs explicit'].min_memory_ratio == 2.
 
     on_gpu = suite(device='cuda')
-    assert [c.key for c in on_gpu] == [c.key for c in cases]
     assert all((c.warmup, c.iters) == (3, 10) for c in on_gpu)
+    mixed = [c for c in on_gpu if c.bf16]
+    assert {c.model for c in mixed} == {'lit_s', 'lit_ti'} and all(c.detection for c in mixed)
+    assert [c.key for c in on_gpu if not c.bf16] == [c.key for c in cases]
+    assert len({c.key for c in on_gpu}) == len(on_gpu)
+    gpu_titles = {c.title for c in comparisons(on_gpu)}
+    assert 'lit_s 800x1344 fwd+bwd: sdpa +bf16 vs explicit +bf16' in gpu_titles
+    assert not any('+bf16 vs explicit' in t and not t.endswith('+bf16') for t in gpu_titles)
 
 
 def test_frozen_stages_freeze_the_stem_and_first_stages_only():
