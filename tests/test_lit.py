@@ -286,9 +286,11 @@ def test_attention_in_row_bands_is_exact_and_keeps_no_full_logits_for_backward(f
         torch.testing.assert_close(attn.eval()(x, feat_size), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_row_band_attention_leaves_a_whole_model_unchanged():
+@pytest.mark.parametrize('grad_checkpointing', [False, True])
+def test_row_band_attention_leaves_a_whole_model_unchanged(grad_checkpointing):
     model = _tiny('lit_s', num_classes=4).train()
     banded = copy.deepcopy(model)
+    banded.set_grad_checkpointing(grad_checkpointing)  # bands recomputed inside recomputed blocks
     for m in banded.modules():
         if isinstance(m, LITAttention):
             m.max_chunk_logits = 1  # one query row per band
