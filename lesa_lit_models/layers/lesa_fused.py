@@ -209,7 +209,8 @@ def detection_qr_binary(
     content_scale = scale[:groups, None, None]
     logit_shift = (shift[:groups] + shift[groups:])[:, None, None]
     logit_shift = logit_shift - logit_shift.detach()  # softmax-invariant: keep its gradient, add exact zeros
-    # b * rh from (b * q): backward keeps that (N, G, L, dqk) query, not the (N, G, L, H + W) logits
+    # b * rh from (b * q): backward keeps that (N, G, L, dqk) query, not the (N, G, L, H + W) logits (train mode
+    # also computes the unscaled ones, for the batch statistics: a small O(L (H + W) dqk) einsum twice)
     rh, rw = _relative_logits_2d(q * scale[groups:, None, None], rel_height, rel_width, grid)
 
     query = torch.cat([q * content_scale, rh + logit_shift, rw], dim=-1)
