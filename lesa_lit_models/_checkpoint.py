@@ -43,8 +43,8 @@ from timm.models import clean_state_dict
 
 __all__ = [
     'CheckpointError', 'UnsafeCheckpointError', 'DownloadError', 'InertObject', 'allowed_globals',
-    'load_checkpoint_file', 'load_checkpoint', 'download_cached', 'register_mmengine_loader', 'unwrap_state_dict',
-    'strip_prefix', 'verify_state_dict', 'resolve_pretrained_file',
+    'load_checkpoint_file', 'load_checkpoint', 'download_cached', 'is_url', 'register_mmengine_loader', 'unwrap_state_dict',
+    'strip_prefix', 'verify_state_dict', 'release_file_note', 'resolve_pretrained_weights', 'release_loaded_weights',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -219,7 +219,8 @@ def _corrupt(source: PathOrFile, error: Exception) -> CheckpointError:
 # ------------------------------------------------------------------------------------------------ downloads
 
 
-def _is_url(source: Any) -> bool:
+def is_url(source: Any) -> bool:
+    """Whether ``source`` is an http(s) URL (downloaded by :func:`load_checkpoint`) rather than a local path."""
     return isinstance(source, str) and source.startswith(('http://', 'https://'))
 
 
@@ -289,7 +290,7 @@ def load_checkpoint(source: Union[PathOrFile], map_location: Any = 'cpu', cache_
                     progress: bool = True) -> Any:
     """Load a checkpoint from a local path, a binary file object, or an http(s) URL (cached, see
     :func:`download_cached`), through :func:`load_checkpoint_file`."""
-    if not _is_url(source):
+    if not is_url(source):
         return load_checkpoint_file(source, map_location)
     path = download_cached(source, cache_dir, progress)
     try:
@@ -354,18 +355,33 @@ def verify_state_dict(
 ) -> Dict[str, torch.Tensor]:
     """Check that ``state_dict`` fits ``model`` key for key and shape for shape; return it unchanged.
 
-    ``ignore_shape_of`` names key prefixes whose shapes timm adapts after filtering (the classifier
-    when ``num_classes`` differs, the first conv when ``in_chans`` differs).
+    The one strict check of pretrained weights: every family's ``checkpoint_filter_fn`` ends with it. It leaves
+    out what timm's ``load_pretrained`` adapts right after the filter, as read from ``model.pretrained_cfg``:
+    the ``classifier`` keys when the model's ``num_classes`` differs from the weights' (timm drops them), and the
+    input-channel dimension of the ``first_conv`` weight (timm adapts it to ``in_chans``). ``ignore_shape_of``
+    names further key prefixes whose shapes are not checked.
+
     Raises :class:`CheckpointError` listing missing, unexpected and mis-shaped keys.
     """
     expected = model.state_dict()
-    ignore_shape_of = tuple(ignore_shape_of)
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    dropped: Tuple[str, ...] = ()
+    if cfg.get('classifier') and getattr(model, 'num_classes', cfg.get('num_classes')) != cfg.get('num_classes'):
+        dropped = tuple(f'{c}.' for c in _as_tuple(cfg['classifier']))
+    first_convs = tuple(f'{c}.weight' for c in _as_tuple(cfg.get('first_conv')))
+    ignore_shape_of = tuple(ignore_shape_of) + dropped
+
+    def shape_fits(k: str) -> bool:
+        have, want = state_dict[k].shape, expected[k].shape
+        if k in first_convs and len(have) == len(want) > 1:  # only the input channels may differ
+            have, want = have[:1] + have[2:], want[:1] + want[2:]
+        return have == want or k.startswith(ignore_shape_of)
+
+    missing = [k for k in expected if k not in state_dict and not k.startswith(dropped)]
+    unexpected = [k for k in state_dict if k not in expected and not k.startswith(dropped)]
     mismatched = [
         f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}'
-        for k, v in expected.items()
-        if k in state_dict and state_dict[k].shape != v.shape and not k.startswith(ignore_shape_of)
+        for k, v in expected.items() if k in state_dict and not shape_fits(k)
     ]
     if missing or unexpected or mismatched:
         def listing(title, items):
@@ -373,7 +389,7 @@ def verify_state_dict(
                 return ''
             more = f' ... and {len(items) - max_listed} more' if len(items) > max_listed else ''
             return f'\n  {len(items)} {title}: ' + ', '.join(items[:max_listed]) + more
-        name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
+        name = cfg.get('architecture', type(model).__name__)
         raise CheckpointError(
             f'Checkpoint does not match architecture {name!r}:'
             + listing('missing keys', missing) + listing('unexpected keys', unexpected)
@@ -382,11 +398,77 @@ def verify_state_dict(
     return state_dict
 
 
-def resolve_pretrained_file(pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """Read ``pretrained_cfg_overlay['file']`` ourselves and hand timm the tensors as ``state_dict``."""
-    overlay: Optional[Dict[str, Any]] = kwargs.get('pretrained_cfg_overlay')
-    if pretrained and overlay and overlay.get('file') and overlay.get('state_dict') is None:
-        overlay = dict(overlay)
-        overlay['state_dict'] = load_checkpoint_file(overlay.pop('file'))
-        kwargs = dict(kwargs, pretrained_cfg_overlay=overlay)
-    return kwargs
+def _as_tuple(value: Any) -> Tuple[Any, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+# ------------------------------------------------------------------------------------------------ timm models
+
+_RELEASE_FILE_NOTE = 'Release file:'
+
+
+def release_file_note(text: str) -> str:
+    """A pretrained cfg note that tells where to get weights that have no direct download (shown by the error)."""
+    return f'{_RELEASE_FILE_NOTE} {text}'
+
+
+def resolve_pretrained_weights(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Read a model's pretrained ``file`` or ``url`` with the safe loader; hand timm the contents as ``state_dict``.
+
+    Called by each family's ``_create_*`` before ``build_model_with_cfg``, with the kwargs ``timm.create_model``
+    passed (``pretrained_cfg``, ``pretrained_cfg_overlay``, ``cache_dir``). The source is resolved as timm does
+    (overlay ``state_dict`` > ``file`` > ``url``): a ``file`` is read from disk, a ``url`` downloaded once into the
+    torch hub cache (progress bar as set by ``timm.models.set_pretrained_download_progress``). ``hf-hub:`` and
+    ``local-dir:`` sources stay with timm (safetensors, or ``weights_only`` loading). The family's
+    ``checkpoint_filter_fn`` then converts the raw checkpoint.
+
+    Raises:
+        CheckpointError: ``pretrained=True`` and the pretrained cfg names no weights that can be fetched (the
+            message says where the authors publish them and how to use the downloaded file); nothing is fetched.
+    """
+    if not pretrained:
+        return kwargs
+    from timm.models import _builder
+    cfg = _builder.resolve_pretrained_cfg(
+        variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+        pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay')).to_dict()
+    load_from, location = _builder._resolve_pretrained_source(cfg)
+    if load_from == 'file':
+        checkpoint = load_checkpoint_file(location)
+    elif load_from == 'url':
+        checkpoint = load_checkpoint(location, cache_dir=kwargs.get('cache_dir'), progress=_builder._DOWNLOAD_PROGRESS)
+    elif load_from == '':
+        raise CheckpointError(_no_weights_message(variant, cfg))
+    else:  # state_dict already in memory, hf-hub, local-dir
+        return kwargs
+    overlay = dict(kwargs.get('pretrained_cfg_overlay') or {}, state_dict=checkpoint)
+    return dict(kwargs, pretrained_cfg_overlay=overlay)
+
+
+def _no_weights_message(variant: str, cfg: Dict[str, Any]) -> str:
+    name = '.'.join(filter(None, (cfg.get('architecture') or variant, cfg.get('tag'))))
+    where = [n[len(_RELEASE_FILE_NOTE):].strip() for n in cfg.get('notes') or () if n.startswith(_RELEASE_FILE_NOTE)]
+    source = f'The authors publish them at {cfg["origin_url"]}' if cfg.get('origin_url') else 'No source is known'
+    return (
+        f'{name} has no weights that can be downloaded automatically (no url or hf_hub_id in its pretrained cfg). '
+        f'{source}' + (f': {where[0]}' if where else '.') + '\n'
+        f'Download the file by hand, then either load it directly:\n'
+        f"    timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/file.pth'))\n"
+        f'or convert it once and load the converted copy:\n'
+        f'    lesa-lit-convert {name} /path/to/file.pth OUT_DIR\n'
+        f"    timm.create_model('local-dir:OUT_DIR', pretrained=True)")
+
+
+def release_loaded_weights(model: nn.Module) -> nn.Module:
+    """Drop the checkpoint that :func:`resolve_pretrained_weights` put into the model's ``pretrained_cfg``.
+
+    timm keeps the overlay's ``state_dict`` in ``model.pretrained_cfg``; without this the whole file (optimizer
+    state included) would stay in memory as long as the model.
+    """
+    for module in model.modules():
+        cfg = getattr(module, 'pretrained_cfg', None)
+        if isinstance(cfg, dict):
+            cfg.pop('state_dict', None)
+    return model

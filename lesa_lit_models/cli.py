@@ -16,14 +16,15 @@ _EPILOG = """\
 Accepted checkpoint formats: whatever the model family's checkpoint_filter_fn reads (the loading path is
 timm.create_model(MODEL, pretrained=True, pretrained_cfg_overlay=dict(file=ORIGINAL))): bare state dicts,
 {'net': {'module.<key>': ...}} (LESA ImageNet), {'model': ...} (LIT), mmdet {'meta', 'state_dict': {'backbone.*'}}
-checkpoints, and timm-format files (.pth/.bin/.safetensors).
+checkpoints, and timm-format files (.pth/.bin/.safetensors). Files are read with torch's weights-only unpickler
+and an allow-list (numpy, argparse.Namespace, yacs CfgNode): a file that names anything else is refused, never run.
 
 The output directory then loads with
   import lesa_lit_models; timm.create_model('local-dir:OUTPUT_DIR', pretrained=True)
 and, once pushed, with timm.create_model('hf-hub:ORG/NAME', pretrained=True).
 
 Examples:
-  lesa-lit-convert lit_ti.in1k lit_ti.pth out/lit_ti.in1k
+  lesa-lit-convert lit_ti.in1k https://github.com/ziplab/LIT/releases/download/v1.0/lit_ti.pth out/lit_ti.in1k
   lesa-lit-convert lesa_resnet50_det mask_rcnn_lesa_r50.pth out/lesa_r50_det --model-kwargs img_size=1024
   lesa-lit-convert lit_s lit_s.pth out/lit_s --push-to-hub my-org/lit_s.in1k --private
 
@@ -40,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         'model', metavar='MODEL_NAME',
         help='timm model name, optionally with a pretrained tag whose metadata goes into config.json '
              f'(one of: {", ".join(package_models())})')
-    parser.add_argument('checkpoint', metavar='ORIGINAL', type=Path, help='original checkpoint file')
+    parser.add_argument(
+        'checkpoint', metavar='ORIGINAL',
+        help='original checkpoint file, or its http(s) URL (downloaded once into the torch hub cache)')
     parser.add_argument(
         'output_dir', metavar='OUTPUT_DIR', type=Path,
         help='folder to write model.safetensors, config.json and README.md into (created; must be new or empty)')

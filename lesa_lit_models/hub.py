@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import timm
 import torch
@@ -24,6 +24,8 @@ import torch.nn as nn
 from timm.models import push_to_hf_hub, save_for_hf
 from timm.models._hub import generate_readme
 from timm.models._input import get_model_input_config
+
+from ._checkpoint import download_cached, is_url
 
 __all__ = [
     'ConversionError', 'HubError', 'ExportedFile', 'ConversionResult', 'EXPORT_FILES', 'package_models',
@@ -301,7 +303,7 @@ def push_converted(
 
 def convert(
         model_name: str,
-        checkpoint: os.PathLike,
+        checkpoint: Union[str, os.PathLike],
         output_dir: os.PathLike,
         model_kwargs: Optional[Dict[str, Any]] = None,
         overwrite: bool = False,
@@ -309,13 +311,16 @@ def convert(
         repo_id: Optional[str] = None,
         model_card: Optional[Dict[str, Any]] = None,
 ) -> ConversionResult:
-    """Original checkpoint -> timm export in ``output_dir``, verified by reloading it (unless ``verify=False``).
+    """Original checkpoint (path or http(s) URL) -> timm export in ``output_dir``, verified by reloading it (unless
+    ``verify=False``).
 
     ``repo_id`` (ORG/NAME) names the hub repo the model card's usage snippet loads from; publish the result
     with :func:`push_converted` (check :func:`check_hub_access` first to fail before the work).
     """
     model_kwargs = dict(model_kwargs or {})
     extra_files = prepare_output_dir(output_dir, overwrite)
+    if is_url(checkpoint):
+        checkpoint = download_cached(checkpoint)
     model = build_from_checkpoint(model_name, checkpoint, **model_kwargs)
     cfg = model.pretrained_cfg
     if repo_id:

@@ -27,8 +27,11 @@ Models:
   any input whose sides are multiples of 32 (see :func:`~lesa_lit_models.layers.lesa_attention.resample_rel_table`).
   No classifier (``num_classes=0``); ``features_only=True, out_indices=(1, 2, 3, 4)`` gives C2-C5. To start
   from ImageNet weights as the authors' detectors did, load an ImageNet checkpoint into them (``pretrained=True,
-  pretrained_cfg_overlay=dict(file=...)`` or ``dict(hf_hub_id='lesa-lit-models/lesa_resnet50.in1k')``):
-  :func:`checkpoint_filter_fn` adapts it.
+  pretrained_cfg_overlay=dict(file=...)``): :func:`checkpoint_filter_fn` adapts it.
+
+Weights: the authors publish them as OneDrive folders (no direct download); each tag's ``origin_url`` and notes
+name the folder and the file. ``pretrained=True`` without ``pretrained_cfg_overlay=dict(file=...)`` stops with
+those instructions, before any network access.
 
 Deviations from the authors' code: ``set_grad_checkpointing`` is off by default (their detection configs
 turn on the equivalent ``with_cp_UB_terms_only``); ``no_weight_decay`` lists the position tables (the authors
@@ -46,7 +49,8 @@ from timm.layers import DropPath, create_classifier, get_device_dtype, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ._checkpoint import resolve_pretrained_file, strip_prefix, unwrap_state_dict, verify_state_dict
+from ._checkpoint import release_file_note, release_loaded_weights, resolve_pretrained_weights, strip_prefix, \
+    unwrap_state_dict, verify_state_dict
 from .layers.deform_conv import DeformConv2dPack
 from .layers.lesa_attention import Lesa, resample_rel_table
 
@@ -398,8 +402,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LesaResNet) -> Dict[
     * COCO weights load completely; ``rel_height`` / ``rel_width`` are resampled
       (:func:`~lesa_lit_models.layers.lesa_attention.resample_rel_table`) when ``img_size`` differs.
 
-    The classifier is checked only where timm keeps it (same ``num_classes`` as the pretrained cfg); otherwise timm
-    drops it. Raises :class:`~lesa_lit_models._checkpoint.CheckpointError` listing what does not match.
+    Raises :class:`~lesa_lit_models._checkpoint.CheckpointError` listing what does not match
+    (:func:`~lesa_lit_models._checkpoint.verify_state_dict`).
     """
     state_dict = unwrap_state_dict(state_dict)
     if any(k.startswith('backbone.') for k in state_dict):
@@ -413,23 +417,19 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LesaResNet) -> Dict[
             for k, v in state_dict.items():
                 if k.endswith(('.rel_height', '.rel_width')) and k in model_sd and v.shape[1:] == model_sd[k].shape[1:]:
                     state_dict[k] = resample_rel_table(v.float(), model_sd[k].shape[0]).to(v.dtype)
-    pretrained_classes = getattr(model, 'pretrained_cfg', {}).get('num_classes', model.num_classes)
-    if not model.num_classes or model.num_classes != pretrained_classes:
-        # timm drops a classifier trained for other classes (and has none to fill): check all the rest
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('fc.')}
-        state_dict.update({k: v for k, v in model_sd.items() if k.startswith('fc.')})
-    return verify_state_dict(state_dict, model, ignore_shape_of=('conv1.weight',))
+    return verify_state_dict(state_dict, model)
 
 
 def _create_lesa(variant: str, pretrained: bool = False, **kwargs) -> LesaResNet:
-    kwargs = resolve_pretrained_file(pretrained, kwargs)
-    return build_model_with_cfg(
+    kwargs = resolve_pretrained_weights(variant, pretrained, kwargs)
+    model = build_model_with_cfg(
         LesaResNet,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         **kwargs,
     )
+    return release_loaded_weights(model)
 
 
 _PAPER = dict(
@@ -456,36 +456,37 @@ def _det_cfg(img_size: int, **kwargs) -> Dict[str, Any]:
 
 _ONEDRIVE = 'https://livejohnshopkins-my.sharepoint.com/:f:/g/personal/cyang76_jh_edu/'
 
+# The authors' weights are OneDrive folders (no direct download): no url / hf_hub_id; pretrained=True without a
+# file stops with the instructions in the 'Release file' note.
 default_cfgs = generate_default_cfgs({
     'lesa_resnet50.in1k': _cfg(
-        hf_hub_id='lesa-lit-models/lesa_resnet50.in1k',
         origin_url=_ONEDRIVE + 'EnO2WCZcRwJJh1YsdHEZXOMBueC6q0baT4kWl_sI5SqjFQ?e=Wh9uWt',
         notes=('ImageNet-1k top-1 79.55, top-5 94.79 at 224 (authors\' numbers).',
-               'Converted from the authors\' release (github.com/Chenglin-Yang/LESA_classification).'),
+               release_file_note('checkpoint.pth in the lesa_resnet50 folder of the LESA_classification README\'s '
+                                 '"Download" link (a OneDrive folder, no direct download).')),
     ),
     'lesa_wrn50.in1k': _cfg(
-        hf_hub_id='lesa-lit-models/lesa_wrn50.in1k',
         origin_url=_ONEDRIVE + 'EgHuW1XQefNNkLCkRE1Ag4UBA96d7lBasZ4esEh3Re1mXA?e=jU72GG',
         notes=('ImageNet-1k top-1 80.18, top-5 95.07 at 224 (authors\' numbers).',
-               'Converted from the authors\' release (github.com/Chenglin-Yang/LESA_classification).'),
+               release_file_note('checkpoint.pth in the lesa_wrn50 folder of the LESA_classification README\'s '
+                                 '"Download" link (a OneDrive folder, no direct download).')),
     ),
     'lesa_resnet50_det.coco': _det_cfg(
         1024,
-        hf_hub_id='lesa-lit-models/lesa_resnet50_det.coco',
         origin_url=_ONEDRIVE + 'Egpo87VmMmlEg0jY_KHYAJsBS7EFDJ4YxJ2zhkTxcJCzWg?e=SGSKmx',
         notes=('Backbone of the authors\' Mask R-CNN (FPN, 1024x1024, 20 epochs): COCO val box AP 44.0, mask AP '
                '39.2; test-dev box AP 44.2, mask AP 39.6 (authors\' numbers).',
-               'Converted from the backbone.* keys of the authors\' mmdet checkpoint '
-               '(github.com/Chenglin-Yang/LESA_detection).'),
+               release_file_note('epoch_20.pth (the whole mmdet 2.x detector; its backbone.* keys are used) in the '
+                                 'Mask-RCNN "Model" folder of the LESA_detection README (OneDrive, no direct '
+                                 'download).')),
     ),
     'lesa_wrn50_det.coco': _det_cfg(
         1280,
-        hf_hub_id='lesa-lit-models/lesa_wrn50_det.coco',
         origin_url=_ONEDRIVE + 'EmSPz8ToSK5GuYyWELj3Y0QBwP3Q_Jd4FhK1WDvf2FuADw?e=xRsbl5',
         notes=('Backbone of the authors\' HTC (FPN, semantic branch, 1280x1280, 20 epochs): COCO val box AP 50.1, '
                'mask AP 43.9; test-dev box AP 50.5, mask AP 44.4 (authors\' numbers).',
-               'Converted from the backbone.* keys of the authors\' mmdet checkpoint '
-               '(github.com/Chenglin-Yang/LESA_detection).'),
+               release_file_note('epoch_20.pth (the whole mmdet 2.x detector; its backbone.* keys are used) in the '
+                                 'HTC "Model" folder of the LESA_detection README (OneDrive, no direct download).')),
     ),
 })
 

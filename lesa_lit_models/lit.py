@@ -45,7 +45,8 @@ try:  # timm >= 1.0.31: construction args recorded here go into save_for_hf / pu
 except ImportError:  # older timm only exports the model_args passed to it
     update_model_args = None
 
-from ._checkpoint import resolve_pretrained_file, strip_prefix, unwrap_state_dict, verify_state_dict
+from ._checkpoint import release_loaded_weights, resolve_pretrained_weights, strip_prefix, unwrap_state_dict, \
+    verify_state_dict
 from .layers.deform_merge import DeformableTokenMerging
 from .layers.rel_pos import bias_from_grid, bias_table_size, relative_position_bias_grid, resample_bias_table
 
@@ -706,9 +707,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LIT) -> Dict[str, to
         out.update({k: model_state[k] for k in kept})
         if kept:
             _logger.info(f'Checkpoint has no classifier; keeping initial {kept}.')
-    elif 'head.weight' not in model_state:
-        out = {k: v for k, v in out.items() if not k.startswith('head.')}
-    return verify_state_dict(out, model, ignore_shape_of=('head.', 'patch_embed.proj.'))
+    return verify_state_dict(out, model)
 
 
 def _checkpoint_pos_img_size(state_dict: Dict[str, torch.Tensor], patch_size: int = 4) -> Optional[Tuple[int, int]]:
@@ -727,7 +726,7 @@ def _checkpoint_pos_img_size(state_dict: Dict[str, torch.Tensor], patch_size: in
 
 def _create_lit(variant: str, pretrained: bool = False, **kwargs) -> LIT:
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    kwargs = resolve_pretrained_file(pretrained, kwargs)
+    kwargs = resolve_pretrained_weights(variant, pretrained, kwargs)
     checkpoint_file = (kwargs.get('pretrained_cfg_overlay') or {}).get('state_dict')
     if pretrained and checkpoint_file is not None and 'pos_img_size' not in kwargs:
         # keep a checkpoint's bias tables at their own size (e.g. the 99x99/49x49 COCO tables), so the runtime
@@ -736,7 +735,7 @@ def _create_lit(variant: str, pretrained: bool = False, **kwargs) -> LIT:
         if pos_img_size is not None and pos_img_size != (224, 224):
             _logger.info(f'Building {variant} with pos_img_size={pos_img_size} to match the checkpoint tables.')
             kwargs['pos_img_size'] = pos_img_size
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         LIT,
         variant,
         pretrained,
@@ -744,6 +743,7 @@ def _create_lit(variant: str, pretrained: bool = False, **kwargs) -> LIT:
         feature_cfg=dict(feature_cls='getter', flatten_sequential=True, out_indices=out_indices),
         **kwargs,
     )
+    return release_loaded_weights(model)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
@@ -758,9 +758,9 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 
 def _in1k_cfg(name: str, top1: float, params: str, flops: str, **kwargs) -> Dict[str, Any]:
     return _cfg(
-        hf_hub_id=f'lesa-lit-models/{name}.in1k',
-        origin_url=f'https://github.com/ziplab/LIT/releases/download/v1.0/{name}.pth',
-        description=f'{name.upper().replace("_", "-")} ImageNet-1k classifier by the LIT authors, converted to timm.',
+        url=f'https://github.com/ziplab/LIT/releases/download/v1.0/{name}.pth',
+        origin_url='https://github.com/ziplab/LIT',
+        description=f'{name.upper().replace("_", "-")} ImageNet-1k classifier by the LIT authors.',
         notes=(
             f'Reported by the authors: {top1}% top-1 on ImageNet-1k val (224x224, center crop 0.875), '
             f'{params} parameters, {flops} FLOPs.',

@@ -1,11 +1,23 @@
-"""Reading upstream checkpoint files: formats, and clear errors for missing, corrupt and mismatched files."""
+"""The safe checkpoint loader: every release layout loads, nothing a file names runs, downloads fail clearly.
+
+Files are written in the layouts of the authors' training scripts (LESA ``{'net'}``, Swin ``{'model', 'config':
+CfgNode}``, DeiT ``{'model', 'args': Namespace}``, mmdet 2.x ``{'meta': numpy, 'state_dict'}``) and by mmengine's
+own Runner. Downloads come from a loopback server (conftest.py).
+"""
+import argparse
+import io
+import os
+import sys
+import types
+
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 from lesa_lit_models._checkpoint import (
-    CheckpointError, load_checkpoint_file, resolve_pretrained_file, unwrap_state_dict, verify_state_dict,
+    CheckpointError, DownloadError, UnsafeCheckpointError, load_checkpoint, load_checkpoint_file,
+    resolve_pretrained_weights, unwrap_state_dict, verify_state_dict,
 )
 
 
@@ -14,18 +26,237 @@ def weights():
     return {'conv.weight': torch.randn(4, 3, 3, 3), 'fc.weight': torch.randn(2, 4)}
 
 
-@pytest.mark.parametrize('wrap', [
-    lambda sd: sd,
-    lambda sd: {'net': {'module.' + k: v for k, v in sd.items()}, 'optim': {'lr': 0.1}, 'epoch': 3},
-    lambda sd: {'model': sd, 'optimizer': {}},
-    lambda sd: {'meta': {'epoch': 20, 'np': np.arange(3)}, 'state_dict': sd},
-], ids=['bare', 'lesa-imagenet', 'lit-model', 'mmdet-meta-numpy'])
-def test_every_upstream_wrapping_unwraps_to_the_same_tensors(tmp_path, weights, wrap):
-    path = tmp_path / 'ckpt.pth'
-    torch.save(wrap(weights), path)
-    state_dict = unwrap_state_dict(load_checkpoint_file(path))
+def _assert_same(state_dict, weights):
     assert state_dict.keys() == weights.keys()
     assert all(torch.equal(state_dict[k], weights[k]) for k in weights)
+
+
+def _save_as(obj, path, monkeypatch, module: str, *classes: type, **kwargs):
+    """torch.save ``obj`` while ``classes`` are importable from ``module`` (the names the pickle records); they are
+    gone again afterwards, as on a machine without that package."""
+    fake = types.ModuleType(module)
+    for cls in classes:
+        cls.__module__, cls.__qualname__ = module, cls.__name__
+        setattr(fake, cls.__name__, cls)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, module, fake)
+        m.setitem(sys.modules, module.split('.')[0], types.ModuleType(module.split('.')[0]))
+        torch.save(obj, path, **kwargs)
+    assert module not in sys.modules
+
+
+class CfgNode(dict):
+    """What yacs.config.CfgNode pickles as: a dict subclass with its flags in __dict__."""
+
+    def __init__(self, init=None):
+        super().__init__(init or {})
+        self.__dict__.update({'__immutable__': False, '__deprecated_keys__': set(), '__renamed_keys__': {},
+                              '__new_allowed__': False})
+
+
+def test_lesa_imagenet_layout(tmp_path, weights):
+    path = tmp_path / 'checkpoint.pth'
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1, momentum=0.9, nesterov=True)
+    torch.save({'net': {'module.' + k: v for k, v in weights.items()}, 'optim': optimizer.state_dict(),
+                'epoch': 94}, path)
+    checkpoint = load_checkpoint_file(path)
+    assert checkpoint['epoch'] == 94 and checkpoint['optim']['param_groups'][0]['nesterov'] is True
+    _assert_same(unwrap_state_dict(checkpoint), weights)
+
+
+def test_swin_layout_with_a_yacs_config_loads_without_yacs(tmp_path, monkeypatch, weights):
+    config = CfgNode({'MODEL': CfgNode({'TYPE': 'lit', 'LIT': CfgNode({'DEPTHS': [2, 2, 6, 2]})}), 'SEED': 0})
+    path = tmp_path / 'lit_s.pth'
+    _save_as({'model': weights, 'optimizer': {'state': {}, 'param_groups': [{'lr': 5e-4, 'params': [0]}]},
+              'lr_scheduler': {'last_epoch': 299}, 'max_accuracy': 81.5, 'epoch': 299, 'config': config},
+             path, monkeypatch, 'yacs.config', CfgNode)
+    checkpoint = load_checkpoint_file(path)
+    assert 'yacs' not in sys.modules
+    assert checkpoint['config'] == {'MODEL': {'TYPE': 'lit', 'LIT': {'DEPTHS': [2, 2, 6, 2]}}, 'SEED': 0}
+    assert checkpoint['max_accuracy'] == 81.5
+    _assert_same(unwrap_state_dict(checkpoint), weights)
+
+
+def test_deit_layout_with_argparse_namespace(tmp_path, weights):
+    path = tmp_path / 'lit_ti.pth'
+    args = argparse.Namespace(model='lit_ti', lr=5e-4, input_size=224, drop_path=0.1, resume='', model_ema=False)
+    torch.save({'model': weights, 'optimizer': {}, 'lr_scheduler': {}, 'epoch': 299, 'args': args}, path)
+    checkpoint = load_checkpoint_file(path)
+    assert checkpoint['args'] == args
+    _assert_same(unwrap_state_dict(checkpoint), weights)
+
+
+@pytest.mark.parametrize('numpy_1x_names', [False, True], ids=['numpy2', 'numpy1'])
+def test_mmdet2_layout_with_numpy_meta(tmp_path, weights, numpy_1x_names):
+    path = tmp_path / 'mask_rcnn.pth'
+    meta = {'epoch': np.int64(12), 'iter': 87960, 'CLASSES': np.array(['person', 'car']), 'lr': np.float32(2e-4),
+            'mixed': np.array([1, 'a'], dtype=object), 'mmdet_version': '2.11.0', 'config': 'model = dict(...)'}
+    torch.save({'meta': meta, 'state_dict': {'backbone.' + k: v for k, v in weights.items()}}, path,
+               _use_new_zipfile_serialization=not numpy_1x_names)
+    if numpy_1x_names:  # the module names numpy 1.x wrote (the legacy format keeps the pickle uncompressed)
+        data = path.read_bytes()
+        assert b'numpy._core.multiarray' in data
+        path.write_bytes(data.replace(b'numpy._core.multiarray', b'numpy.core.multiarray'))
+    checkpoint = load_checkpoint_file(path)
+    for key, value in meta.items():
+        assert type(checkpoint['meta'][key]) is type(value)
+        assert np.array_equal(checkpoint['meta'][key], value) if isinstance(value, np.ndarray) \
+            else checkpoint['meta'][key] == value
+    _assert_same({k[len('backbone.'):]: v for k, v in unwrap_state_dict(checkpoint).items()}, weights)
+
+
+def test_file_object_and_safetensors(tmp_path, weights):
+    buffer = io.BytesIO()
+    torch.save({'state_dict': weights}, buffer)
+    buffer.seek(0)
+    _assert_same(unwrap_state_dict(load_checkpoint_file(buffer)), weights)
+    from safetensors.torch import save_file
+    save_file(weights, str(tmp_path / 'model.safetensors'))
+    _assert_same(load_checkpoint_file(tmp_path / 'model.safetensors'), weights)
+
+
+# ---------------------------------------------------------------------------------------------------- mmengine
+
+
+def _tiny_runner(work_dir, max_epochs, resume):
+    from mmengine.model import BaseModel
+    from mmengine.runner import Runner
+
+    class Model(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(2, 1)
+
+        def forward(self, x, mode='tensor'):
+            out = self.linear(torch.stack(x) if isinstance(x, list) else x)
+            return {'loss': out.pow(2).mean()} if mode == 'loss' else out
+
+    class Data(torch.utils.data.Dataset):
+        metainfo = dict(classes=('person', 'car'))
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return dict(x=torch.full((2,), float(i)))
+
+    return Runner(
+        model=Model(), work_dir=str(work_dir), experiment_name=f'run{max_epochs}',
+        train_dataloader=dict(dataset=Data(), sampler=dict(type='DefaultSampler', shuffle=False), batch_size=2,
+                              collate_fn=dict(type='default_collate')),
+        optim_wrapper=dict(optimizer=dict(type='AdamW', lr=0.01)),
+        param_scheduler=[dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=2),
+                         dict(type='MultiStepLR', milestones=[1], by_epoch=True)],
+        train_cfg=dict(by_epoch=True, max_epochs=max_epochs), default_hooks=dict(checkpoint=dict(
+            type='CheckpointHook', interval=1)), randomness=dict(seed=0), resume=resume, default_scope='mmengine')
+
+
+@pytest.fixture
+def mmengine_loader(monkeypatch):
+    pytest.importorskip('mmengine')
+    from mmengine.runner.checkpoint import CheckpointLoader
+    from lesa_lit_models._checkpoint import register_mmengine_loader
+    monkeypatch.setattr(CheckpointLoader, '_schemes', dict(CheckpointLoader._schemes))  # restored afterwards
+    register_mmengine_loader()
+    return CheckpointLoader
+
+
+@pytest.mark.slow
+def test_mmengine_runner_checkpoints_load_and_resume(tmp_path, mmengine_loader):
+    _tiny_runner(tmp_path, 1, False).train()
+    path = tmp_path / 'epoch_1.pth'
+    with pytest.raises(Exception, match='Weights only load failed'):
+        torch.load(path)  # what mmengine's own loader does on torch >= 2.6
+    checkpoint = load_checkpoint_file(path)
+    assert {'meta', 'state_dict', 'message_hub', 'optimizer', 'param_schedulers'} <= checkpoint.keys()
+    assert checkpoint['meta']['dataset_meta'] == {'classes': ('person', 'car')}
+
+    runner = _tiny_runner(tmp_path, 2, True)  # resume=True: mmengine's CheckpointLoader reads epoch_1.pth
+    runner.train()
+    assert runner.epoch == 2 and runner.iter == 4
+    assert runner.message_hub.get_scalar('train/loss').data[0].shape == (4,)  # history resumed, then extended
+
+
+def test_mmengine_loader_reads_urls_and_refuses_unsafe_files(tmp_path, mmengine_loader, release_server, weights):
+    from mmengine.runner.checkpoint import _load_checkpoint
+    buffer = io.BytesIO()
+    torch.save({'meta': {'epoch': np.int64(3)}, 'state_dict': weights}, buffer)
+    release_server.files['/det.pth'] = buffer.getvalue()
+    _assert_same(_load_checkpoint(release_server.url('/det.pth'), map_location='cpu')['state_dict'], weights)
+    marker = tmp_path / 'created'
+    _write_crafted(tmp_path / 'evil.pth', marker)
+    with pytest.raises(UnsafeCheckpointError):
+        _load_checkpoint(str(tmp_path / 'evil.pth'), map_location='cpu')
+    assert not marker.exists()
+
+
+def test_history_buffer_is_inert_without_mmengine_loaded(tmp_path, monkeypatch):
+    pytest.importorskip('mmengine')
+    import subprocess
+    _tiny_runner(tmp_path, 1, False).train()
+    code = ('import sys; from lesa_lit_models._checkpoint import load_checkpoint_file, InertObject; '
+            f'c = load_checkpoint_file({str(tmp_path / "epoch_1.pth")!r}); '
+            'b = c["message_hub"]["log_scalars"]["train/loss"]; '
+            'assert type(b) is InertObject and b._log_history.shape == (2,), b; '
+            'assert "mmengine" not in sys.modules; print("ok")')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == 'ok', out.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- refusals
+
+
+class _OpenFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, 'w')
+
+
+class _System:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.path}',)
+
+
+class _Eval:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return eval, (f'open({str(self.path)!r}, "w")',)
+
+
+def _write_crafted(path, marker, payload=_System, **save_kwargs):
+    torch.save({'state_dict': {'w': torch.zeros(2)}, 'meta': payload(marker)}, path, **save_kwargs)
+    return path
+
+
+@pytest.mark.parametrize('payload, name', [(_System, 'posix.system'), (_OpenFile, 'io.open'),
+                                           (_Eval, 'builtins.eval')])
+@pytest.mark.parametrize('legacy', [False, True], ids=['zip', 'legacy'])
+def test_a_pickle_that_calls_code_is_refused_and_nothing_runs(tmp_path, payload, name, legacy):
+    marker = tmp_path / 'created_by_the_file'
+    path = _write_crafted(tmp_path / 'evil.pth', marker, payload, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_checkpoint_file(path)
+    message = str(info.value)
+    assert name in message and 'The file is not loaded' in message and 'evil.pth' in message
+    assert 'corrupt' not in message
+    assert not marker.exists()
+
+
+def test_getattr_is_limited_to_history_buffer_statistics(tmp_path):
+    class _Getattr:
+        def __reduce__(self):
+            return getattr, (torch.Tensor, 'new_empty')
+
+    torch.save({'x': _Getattr()}, tmp_path / 'getattr.pth')
+    with pytest.raises(UnsafeCheckpointError, match="getattr"):
+        load_checkpoint_file(tmp_path / 'getattr.pth')
 
 
 def test_missing_file_names_the_path(tmp_path):
@@ -39,8 +270,9 @@ def test_truncated_file_is_reported_as_corrupt(tmp_path, fraction):
     torch.save({'w': torch.randn(50_000)}, path)
     data = path.read_bytes()
     path.write_bytes(data[:max(1, int(len(data) * fraction))])
-    with pytest.raises(CheckpointError, match='corrupt or truncated'):
+    with pytest.raises(CheckpointError, match='corrupt or truncated') as info:
         load_checkpoint_file(path)
+    assert not isinstance(info.value, UnsafeCheckpointError)
 
 
 def test_truncated_safetensors_is_reported(tmp_path):
@@ -50,6 +282,76 @@ def test_truncated_safetensors_is_reported(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match='corrupt or truncated'):
         load_checkpoint_file(path)
+
+
+# ---------------------------------------------------------------------------------------------------- downloads
+
+
+def _serialized(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def test_url_downloads_once_into_the_torch_hub_cache(tmp_path, release_server, weights):
+    release_server.files['/v1.0/lit_s.pth'] = _serialized({'model': weights})
+    url = release_server.url('/v1.0/lit_s.pth')
+    _assert_same(unwrap_state_dict(load_checkpoint(url, progress=False)), weights)
+    cached = tmp_path / 'torch_home' / 'hub' / 'checkpoints' / 'lit_s.pth'
+    assert cached.read_bytes() == release_server.files['/v1.0/lit_s.pth']
+    _assert_same(unwrap_state_dict(load_checkpoint(url, progress=False)), weights)
+    assert release_server.requests == ['/v1.0/lit_s.pth']  # the second load used the cache
+
+
+def test_http_404_names_the_url_and_the_fix(tmp_path, release_server):
+    url = release_server.url('/v1.0/missing.pth')
+    with pytest.raises(DownloadError) as info:
+        load_checkpoint(url, progress=False)
+    message = str(info.value)
+    assert 'HTTP 404' in message and url in message and 'pretrained_cfg_overlay=dict(file=' in message
+    assert not (tmp_path / 'torch_home' / 'hub' / 'checkpoints' / 'missing.pth').exists()
+
+
+def test_truncated_download_is_detected_and_not_cached(tmp_path, release_server, weights):
+    body = _serialized({'model': weights})
+    release_server.files['/lit_ti.pth'] = body
+    release_server.truncate['/lit_ti.pth'] = len(body) // 2
+    url = release_server.url('/lit_ti.pth')
+    with pytest.raises(DownloadError) as info:
+        load_checkpoint(url, progress=False)
+    message = str(info.value)
+    assert 'truncated' in message and f'{len(body) // 2} of {len(body)} bytes' in message and url in message
+    cache = tmp_path / 'torch_home' / 'hub' / 'checkpoints'
+    assert str(cache / 'lit_ti.pth') in message and list(cache.iterdir()) == []
+    del release_server.truncate['/lit_ti.pth']  # the connection works again: the next call downloads it
+    _assert_same(unwrap_state_dict(load_checkpoint(url, progress=False)), weights)
+
+
+def test_unreachable_server_names_the_url(tmp_path, release_server):
+    url = release_server.url('/x.pth')
+    release_server.close()
+    with pytest.raises(DownloadError, match='failed after 0 bytes.*Check the network'):
+        load_checkpoint(url, progress=False)
+
+
+def test_a_corrupt_cached_download_says_to_delete_it(tmp_path, release_server):
+    cache = tmp_path / 'torch_home' / 'hub' / 'checkpoints'
+    cache.mkdir(parents=True)
+    (cache / 'lit_b.pth').write_bytes(b'PK\x03\x04 not a checkpoint')
+    with pytest.raises(CheckpointError, match=r'corrupt(.|\n)*delete .*lit_b.pth'):
+        load_checkpoint(release_server.url('/lit_b.pth'), progress=False)
+    assert release_server.requests == []
+
+
+def test_a_downloaded_pickle_that_calls_code_is_refused(tmp_path, release_server):
+    marker = tmp_path / 'created_by_the_download'
+    release_server.files['/evil.pth'] = _write_crafted(tmp_path / 'evil.pth', marker).read_bytes()
+    with pytest.raises(UnsafeCheckpointError, match='posix.system'):
+        load_checkpoint(release_server.url('/evil.pth'), progress=False)
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------- state dicts
 
 
 def test_mismatch_lists_missing_unexpected_and_misshaped_keys():
@@ -66,11 +368,27 @@ def test_mismatch_lists_missing_unexpected_and_misshaped_keys():
     assert verify_state_dict(state_dict, model, ignore_shape_of=('1.',)) is state_dict
 
 
+def test_verify_leaves_out_what_timm_adapts_next():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Linear(4, 5))
+    model.num_classes = 5
+    model.pretrained_cfg = dict(architecture='toy', first_conv='0', classifier='1', num_classes=1000)
+    weights = {'0.weight': torch.zeros(4, 3, 3, 3), '0.bias': torch.zeros(4), '1.weight': torch.zeros(1000, 4),
+               '1.bias': torch.zeros(1000)}
+    assert verify_state_dict(weights, model) is weights  # classifier dropped by timm, stem adapted to in_chans
+    assert verify_state_dict({k: v for k, v in weights.items() if not k.startswith('1.')}, model)
+    with pytest.raises(CheckpointError, match=r'0.weight: checkpoint \(8, 3, 3, 3\)'):  # not just the channels
+        verify_state_dict(dict(weights, **{'0.weight': torch.zeros(8, 3, 3, 3)}), model)
+    model.num_classes = 1000
+    with pytest.raises(CheckpointError, match='2 missing keys: 1.weight, 1.bias'):
+        verify_state_dict({k: v for k, v in weights.items() if not k.startswith('1.')}, model)
+
+
 def test_file_overlay_is_read_into_a_state_dict(tmp_path, weights):
     path = tmp_path / 'ckpt.pth'
     torch.save({'net': weights}, path)
-    kwargs = resolve_pretrained_file(True, dict(pretrained_cfg_overlay=dict(file=str(path)), num_classes=3))
-    assert kwargs['num_classes'] == 3 and 'file' not in kwargs['pretrained_cfg_overlay']
+    kwargs = resolve_pretrained_weights(
+        'lit_s', True, dict(pretrained_cfg_overlay=dict(file=str(path)), num_classes=3))
+    assert kwargs['num_classes'] == 3
     assert kwargs['pretrained_cfg_overlay']['state_dict']['net'].keys() == weights.keys()
     untouched = dict(pretrained_cfg_overlay=dict(file=str(path)))
-    assert resolve_pretrained_file(False, untouched) is untouched
+    assert resolve_pretrained_weights('lit_s', False, untouched) is untouched

@@ -44,7 +44,8 @@ def _as_tuple(value) -> tuple:
 
 
 MODELS = package_models()
-TAGGED = timm.list_pretrained([f'{n}.*' for n in MODELS]) + [n for n in MODELS if not timm.list_pretrained(n + '.*')]
+TAGGED = timm.list_models([f'{n}.*' for n in MODELS], include_tags=True) + [
+    n for n in MODELS if not timm.list_models(n + '.*', include_tags=True)]  # every tag, with weights or not
 HEAVY = [n for n in MODELS if _num_params_and_class(n)[0] <= HEAVY_MAX_PARAMS]
 
 

@@ -1,0 +1,17 @@
+"""torch.hub entry points for the LESA and LIT models of this repository.
+
+    model = torch.hub.load('<owner>/<repo>', 'lit_s', pretrained=True)           # from GitHub
+    model = torch.hub.load('/path/to/checkout', 'lit_s', pretrained=True, source='local')
+
+Every model registered by ``lesa_lit_models`` is an entry point, with timm's keyword arguments
+(``pretrained``, ``num_classes``, ``in_chans``, ``features_only``, ``pretrained_cfg_overlay``, ...). Weights load as
+with ``timm.create_model``: LIT downloads the authors' GitHub release into the torch hub cache; LESA needs the
+authors' file (``pretrained_cfg_overlay=dict(file=PATH)``), see the README.
+"""
+import timm
+
+from lesa_lit_models.hub import package_models
+
+dependencies = ['torch', 'torchvision', 'timm', 'einops', 'huggingface_hub', 'safetensors']
+
+globals().update({name: timm.models.model_entrypoint(name) for name in package_models()})
