@@ -34,7 +34,7 @@ class ReleaseServer:
                 pass
 
         self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
         self.thread.start()
 
     def url(self, path: str) -> str:

@@ -190,6 +190,7 @@ def test_mmengine_loader_reads_urls_and_refuses_unsafe_files(tmp_path, mmengine_
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_history_buffer_is_inert_without_mmengine_loaded(tmp_path, monkeypatch):
     pytest.importorskip('mmengine')
     import subprocess

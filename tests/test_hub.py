@@ -167,11 +167,15 @@ def test_hf_hub_name_loads_from_offline_cache(offline_hub, lit_s_export):
 
 
 @pytest.mark.slow
-def test_default_cfg_hf_hub_id_loads_from_offline_cache(offline_hub, lit_s_export):
+def test_hf_hub_id_overlay_replaces_the_release_url(offline_hub, lit_s_export):
     export, source = lit_s_export
-    offline_hub(timm.get_pretrained_cfg('lit_s.in1k').hf_hub_id, export)
-    _assert_same_weights(timm.create_model('lit_s.in1k', pretrained=True), source.state_dict())
-    _assert_features_match(timm.create_model('lit_s.in1k', pretrained=True, features_only=True).eval(), source)
+    assert timm.get_pretrained_cfg('lit_s.in1k').hf_hub_id is None  # no converted copy is published
+    offline_hub('my-org/lit_s.in1k', export)
+    overlay = dict(hf_hub_id='my-org/lit_s.in1k')  # a published converted copy beats the release url
+    _assert_same_weights(timm.create_model('lit_s.in1k', pretrained=True, pretrained_cfg_overlay=overlay),
+                         source.state_dict())
+    _assert_features_match(timm.create_model('lit_s.in1k', pretrained=True, features_only=True,
+                                             pretrained_cfg_overlay=overlay).eval(), source)
 
 
 def test_missing_repo_in_offline_cache_fails_fast(offline_hub):
