@@ -82,12 +82,13 @@ class _MappingAsOrderedDict:
     """Reads a pickled dict subclass (yacs ``CfgNode``, mmengine ``ConfigDict``) as an ``OrderedDict``.
 
     torch's restricted unpickler only fills exact ``dict`` / ``OrderedDict`` objects with items, so the object
-    created for the subclass is an ``OrderedDict``; the subclass's own attributes (yacs' immutability flags)
-    end up in that object's ``__dict__``, where nothing reads them.
+    created for the subclass is an ``OrderedDict``. yacs' items arrive after it is created, mmengine's as a dict
+    passed to the constructor (``ConfigDict(dict)``). The subclass's own attributes (yacs' immutability flags)
+    end up in the object's ``__dict__``, where nothing reads them.
     """
 
-    def __new__(cls, *args, **kwargs):
-        return OrderedDict()
+    def __new__(cls, items=None):
+        return OrderedDict(items if isinstance(items, dict) else ())
 
 
 def _history_buffer_class() -> type:
@@ -155,17 +156,23 @@ def _refused_globals(source: PathOrFile, error: Exception) -> List[str]:
         if hasattr(source, 'seek'):
             source.seek(0)
         names = sorted(map(_python3_name, torch.serialization.get_unsafe_globals_in_checkpoint(source)))
-    except Exception:  # a legacy (non-zip) file: fall back to the name in torch's message
+    except Exception:  # a legacy (non-zip) file, or opcodes the scan does not read: use torch's message
         pass
-    if not names:
-        match = re.search(r'GLOBAL (\S+(?:\(.*?\))?)', str(error))
-        if match:
-            name = match[1]
-            names = [_python3_name(name) if '.' in name.split('(')[0] else f'builtins.{name}']
+    match = re.search(r'GLOBAL (\S+(?:\(.*?\))?)', str(error))
+    if not names and match:
+        name = match[1]
+        names = [_python3_name(name) if '.' in name.split('(')[0] else f'builtins.{name}']
+    if not names and any(p in str(error) for p in ('unrecognized function', 'Can only build', 'Can only create')):
+        names = [_unpickler_error(error)]
     return names
 
 
-_UNSAFE_PATTERNS = ('GLOBAL ', 'unrecognized function', 'Can only build', 'Can only create new object')
+def _unpickler_error(error: Exception) -> str:
+    # torch wraps the restricted unpickler's own message in advice to switch safety off; keep only the former
+    message = str(error)
+    if 'WeightsUnpickler error: ' in message:
+        message = message.rsplit('WeightsUnpickler error: ', 1)[-1].strip().splitlines()[0]
+    return message
 
 
 def load_checkpoint_file(source: PathOrFile, map_location: Any = 'cpu') -> Any:
@@ -196,9 +203,9 @@ def load_checkpoint_file(source: PathOrFile, map_location: Any = 'cpu') -> Any:
         try:
             return torch.load(source, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
-            if not any(p in str(e) for p in _UNSAFE_PATTERNS):
+            refused = _refused_globals(source, e)
+            if not refused:
                 raise _corrupt(source, e) from e
-            refused = _refused_globals(source, e) or [str(e).splitlines()[0]]
         except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
             raise _corrupt(source, e) from e
     raise UnsafeCheckpointError(
@@ -211,9 +218,16 @@ def load_checkpoint_file(source: PathOrFile, map_location: Any = 'cpu') -> Any:
 
 def _corrupt(source: PathOrFile, error: Exception) -> CheckpointError:
     size = f' ({os.path.getsize(source)} bytes)' if isinstance(source, str) else ''
+    if 'Unsupported operand' in str(error):
+        return CheckpointError(
+            f'Cannot read checkpoint {_describe(source)}{size} safely: {_unpickler_error(error)}. The safe loader reads '
+            f'files written by torch.save with its default pickle protocol 2; this one uses other pickle '
+            f'instructions (torch.save(..., pickle_protocol=4 or 5)), or it is corrupt. Download it again, or re-save '
+            f'its tensors with the default protocol (or as safetensors) where you trust it.')
     return CheckpointError(
-        f'Cannot read checkpoint {_describe(source)}{size}: {type(error).__name__}: {error}. The file is corrupt '
-        f'or truncated (an interrupted download?); download it again and compare its size/hash with the release.')
+        f'Cannot read checkpoint {_describe(source)}{size}: {type(error).__name__}: {_unpickler_error(error)}. The '
+        f'file is corrupt or truncated (an interrupted download?); download it again and compare its size/hash '
+        f'with the release.')
 
 
 # ------------------------------------------------------------------------------------------------ downloads

@@ -191,6 +191,14 @@ def test_mmengine_loader_reads_urls_and_refuses_unsafe_files(tmp_path, mmengine_
 
 
 @pytest.mark.slow
+def test_mmengine_config_dict_reads_as_a_dict(tmp_path):
+    config_dict = pytest.importorskip('mmengine.config').ConfigDict
+    torch.save({'cfg': config_dict(model=dict(type='MaskRCNN', backbone=dict(depths=[2, 2])), lr=0.02)},
+               tmp_path / 'cfg.pth')
+    assert load_checkpoint_file(tmp_path / 'cfg.pth')['cfg'] == {
+        'model': {'type': 'MaskRCNN', 'backbone': {'depths': [2, 2]}}, 'lr': 0.02}
+
+
 def test_history_buffer_is_inert_without_mmengine_loaded(tmp_path, monkeypatch):
     pytest.importorskip('mmengine')
     import subprocess
@@ -246,8 +254,16 @@ def test_a_pickle_that_calls_code_is_refused_and_nothing_runs(tmp_path, payload,
         load_checkpoint_file(path)
     message = str(info.value)
     assert name in message and 'The file is not loaded' in message and 'evil.pth' in message
-    assert 'corrupt' not in message
+    assert 'corrupt' not in message and 'weights_only=False' not in message
     assert not marker.exists()
+
+
+def test_a_pickle_protocol_the_safe_reader_does_not_read_is_named_not_run(tmp_path):
+    marker = tmp_path / 'created_by_the_file'
+    path = _write_crafted(tmp_path / 'p4.pth', marker, pickle_protocol=4)
+    with pytest.raises(CheckpointError, match='safely: Unsupported operand.*pickle protocol 2') as info:
+        load_checkpoint_file(path)
+    assert 'weights_only=False' not in str(info.value) and not marker.exists()
 
 
 def test_getattr_is_limited_to_history_buffer_statistics(tmp_path):
