@@ -43,8 +43,9 @@ from timm.models import clean_state_dict
 
 __all__ = [
     'CheckpointError', 'UnsafeCheckpointError', 'DownloadError', 'InertObject', 'allowed_globals',
-    'load_checkpoint_file', 'load_checkpoint', 'download_cached', 'is_url', 'register_mmengine_loader', 'unwrap_state_dict',
-    'strip_prefix', 'verify_state_dict', 'release_file_note', 'resolve_pretrained_weights', 'release_loaded_weights',
+    'load_checkpoint_file', 'load_checkpoint', 'download_cached', 'is_url', 'register_mmengine_loader',
+    'unwrap_state_dict', 'strip_prefix', 'verify_state_dict', 'release_file_note', 'resolve_pretrained_weights',
+    'release_loaded_weights',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def _safe_getattr(owner: Any, name: str) -> Any:
         if callable(vars(history_buffer).get(name)):
             return getattr(history_buffer, name)
     raise pickle.UnpicklingError(
-        f'Unsupported global: GLOBAL builtins.getattr({getattr(owner, "__qualname__", owner)}, {name!r}) '
+        f'Unsupported global: GLOBAL builtins.getattr({getattr(owner, "__qualname__", type(owner).__name__)}.{name}) '
         f'was not an allowed global by default.')
 
 
@@ -220,8 +221,8 @@ def _corrupt(source: PathOrFile, error: Exception) -> CheckpointError:
     size = f' ({os.path.getsize(source)} bytes)' if isinstance(source, str) else ''
     if 'Unsupported operand' in str(error):
         return CheckpointError(
-            f'Cannot read checkpoint {_describe(source)}{size} safely: {_unpickler_error(error)}. The safe loader reads '
-            f'files written by torch.save with its default pickle protocol 2; this one uses other pickle '
+            f'Cannot read checkpoint {_describe(source)}{size} safely: {_unpickler_error(error)}. The safe loader '
+            f'reads files written by torch.save with its default pickle protocol 2; this one uses other pickle '
             f'instructions (torch.save(..., pickle_protocol=4 or 5)), or it is corrupt. Download it again, or re-save '
             f'its tensors with the default protocol (or as safetensors) where you trust it.')
     return CheckpointError(
@@ -300,7 +301,7 @@ def _remove(path: str):
         os.remove(path)
 
 
-def load_checkpoint(source: Union[PathOrFile], map_location: Any = 'cpu', cache_dir: Optional[str] = None,
+def load_checkpoint(source: PathOrFile, map_location: Any = 'cpu', cache_dir: Optional[str] = None,
                     progress: bool = True) -> Any:
     """Load a checkpoint from a local path, a binary file object, or an http(s) URL (cached, see
     :func:`download_cached`), through :func:`load_checkpoint_file`."""
