@@ -39,7 +39,8 @@ from typing import IO, Any, Dict, Iterable, List, Optional, Tuple, Union
 import numpy as np
 import torch
 import torch.nn as nn
-from timm.models import clean_state_dict
+from timm.models import clean_state_dict, resolve_pretrained_cfg
+from timm.models._builder import _resolve_pretrained_source  # timm's own source priority, not a copy of it
 
 __all__ = [
     'CheckpointError', 'UnsafeCheckpointError', 'DownloadError', 'InertObject', 'allowed_globals',
@@ -435,7 +436,7 @@ def resolve_pretrained_weights(variant: str, pretrained: bool, kwargs: Dict[str,
     Called by each family's ``_create_*`` before ``build_model_with_cfg``, with the kwargs ``timm.create_model``
     passed (``pretrained_cfg``, ``pretrained_cfg_overlay``, ``cache_dir``). The source is resolved as timm does
     (overlay ``state_dict`` > ``file`` > ``url``): a ``file`` is read from disk, a ``url`` downloaded once into the
-    torch hub cache (progress bar as set by ``timm.models.set_pretrained_download_progress``). ``hf-hub:`` and
+    torch hub cache (or ``cache_dir``) with a progress bar (the releases are 80-350 MB). ``hf-hub:`` and
     ``local-dir:`` sources stay with timm (safetensors, or ``weights_only`` loading). The family's
     ``checkpoint_filter_fn`` then converts the raw checkpoint.
 
@@ -445,15 +446,14 @@ def resolve_pretrained_weights(variant: str, pretrained: bool, kwargs: Dict[str,
     """
     if not pretrained:
         return kwargs
-    from timm.models import _builder
-    cfg = _builder.resolve_pretrained_cfg(
+    cfg = resolve_pretrained_cfg(
         variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
         pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay')).to_dict()
-    load_from, location = _builder._resolve_pretrained_source(cfg)
+    load_from, location = _resolve_pretrained_source(cfg)
     if load_from == 'file':
         checkpoint = load_checkpoint_file(location)
     elif load_from == 'url':
-        checkpoint = load_checkpoint(location, cache_dir=kwargs.get('cache_dir'), progress=_builder._DOWNLOAD_PROGRESS)
+        checkpoint = load_checkpoint(location, cache_dir=kwargs.get('cache_dir'))  # with a progress bar
     elif load_from == '':
         raise CheckpointError(_no_weights_message(variant, cfg))
     else:  # state_dict already in memory, hf-hub, local-dir
