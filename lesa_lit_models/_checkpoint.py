@@ -131,8 +131,8 @@ def allowed_globals() -> List[Tuple[Any, str]]:
     ]
     for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):  # files written with numpy 1.x / 2.x
         allowed += [(multiarray._reconstruct, f'{module}._reconstruct'), (multiarray.scalar, f'{module}.scalar')]
-    # dtype instances are rebuilt through their class (numpy.dtypes.Float64DType, ...)
-    allowed += [(cls, f'numpy.dtypes.{cls.__name__}') for cls in vars(np.dtypes).values()
+    # dtype instances are rebuilt through their class (numpy.dtypes.Float64DType, ...; numpy >= 1.25)
+    allowed += [(cls, f'numpy.dtypes.{cls.__name__}') for cls in vars(getattr(np, 'dtypes', object)).values()
                 if isinstance(cls, type) and issubclass(cls, np.dtype)]
     return allowed
 
