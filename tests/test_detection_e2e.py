@@ -155,7 +155,7 @@ def test_crafted_checkpoints_are_refused_by_the_scripts(coco, trained, tmp_path)
                        text=True),
     ]
     for result in results:
-        assert result.returncode != 0 and 'open' in result.stderr, result.stderr[-3000:]
+        assert result.returncode != 0 and 'io.open' in result.stderr, result.stderr[-3000:]
         assert 'Traceback' not in result.stderr
     assert not marker.exists()
 

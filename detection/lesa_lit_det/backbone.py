@@ -26,12 +26,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lesa_lit_models._checkpoint import CheckpointError, strip_prefix, unwrap_state_dict, verify_state_dict
 
+from .loading import HF_HUB_PREFIX
+
 __all__ = ['TimmBackbone', 'read_checkpoint']
 
 _logger = logging.getLogger(__name__)
 
 _OUT_NORM = re.compile(r'^norm(\d+)\.')
-_REMOTE_PREFIXES = ('http://', 'https://', 'hf-hub:')
+_REMOTE_PREFIXES = ('http://', 'https://', HF_HUB_PREFIX)
 
 
 @MODELS.register_module()
