@@ -387,7 +387,7 @@ def test_out_norms_load_from_the_authors_lit_s_coco_checkpoint(tmp_path):
     path = tmp_path / 'lit_s_coco.pth'
     meta = dict(mmdet_version='2.11.0', CLASSES=np.array(['person']))  # numpy in meta, as mmcv saves it
     torch.save({'meta': meta, 'state_dict': to_upstream(source.state_dict(), 'lit_s')}, path)
-    loaded = make_backbone('lit_s', out_norms=(1, 2, 3), init_cfg=pretrained(path))
+    loaded = make_backbone('lit_s', out_norms=(1, 2, 3), pos_img_size=800, init_cfg=pretrained(path))
     loaded.init_weights()
     assert loaded.body.model.stages[2].blocks[0].attn.relative_position_bias_table.shape[0] == 99 * 99
     for k, v in source.state_dict().items():

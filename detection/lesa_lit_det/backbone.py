@@ -131,9 +131,12 @@ class TimmBackbone(BaseModule):
                 raise CheckpointError(f'{source} is a checkpoint of this adapter for another backbone: {e}') from e
             self.load_state_dict(state_dict)
         else:
+            kwargs = dict(self._model_kwargs, pretrained_cfg_overlay=dict(state_dict=state_dict))
+            pos_img_size = getattr(self._root(), 'pos_img_size', None)
+            if pos_img_size is not None:  # LIT would lay out its tables as the checkpoint's: keep the built layout
+                kwargs.setdefault('pos_img_size', pos_img_size)
             try:  # the family's checkpoint_filter_fn translates the layout while timm loads a reference model
-                reference = timm.create_model(self.model_name, pretrained=True,
-                                              pretrained_cfg_overlay=dict(state_dict=state_dict), **self._model_kwargs)
+                reference = timm.create_model(self.model_name, pretrained=True, **kwargs)
             except CheckpointError as e:
                 raise CheckpointError(f'{source} does not fit backbone {self.model_name!r}: {e}') from e
             self.body.load_state_dict(reference.state_dict())
