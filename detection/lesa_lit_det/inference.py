@@ -1,32 +1,28 @@
 """mmdet's ``DetInferencer`` on this package's checkpoints and on the authors' (converted on the fly)."""
-import warnings
 from typing import Optional
 
 import torch.nn as nn
 from mmdet.apis import DetInferencer
 from mmengine.config import Config
 
-from .convert import load_detector_checkpoint
+from .convert import detector_state_dict
 
 __all__ = ['DetectorInferencer']
 
 
 class DetectorInferencer(DetInferencer):
-    """``DetInferencer`` whose weights load through :func:`~lesa_lit_det.convert.load_detector_checkpoint`: a path
-    or URL, this package's layout or the authors' mmdet 2.x layout, read by the safe loader and checked key for key.
+    """``DetInferencer`` for checkpoints in this package's layout or the authors' mmdet 2.x layout (a path or a URL).
 
-    Class names come from the checkpoint (``dataset_meta``, or mmdet 2.x ``CLASSES``), else from the config's
-    dataset (COCO's 80 classes for the shipped configs).
+    mmengine reads the checkpoint through the package's safe loader (:mod:`lesa_lit_det.loading`); the weights are
+    converted if need be and checked key for key against the model (mmengine alone would only warn). Class names
+    come from the checkpoint (``dataset_meta``, or mmdet 2.x ``CLASSES``), else COCO's.
     """
 
-    def _init_model(self, cfg: Config, weights: Optional[str], device: str = 'cpu') -> nn.Module:
-        if weights is None:
-            raise ValueError('DetectorInferencer needs the detector weights (a checkpoint path or URL).')
-        with warnings.catch_warnings():  # the parent's "weights is None, use COCO classes by default"
-            warnings.simplefilter('ignore', UserWarning)
-            model = super()._init_model(cfg, None, device)
-        meta = load_detector_checkpoint(model, weights)
-        classes = (meta.get('dataset_meta') or {}).get('classes', meta.get('CLASSES'))
-        if classes is not None:
-            model.dataset_meta['classes'] = tuple(str(c) for c in classes)
-        return model
+    def __init__(self, model: Config, weights: str, device: Optional[str] = None, **kwargs):
+        self.weights = weights
+        super().__init__(model, weights, device, **kwargs)
+
+    def _load_weights_to_model(self, model: nn.Module, checkpoint: Optional[dict], cfg: Optional[Config]):
+        if checkpoint is not None:
+            checkpoint = dict(checkpoint, state_dict=detector_state_dict(model, checkpoint, self.weights))
+        super()._load_weights_to_model(model, checkpoint, cfg)
