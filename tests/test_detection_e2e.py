@@ -113,10 +113,10 @@ def test_test_sh_writes_the_test_dev_json(coco, trained, tmp_path):
 
 def test_test_sh_evaluates_the_authors_layout_served_over_loopback(coco, trained, tmp_path, server):
     authors_layout(trained / 'epoch_2.pth', server.root / 'mask_rcnn_lit_ti.pth')
-    args = [0, '--data-root', coco, *QUICK, 'model.test_cfg.rcnn.score_thr=0.0']
-    ok(run('test.sh', DEMO_CONFIG, server.url + 'mask_rcnn_lit_ti.pth', '--work-dir', tmp_path / 'authors', *args,
+    args = ['--data-root', coco, *QUICK, 'model.test_cfg.rcnn.score_thr=0.0']
+    ok(run('test.sh', DEMO_CONFIG, server.url + 'mask_rcnn_lit_ti.pth', 0, '--work-dir', tmp_path / 'authors', *args,
            TORCH_HOME=str(tmp_path / 'torch')))
-    ok(run('test.sh', DEMO_CONFIG, trained / 'epoch_2.pth', '--work-dir', tmp_path / 'ours', *args))
+    ok(run('test.sh', DEMO_CONFIG, trained / 'epoch_2.pth', 0, '--work-dir', tmp_path / 'ours', *args))
     authors = json.loads((tmp_path / 'authors' / 'metrics.json').read_text())
     assert authors == json.loads((tmp_path / 'ours' / 'metrics.json').read_text())  # the same weights
     assert {'coco/bbox_mAP', 'coco/segm_mAP'} <= set(authors) and server.requests == ['/mask_rcnn_lit_ti.pth']

@@ -6,7 +6,8 @@
 
 CHECKPOINT is a local path or an http(s) URL (downloaded once into the torch hub cache): a checkpoint of this
 package (trained or converted) or the authors' mmdet 2.x COCO checkpoint, converted on the fly. It must fit the
-config's model exactly (mmengine would only warn). The metrics are also written to ``<work dir>/metrics.json``. Use ``detection/test.sh`` for GPUs, nodes or the CPU.
+config's model exactly (mmengine would only warn). The metrics are also written to ``<work dir>/metrics.json``.
+Use ``detection/test.sh`` for GPUs, nodes or the CPU.
 """
 import argparse
 import json

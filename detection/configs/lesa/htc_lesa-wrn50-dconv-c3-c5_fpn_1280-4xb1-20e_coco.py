@@ -21,7 +21,8 @@ model = dict(
         init_cfg=dict(
             type='Pretrained',
             checkpoint='checkpoints/lesa_pretrained_imagenet/lesa_wrn50_pretrained/lesa_wrn50/checkpoint.pth',
-            origin_url='https://livejohnshopkins-my.sharepoint.com/:f:/g/personal/cyang76_jh_edu/ElagAKEgXttArEbtVR6NpmEBWAZN0pNE5Q6MMXEJZ27VHg?e=dIdwAI')),
+            origin_url=('https://livejohnshopkins-my.sharepoint.com/:f:/g/personal/cyang76_jh_edu/'
+                        'ElagAKEgXttArEbtVR6NpmEBWAZN0pNE5Q6MMXEJZ27VHg?e=dIdwAI'))),
     neck=dict(in_channels=_base_.lesa_neck_in_channels))
 
 train_pipeline = [

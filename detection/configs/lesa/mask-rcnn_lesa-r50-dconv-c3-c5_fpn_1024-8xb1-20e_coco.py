@@ -26,7 +26,8 @@ model = dict(
         init_cfg=dict(
             type='Pretrained',
             checkpoint='checkpoints/lesa_pretrained_imagenet/lesa_resnet50_pretrained/lesa_resnet50/checkpoint.pth',
-            origin_url='https://livejohnshopkins-my.sharepoint.com/:f:/g/personal/cyang76_jh_edu/EsV_fGZY-uhEkciwVckp4c8BlInA1GFv7gett1_LOZ0vFg?e=g1If75')),
+            origin_url=('https://livejohnshopkins-my.sharepoint.com/:f:/g/personal/cyang76_jh_edu/'
+                        'EsV_fGZY-uhEkciwVckp4c8BlInA1GFv7gett1_LOZ0vFg?e=g1If75'))),
     neck=dict(in_channels=_base_.lesa_neck_in_channels))
 
 train_pipeline = [
