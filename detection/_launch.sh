@@ -7,9 +7,6 @@ if [[ -z "${PYTHON:-}" ]]; then
   else PYTHON=python3
   fi
 fi
-# mmengine 0.10 loads its own checkpoints (resume, load_from) with torch.load's default, which torch >= 2.6
-# turned into weights_only=True; those checkpoints hold python objects. Only load checkpoints you trust.
-export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="${TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD:-1}"
 NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"

@@ -364,27 +364,31 @@ class LesaResNet(nn.Module):
 
 
 # Keys the COCO backbones do not take from ImageNet weights: the authors' detector init re-creates them.
+_IMAGENET_KEYS_DROPPED = ('.relative', '.flatten_index', '.rel_height', '.rel_width')
 _DET_KEYS_NOT_IN_IMAGENET = ('.conv_offset.', '.rel_height', '.rel_width')
 _DET_KEYS_RESHAPED_FROM_IMAGENET = ('.bn_similarity.', '.bn_output.')
 
 
 def _imagenet_to_detection(state_dict: Dict[str, torch.Tensor], model_sd: Dict[str, torch.Tensor]):
-    """ImageNet (``classification``) weights -> COCO backbone, as the authors' detector init does.
+    """ImageNet weights -> COCO backbone, as the authors' detector init does.
 
-    Drops ``fc``, the ``relative`` tables, and ``bn_similarity`` / ``bn_output`` tensors whose shapes differ
-    (3G vs 2G, 2C vs C channels); those, the DCN offset convs and the 2-D tables keep the model's fresh init.
+    Two ImageNet layouts exist. The authors' COCO backbones start from separate "detection pretrain" files whose
+    LESA layers already have the detection shapes (``bn_similarity`` 2G channels, ``bn_output`` C); like their
+    init, ``fc``, ``relative``, ``flatten_index``, ``rel_height`` and ``rel_width`` are dropped and every other
+    tensor of the file loads (an unexpected key or shape is an error). The classification weights (3G / 2C
+    shapes) load the same way except for ``bn_similarity`` / ``bn_output``, which keep their fresh init (this
+    package's extension: the detection adapter keeps training their statistics under ``norm_eval``). The DCN
+    offset convs and the 2-D position tables keep the model's fresh init in both cases.
     """
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith('fc.') or k.endswith('.relative'):
-            continue
-        if any(p in k for p in _DET_KEYS_RESHAPED_FROM_IMAGENET) and k in model_sd and model_sd[k].shape != v.shape:
-            continue
-        out[k] = v
-    fresh_keys = _DET_KEYS_NOT_IN_IMAGENET + _DET_KEYS_RESHAPED_FROM_IMAGENET
-    fresh = [k for k in model_sd if k not in out and any(p in k for p in fresh_keys)]
-    _logger.info(f'ImageNet weights into a COCO backbone: {len(fresh)} tensors keep their fresh init '
-                 f'(DCN offsets, 2-D position tables, bn_similarity/bn_output).')
+    fresh_norms = {k.rsplit('.', 1)[0] for k, v in state_dict.items() if any(
+        p in k for p in _DET_KEYS_RESHAPED_FROM_IMAGENET) and k in model_sd and model_sd[k].shape != v.shape}
+    out = {k: v for k, v in state_dict.items() if not (
+        k.startswith('fc.') or k.endswith(_IMAGENET_KEYS_DROPPED) or k.rsplit('.', 1)[0] in fresh_norms)}
+    fresh = [k for k in model_sd if k not in out and (
+        any(p in k for p in _DET_KEYS_NOT_IN_IMAGENET) or k.rsplit('.', 1)[0] in fresh_norms)]
+    layout = 'classification' if fresh_norms else 'detection pretrain'
+    _logger.info(f'ImageNet weights ({layout} layout) into a COCO backbone: {len(fresh)} tensors keep their fresh '
+                 f'init (DCN offsets, 2-D position tables{", bn_similarity / bn_output" if fresh_norms else ""}).')
     out.update({k: model_sd[k] for k in fresh})
     return out
 
@@ -398,7 +402,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LesaResNet) -> Dict[
 
     For the COCO backbones (``detection_qr``):
 
-    * ImageNet weights are adapted as the authors' detector init does (:func:`_imagenet_to_detection`);
+    * ImageNet weights (a file with the ``fc`` classifier or ``relative`` tables: the authors' detection pretrain
+      or classification files) are adapted as the authors' detector init does (:func:`_imagenet_to_detection`);
     * COCO weights load completely; ``rel_height`` / ``rel_width`` are resampled
       (:func:`~lesa_lit_models.layers.lesa_attention.resample_rel_table`) when ``img_size`` differs.
 
@@ -411,7 +416,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LesaResNet) -> Dict[
     state_dict = {k: v for k, v in state_dict.items() if not k.endswith('.flatten_index')}
     model_sd = model.state_dict()
     if model.pos_embed == 'detection_qr':
-        if any(k.endswith('.relative') for k in state_dict):
+        if any(k.startswith('fc.') or k.endswith('.relative') for k in state_dict):
             state_dict = _imagenet_to_detection(state_dict, model_sd)
         else:
             for k, v in state_dict.items():

@@ -17,9 +17,9 @@ import torch
 
 import lesa_lit_det  # noqa: F401  (registers TimmBackbone)
 import lesa_lit_models  # noqa: F401  (registers the timm models)
-from lesa_lit_det.convert import convert_coco_checkpoint
+from lesa_lit_det.convert import convert_coco_checkpoint, load_detector_checkpoint
 from lesa_lit_det.engine import DatasetNotFoundError, adapt_to_device, check_dataset_paths, load_config, \
-    load_detector_checkpoint, reduce_proposals
+    reduce_proposals
 from lesa_lit_det.synthetic import COCO_CATEGORIES, DatasetExistsError, SHAPE_CATEGORIES, SyntheticCocoSpec, \
     make_synthetic_coco
 from lesa_lit_models._checkpoint import CheckpointError
@@ -74,7 +74,7 @@ def coco(tmp_path_factory):
 
 def small_config(path, data_root=None, size=SMALL, **cfg_options):
     """A paper config at a small input, random backbone init, fewer proposals: seconds per step on a CPU."""
-    cfg = load_config(str(path), dict(cfg_options, **{'model.backbone.pretrained': False}),
+    cfg = load_config(str(path), dict(cfg_options, **{'model.backbone.init_cfg': None}),
                       data_root=None if data_root is None else str(data_root), input_size=size)
     reduce_proposals(cfg, proposals=50, samples=32)
     return cfg
@@ -158,9 +158,21 @@ def test_synthetic_generator_never_overwrites_foreign_folders(tmp_path, coco):
 # configs
 
 
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any connection attempt fails the test."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f'network access: {args}')
+    monkeypatch.setattr(socket.socket, 'connect', refuse)
+    monkeypatch.setattr(socket, 'create_connection', refuse)
+
+
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.name)
-def test_config_builds_with_neck_matching_backbone(path):
-    cfg = load_config(str(path), {'model.backbone.pretrained': False})
+def test_config_builds_with_no_weights_and_neck_matching_backbone(path, no_network, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the LESA configs' ImageNet files are not there
+    cfg = load_config(str(path))
     assert cfg.custom_imports.imports == ['lesa_lit_models', 'lesa_lit_det']
     model = MODELS.build(cfg.model)
     assert list(cfg.model.neck.in_channels) == list(model.backbone.channels)
@@ -180,7 +192,16 @@ def test_config_follows_the_paper_recipe(path):
     header = ''.join(line for line in path.read_text().splitlines(True) if line.startswith('#'))
     assert all(number in header for number in paper_numbers)
     backbone = cfg.model.backbone
-    assert backbone.pretrained == f'hf-hub:lesa-lit-models/{backbone.model_name.replace("_det", "")}.in1k'
+    name = backbone.model_name.replace('_det', '')
+    if 'lesa' in name:  # the authors' detection pretrain, where their README puts it
+        file = f'checkpoints/lesa_pretrained_imagenet/{name}_pretrained/{name}/checkpoint.pth'
+        assert backbone.init_cfg == dict(type='Pretrained', checkpoint=file, origin_url=backbone.init_cfg.origin_url)
+        assert backbone.init_cfg.origin_url.startswith('https://livejohnshopkins-my.sharepoint.com/')
+    else:  # the authors' ImageNet release; the header names their COCO release
+        assert backbone.init_cfg == dict(
+            type='Pretrained', checkpoint=f'https://github.com/ziplab/LIT/releases/download/v1.0/{name}.pth')
+        detector = 'retina' if 'retinanet' in path.name else 'mask_rcnn'
+        assert f'https://github.com/ziplab/LIT/releases/download/v2.0/{detector}_{name}.pth' in header
     if 'lesa' in backbone.model_name:
         side = backbone.img_size
         assert (backbone.frozen_stages, backbone.norm_eval, backbone.with_cp) == (1, True, True)
@@ -314,16 +335,24 @@ def test_with_cp_uses_the_models_own_checkpointing(model_name, kwargs, flagged):
     assert all(p.grad is not None for p in checkpointed.parameters() if p.requires_grad)
 
 
-def test_init_cfg_is_refused_and_init_weights_keeps_loaded_weights(tmp_path):
-    with pytest.raises(ValueError, match='pretrained='):
-        make_backbone('resnet18', init_cfg=dict(type='Pretrained', checkpoint='torchvision://resnet18'))
+def pretrained(path, **kwargs):
+    return dict(type='Pretrained', checkpoint=str(path), **kwargs)
+
+
+def test_weights_load_in_init_weights_only(tmp_path):
+    with pytest.raises(ValueError, match='init_cfg=dict'):
+        make_backbone('resnet18', pretrained=True)
+    with pytest.raises(ValueError, match='Pretrained'):
+        make_backbone('resnet18', init_cfg=dict(type='Kaiming'))
     source = make_backbone('lit_ti')
     path = tmp_path / 'lit_ti_coco.pth'
+    backbone = make_backbone('lit_ti', init_cfg=pretrained(path))  # nothing read yet: the file does not exist
     torch.save({'state_dict': {f'backbone.{k}': v for k, v in source.state_dict().items()}}, path)
-    backbone = make_backbone('lit_ti', pretrained=str(path))
     backbone.init_weights()
     for k, v in source.state_dict().items():
         torch.testing.assert_close(backbone.state_dict()[k], v)
+    path.unlink()
+    backbone.init_weights()  # initialised once: mmengine calls it again only on a new model
 
 
 def upstream_backbone_key(key, model_name):
@@ -358,7 +387,8 @@ def test_out_norms_load_from_the_authors_lit_s_coco_checkpoint(tmp_path):
     path = tmp_path / 'lit_s_coco.pth'
     meta = dict(mmdet_version='2.11.0', CLASSES=np.array(['person']))  # numpy in meta, as mmcv saves it
     torch.save({'meta': meta, 'state_dict': to_upstream(source.state_dict(), 'lit_s')}, path)
-    loaded = make_backbone('lit_s', out_norms=(1, 2, 3), pretrained=str(path))
+    loaded = make_backbone('lit_s', out_norms=(1, 2, 3), pos_img_size=800, init_cfg=pretrained(path))
+    loaded.init_weights()
     assert loaded.body.model.stages[2].blocks[0].attn.relative_position_bias_table.shape[0] == 99 * 99
     for k, v in source.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v)
@@ -368,18 +398,31 @@ def test_out_norms_load_from_the_authors_lit_s_coco_checkpoint(tmp_path):
         torch.testing.assert_close(a, b)
 
 
-def test_pretrained_from_a_file_of_another_backbone_is_a_clear_error(tmp_path):
+def test_init_weights_from_a_file_of_another_backbone_or_none_is_a_clear_error(tmp_path):
     path = tmp_path / 'lit_ti.pth'
     torch.save(make_backbone('lit_ti').body.model.state_dict(), path)
     with pytest.raises(CheckpointError, match=r"does not fit backbone 'lit_s'"):
-        make_backbone('lit_s', pretrained=str(path))
+        make_backbone('lit_s', init_cfg=pretrained(path)).init_weights()
+    missing = tmp_path / 'missing.pth'
     with pytest.raises(CheckpointError, match='not found'):
-        make_backbone('lit_ti', pretrained=str(tmp_path / 'missing.pth'))
+        make_backbone('lit_ti', init_cfg=pretrained(missing)).init_weights()
+    with pytest.raises(CheckpointError, match=re.escape(f"'{missing}'") + '.*Download it from https://example.org/x'):
+        make_backbone('lit_ti', init_cfg=pretrained(missing, origin_url='https://example.org/x')).init_weights()
     adapter_file = tmp_path / 'adapter.pth'
     torch.save({'state_dict': {f'backbone.{k}': v for k, v in make_backbone('lit_ti').state_dict().items()}},
                adapter_file)
     with pytest.raises(CheckpointError, match='another backbone'):
-        make_backbone('resnet18', pretrained=str(adapter_file))
+        make_backbone('resnet18', init_cfg=pretrained(adapter_file)).init_weights()
+
+
+def test_lesa_config_without_its_imagenet_file_names_the_link_and_the_path(tmp_path, monkeypatch, no_network):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(str(MASK_RCNN_LESA), {'model.backbone.img_size': 64})
+    model = MODELS.build(cfg.model)
+    with pytest.raises(CheckpointError) as error:
+        model.init_weights()
+    assert cfg.model.backbone.init_cfg.checkpoint in str(error.value)
+    assert cfg.model.backbone.init_cfg.origin_url in str(error.value)
 
 
 @pytest.fixture
@@ -401,17 +444,16 @@ def offline_hub(tmp_path, monkeypatch):
     return add_repo
 
 
-def test_pretrained_from_the_hub(offline_hub):
+def test_init_weights_from_the_hub(offline_hub):
     import timm
     reference = timm.create_model('lit_ti')
     with pytest.raises(CheckpointError, match='Hugging Face Hub'):
-        make_backbone('lit_ti', pretrained=True)
-    offline_hub(timm.models.get_pretrained_cfg('lit_ti').hf_hub_id, reference.state_dict())
+        make_backbone('lit_ti', init_cfg=pretrained('hf-hub:someone/missing')).init_weights()
     offline_hub('someone/lit_ti_finetuned', reference.state_dict())
-    for pretrained in (True, 'hf-hub:someone/lit_ti_finetuned'):
-        backbone = make_backbone('lit_ti', pretrained=pretrained)
-        torch.testing.assert_close(backbone.body.model.stages[2].blocks[0].attn.qkv.weight,
-                                   reference.stages[2].blocks[0].attn.qkv.weight)
+    backbone = make_backbone('lit_ti', init_cfg=pretrained('hf-hub:someone/lit_ti_finetuned'))
+    backbone.init_weights()
+    torch.testing.assert_close(backbone.body.model.stages[2].blocks[0].attn.qkv.weight,
+                               reference.stages[2].blocks[0].attn.qkv.weight)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -449,10 +491,12 @@ def test_detector_checkpoint_loading_is_strict_with_clear_errors(tmp_path):
     load_detector_checkpoint(fresh, str(good))
     torch.testing.assert_close(fresh.state_dict(), state_dict)
 
-    upstream = tmp_path / 'upstream.pth'
-    torch.save({'meta': {}, 'state_dict': to_upstream(state_dict, 'lesa_resnet50_det', 'backbone.')}, upstream)
-    with pytest.raises(CheckpointError, match='convert_coco_checkpoint.py'):
-        load_detector_checkpoint(fresh, str(upstream))
+    upstream = tmp_path / 'upstream.pth'  # the authors' layout converts on the fly
+    meta = dict(mmdet_version='2.11.0', CLASSES=np.array(['a', 'b']))
+    torch.save({'meta': meta, 'state_dict': to_upstream(state_dict, 'lesa_resnet50_det', 'backbone.')}, upstream)
+    again = build(cfg)
+    assert load_detector_checkpoint(again, str(upstream))['mmdet_version'] == '2.11.0'
+    torch.testing.assert_close(again.state_dict(), state_dict)
 
     other = tmp_path / 'lit_ti_mask_rcnn.pth'
     torch.save({'state_dict': build(small_config(MASK_RCNN_LIT_TI)).state_dict()}, other)
@@ -481,7 +525,7 @@ def test_converter_round_trips_the_authors_layout(path, tmp_path):
     upstream_state = to_upstream(model.state_dict(), cfg.model.backbone.model_name, 'backbone.')
     torch.save({'meta': meta, 'state_dict': upstream_state}, upstream)
     converted = tmp_path / 'converted.pth'
-    cfg_options = dict(options, **{'model.backbone.pretrained': False})
+    cfg_options = dict(options, **{'model.backbone.init_cfg': None})
     summary = convert_coco_checkpoint(str(path), str(upstream), str(converted), cfg_options)
     assert summary['backbone_tensors'] > 0 and summary['other_tensors'] > 0
     fresh = build(small_config(path, **options))

@@ -1,6 +1,6 @@
-"""End to end on the CPU: detection/train.sh and detection/test.sh on the synthetic COCO dataset (train, resume,
-COCO evaluation, test-dev json, drawing, torchrun with two processes), and an overfit check that a wiring bug
-would fail."""
+"""End to end on the CPU: detection/train.sh, detection/test.sh and tools/infer.py on the synthetic COCO dataset
+(train, resume, COCO evaluation, test-dev json, the authors' checkpoint layout served over loopback, drawing,
+torchrun with two processes, crafted checkpoints refused), and an overfit check that a wiring bug would fail."""
 import json
 import os
 import pickle
@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from lesa_lit_det.synthetic import SyntheticCocoSpec, make_synthetic_coco
+from test_detection import to_upstream
+from test_detection_weights import caches, save_crafted, server  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 DETECTION = ROOT / 'detection'
@@ -35,7 +38,7 @@ def coco(tmp_path_factory):
 
 def run(script, *args, timeout=600, **env_vars):
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS='1', **env_vars)
-    env.pop('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', None)  # the scripts set it themselves
+    env.pop('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', None)  # checkpoints load safely without it
     result = subprocess.run(['bash', str(DETECTION / script), *map(str, args)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=timeout)
     return result
@@ -61,10 +64,24 @@ def trained(coco, tmp_path_factory):
     return work
 
 
-def test_mmengine_checkpoints_need_the_weights_only_workaround(trained, monkeypatch):
-    monkeypatch.delenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', raising=False)
-    with pytest.raises(pickle.UnpicklingError, match='weights_only'):
-        torch.load(trained / 'epoch_2.pth')
+def test_our_checkpoints_hold_mmengine_objects_that_the_safe_loader_reads(trained, monkeypatch):
+    from mmengine.logging import HistoryBuffer
+    from mmengine.runner import CheckpointLoader
+    with pytest.raises(pickle.UnpicklingError, match='weights_only'):  # torch alone refuses them
+        torch.load(trained / 'epoch_2.pth', weights_only=True)
+    checkpoint = CheckpointLoader.load_checkpoint(str(trained / 'epoch_2.pth'), map_location='cpu')
+    assert checkpoint['meta']['epoch'] == 2 and checkpoint['optimizer']['state']
+    assert any(isinstance(v, HistoryBuffer) for v in checkpoint['message_hub']['log_scalars'].values())
+
+
+def authors_layout(checkpoint_path, out):
+    """Our trained checkpoint in the layout of the authors' mmdet 2.x releases (numpy ``meta``)."""
+    from mmdet.evaluation import get_classes
+    from mmengine.runner import CheckpointLoader
+    state_dict = CheckpointLoader.load_checkpoint(str(checkpoint_path), map_location='cpu')['state_dict']
+    meta = dict(mmdet_version='2.11.0', CLASSES=np.array(get_classes('coco')), epoch=12)
+    torch.save({'meta': meta, 'state_dict': to_upstream(state_dict, 'lit_ti', 'backbone.')}, out)
+    return out
 
 
 def test_test_sh_evaluates_bbox_and_segm_and_writes_result_jsons(coco, trained, tmp_path):
@@ -94,6 +111,55 @@ def test_test_sh_writes_the_test_dev_json(coco, trained, tmp_path):
     assert not (tmp_path / 'metrics.json').exists() or 'coco/bbox_mAP' not in (tmp_path / 'metrics.json').read_text()
 
 
+def test_test_sh_evaluates_the_authors_layout_served_over_loopback(coco, trained, tmp_path, server):
+    authors_layout(trained / 'epoch_2.pth', server.root / 'mask_rcnn_lit_ti.pth')
+    args = ['--data-root', coco, *QUICK, 'model.test_cfg.rcnn.score_thr=0.0']
+    ok(run('test.sh', DEMO_CONFIG, server.url + 'mask_rcnn_lit_ti.pth', 0, '--work-dir', tmp_path / 'authors', *args,
+           TORCH_HOME=str(tmp_path / 'torch')))
+    ok(run('test.sh', DEMO_CONFIG, trained / 'epoch_2.pth', 0, '--work-dir', tmp_path / 'ours', *args))
+    authors = json.loads((tmp_path / 'authors' / 'metrics.json').read_text())
+    assert authors == json.loads((tmp_path / 'ours' / 'metrics.json').read_text())  # the same weights
+    assert {'coco/bbox_mAP', 'coco/segm_mAP'} <= set(authors) and server.requests == ['/mask_rcnn_lit_ti.pth']
+
+
+def test_infer_tool_draws_and_writes_predictions(coco, trained, tmp_path, server):
+    authors_layout(trained / 'epoch_2.pth', server.root / 'mask_rcnn_lit_ti.pth')
+    out = tmp_path / 'out'
+    result = subprocess.run(
+        [sys.executable, str(DETECTION / 'tools' / 'infer.py'), str(DEMO_CONFIG), server.url + 'mask_rcnn_lit_ti.pth',
+         str(coco / 'val2017'), '--out-dir', str(out), '--score-thr', '0', '--device', 'cpu', '--cfg-options',
+         'model.test_cfg.rcnn.score_thr=0.0'],
+        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1',
+                                                           TORCH_HOME=str(tmp_path / 'torch')))
+    ok(result)
+    images = sorted(p.name for p in (coco / 'val2017').iterdir())
+    assert sorted(p.name for p in (out / 'vis').iterdir()) == images
+    for image in images:
+        prediction = json.loads((out / 'preds' / image.replace('.jpg', '.json')).read_text())
+        assert prediction['labels'] and len(prediction['labels']) == len(prediction['scores'])
+        assert len(prediction['bboxes'][0]) == 4 and prediction['masks']
+
+
+def test_crafted_checkpoints_are_refused_by_the_scripts(coco, trained, tmp_path):
+    """test.sh, train.sh --resume and infer.py stop with an error naming the call; the file is never created."""
+    from mmengine.runner import CheckpointLoader
+    marker = tmp_path / 'created_by_the_checkpoint'
+    crafted = save_crafted(tmp_path / 'crafted.pth', marker, CheckpointLoader.load_checkpoint(
+        str(trained / 'epoch_2.pth'), map_location='cpu')['state_dict'])
+    results = [
+        run('test.sh', DEMO_CONFIG, crafted, 0, '--data-root', coco, '--work-dir', tmp_path / 'test', *QUICK),
+        run('train.sh', DEMO_CONFIG, 0, '--data-root', coco, '--work-dir', tmp_path / 'train', '--resume', crafted,
+            *QUICK),
+        subprocess.run([sys.executable, str(DETECTION / 'tools' / 'infer.py'), str(DEMO_CONFIG), str(crafted),
+                        str(coco / 'val2017'), '--out-dir', str(tmp_path / 'infer')], cwd=ROOT, capture_output=True,
+                       text=True),
+    ]
+    for result in results:
+        assert result.returncode != 0 and 'io.open' in result.stderr, result.stderr[-3000:]
+        assert 'Traceback' not in result.stderr
+    assert not marker.exists()
+
+
 def test_test_sh_refuses_a_checkpoint_of_another_model(coco, trained, tmp_path):
     result = run('test.sh', RETINA_LIT_TI, trained / 'epoch_2.pth', 0, '--data-root', coco, '--work-dir', tmp_path)
     assert result.returncode != 0 and 'does not fit the model of this config' in result.stderr
@@ -120,7 +186,7 @@ def test_overfit_a_few_images_to_high_box_ap(coco, tmp_path):
     from lesa_lit_det.engine import adapt_to_device, load_config, reduce_proposals
     torch.manual_seed(0)
     options = {
-        'model.backbone.pretrained': False,
+        'model.backbone.init_cfg': None,
         'optim_wrapper.optimizer.lr': 5e-4, 'optim_wrapper.clip_grad': dict(max_norm=10),
         'param_scheduler': [dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=20)],
         'train_cfg.max_epochs': 30, 'train_cfg.val_interval': 30,

@@ -1,8 +1,13 @@
 """mmdetection 3.x adapter for the timm models of ``lesa_lit_models`` (and any timm feature extractor).
 
-Importing this package registers :class:`~lesa_lit_det.backbone.TimmBackbone` in ``mmdet.registry.MODELS``;
-configs load it with ``custom_imports = dict(imports=['lesa_lit_models', 'lesa_lit_det'])``.
+Importing this package registers :class:`~lesa_lit_det.backbone.TimmBackbone` in ``mmdet.registry.MODELS`` and
+makes the package's safe checkpoint loader mmengine's loader for local files and http(s) URLs (``load_from``,
+``resume``, ``init_cfg``, ``DetInferencer``): checkpoints are read as tensors and plain data, never as code.
+Configs load it with ``custom_imports = dict(imports=['lesa_lit_models', 'lesa_lit_det'])``.
 """
 from .backbone import TimmBackbone
+from .loading import register_checkpoint_loader
 
-__all__ = ['TimmBackbone']
+register_checkpoint_loader()
+
+__all__ = ['TimmBackbone', 'register_checkpoint_loader']

@@ -1,34 +1,39 @@
 """Any timm model with ``features_only=True`` as an mmdetection 3.x backbone (LESA, LIT and stock timm models).
 
 The adapter translates mmdet's backbone arguments (``out_indices``, ``frozen_stages``, ``norm_eval``, ``with_cp``,
-pretrained weights) into a timm feature extractor and returns its feature maps as a tuple. The only layers it adds
-are optional output LayerNorms (``out_norms``), which LIT-S's COCO backbone puts on feature levels 2-4.
+``init_cfg``) into a timm feature extractor and returns its feature maps as a tuple. The only layers it adds are
+optional output LayerNorms (``out_norms``), which LIT-S's COCO backbone puts on feature levels 2-4.
 
-Checkpoints are read in one place per model family (its ``checkpoint_filter_fn``, reached through timm's
-pretrained loading); the adapter only finds the file (local path or hub) and loads the output norms.
+Building it reads no weights. As every mmdet backbone, it loads them in :meth:`TimmBackbone.init_weights` (which
+mmengine's Runner calls before training) from ``init_cfg=dict(type='Pretrained', checkpoint=PATH_OR_URL)``. The
+file is read by the package's safe loader (through mmengine's ``CheckpointLoader``) and translated by the model
+family's ``checkpoint_filter_fn``, reached through timm's pretrained loading.
 """
 import logging
+import os.path as osp
 import re
 import sys
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
 import torch.nn as nn
 from mmdet.registry import MODELS
 from mmengine.model import BaseModule
+from mmengine.runner import CheckpointLoader
 from timm.layers import LayerNorm2d
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lesa_lit_models._checkpoint import CheckpointError, load_checkpoint_file, strip_prefix, unwrap_state_dict, \
-    verify_state_dict
+from lesa_lit_models._checkpoint import CheckpointError, strip_prefix, unwrap_state_dict, verify_state_dict
 
-__all__ = ['TimmBackbone']
+from .loading import HF_HUB_PREFIX
+
+__all__ = ['TimmBackbone', 'read_checkpoint']
 
 _logger = logging.getLogger(__name__)
 
-_HUB_PREFIX = 'hf-hub:'
 _OUT_NORM = re.compile(r'^norm(\d+)\.')
+_REMOTE_PREFIXES = ('http://', 'https://', HF_HUB_PREFIX)
 
 
 @MODELS.register_module()
@@ -36,21 +41,24 @@ class TimmBackbone(BaseModule):
     """A timm feature extractor with mmdet's backbone conventions.
 
     Args:
-        model_name: timm model name, optionally with a pretrained tag (``'lesa_resnet50_det.in1k'``, ``'lit_s'``).
+        model_name: timm model name, optionally with a pretrained tag (``'lesa_resnet50_det'``, ``'lit_s'``).
         out_indices: feature levels to return, indices into the model's ``feature_info``. C2-C5 are
             ``(1, 2, 3, 4)`` for ResNet-like models (level 0 is the stride-2 stem) and ``(0, 1, 2, 3)`` for LIT.
         frozen_stages: as mmdet's ResNet: -1 trains everything, 0 freezes the stem, ``k`` freezes the stem and the
             first ``k`` stages (the levels of stride >= 4). Frozen parts also stay in eval mode.
-        norm_eval: keep every BatchNorm in eval mode while training (frozen running statistics).
+        norm_eval: keep the BatchNorms in eval mode while training (frozen running statistics). BatchNorms whose
+            statistics the ``init_cfg`` checkpoint did not provide (still at their (0, 1) init after loading, e.g.
+            LESA's ``bn_similarity`` / ``bn_output`` when a COCO backbone starts from the classification weights)
+            keep training, so that their statistics get estimated.
         out_norms: feature levels (values of ``out_indices``) followed by a channel LayerNorm (eps 1e-5), e.g.
             ``(1, 2, 3)`` for LIT-S's COCO backbone. Their weights are ``out_norms.<level>.*``.
-        pretrained: ``False`` (random init), ``True`` (the weights named by the model's pretrained tag: its hub
-            id), ``'hf-hub:org/name[@revision]'``, or a local file: an ImageNet checkpoint (original or converted),
-            an authors' COCO checkpoint (mmdet 2.x, its ``backbone.*`` keys), or a checkpoint of this backbone
-            (mmdet 3.x, trained or converted with this package).
         with_cp: gradient checkpointing as the model defines it (LESA: unary and binary terms; LIT: blocks), per
             top-level module for models that define none.
-        init_cfg: must be None: weights come from ``pretrained`` and are not overwritten by ``init_weights()``.
+        init_cfg: None (timm's random init) or ``dict(type='Pretrained', checkpoint=...)``: a path, an http(s)
+            URL or ``hf-hub:ORG/NAME`` of an ImageNet checkpoint (the authors' release or a converted file), an
+            authors' COCO checkpoint (mmdet 2.x, its ``backbone.*`` keys) or a checkpoint of this backbone
+            (mmdet 3.x). An optional ``origin_url`` names where to download the file when ``checkpoint`` is a
+            local path that does not exist.
         **model_kwargs: passed on to ``timm.create_model`` (``img_size``, ``drop_path_rate``, ``attn_impl``, ...).
     """
 
@@ -61,16 +69,23 @@ class TimmBackbone(BaseModule):
             frozen_stages: int = -1,
             norm_eval: bool = False,
             out_norms: Sequence[int] = (),
-            pretrained: Union[bool, str] = False,
             with_cp: bool = False,
             init_cfg: Optional[dict] = None,
             **model_kwargs: Any,
     ):
-        if init_cfg is not None:
+        if 'pretrained' in model_kwargs:
             raise ValueError(
-                f'TimmBackbone takes no init_cfg (got {init_cfg}): set pretrained=<hub id or checkpoint path>. '
-                f'Replacing a ResNet backbone needs backbone=dict(_delete_=True, type="TimmBackbone", ...).')
-        super().__init__(init_cfg=None)
+                f'TimmBackbone loads weights in init_weights(), not when it is built: replace '
+                f'pretrained={model_kwargs["pretrained"]!r} by init_cfg=dict(type="Pretrained", '
+                f'checkpoint=PATH_OR_URL) (or init_cfg=None for a random init).')
+        if init_cfg is not None and (not isinstance(init_cfg, dict) or init_cfg.get('type') != 'Pretrained'
+                                     or not init_cfg.get('checkpoint')):
+            raise ValueError(
+                f'TimmBackbone takes init_cfg=None or dict(type="Pretrained", checkpoint=PATH_OR_URL), got '
+                f'{init_cfg!r}. Replacing a ResNet backbone needs backbone=dict(_delete_=True, '
+                f'type="TimmBackbone", ...).')
+        super().__init__(init_cfg=init_cfg)
+        self.model_name = model_name
         self.out_indices = tuple(out_indices)
         missing_levels = set(out_norms) - set(self.out_indices)
         if missing_levels:
@@ -78,30 +93,14 @@ class TimmBackbone(BaseModule):
                              f'{self.out_indices}: {sorted(missing_levels)}.')
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
-
-        checkpoint = _read_pretrained(pretrained, model_name)
-        own_layout = checkpoint is not None and any(k.startswith('body.') for k in checkpoint)
-        if checkpoint is not None and not own_layout:
-            model_kwargs['pretrained_cfg_overlay'] = dict(state_dict=checkpoint)
-        try:
-            self.body = timm.create_model(
-                model_name, features_only=True, out_indices=self.out_indices,
-                pretrained=bool(pretrained) and not own_layout, **model_kwargs)
-        except CheckpointError as e:
-            raise CheckpointError(f'pretrained={pretrained!r} does not fit backbone {model_name!r}: {e}') from e
-
+        self._model_kwargs = dict(model_kwargs, features_only=True, out_indices=self.out_indices)
+        self.body = timm.create_model(model_name, pretrained=False, **self._model_kwargs)
         channels = self.body.feature_info.channels()
         self.out_norms = nn.ModuleDict({
             str(level): LayerNorm2d(channels[self.out_indices.index(level)], eps=1e-5) for level in out_norms})
-        if checkpoint is not None:
-            if own_layout:
-                self._load_own_layout(checkpoint, pretrained)
-            elif out_norms:
-                self._load_out_norms(checkpoint, model_name, pretrained)
         if with_cp:
             _enable_grad_checkpointing(self.body)
-        # timm initialised (or loaded) every weight; keep Runner.init_weights() from touching them
-        self._is_init = True
+        self._untrained_norms: List[nn.Module] = []
         self._frozen_modules = self._find_frozen_modules()
         self._freeze()
 
@@ -114,18 +113,47 @@ class TimmBackbone(BaseModule):
     def strides(self) -> Tuple[int, ...]:
         return tuple(self.body.feature_info.reduction())
 
-    def _load_own_layout(self, state_dict: Dict[str, torch.Tensor], source: str):
-        try:
-            verify_state_dict(state_dict, self)
-        except CheckpointError as e:
-            raise CheckpointError(f'{source} is a checkpoint of this adapter for another backbone: {e}') from e
-        self.load_state_dict(state_dict)
+    def init_weights(self):
+        """Load the ``init_cfg`` checkpoint (timm already initialised every weight when the model was built)."""
+        if self.init_cfg is not None and not self._is_init:
+            source = self.init_cfg['checkpoint']
+            self.load_weights(read_checkpoint(source, self.init_cfg.get('origin_url')), source)
+        self._is_init = True
 
-    def _load_out_norms(self, checkpoint: Dict[str, torch.Tensor], model_name: str, source: str):
+    def load_weights(self, checkpoint: Dict[str, Any], source: str):
+        """Load a checkpoint in any layout :class:`TimmBackbone` takes (see ``init_cfg``); ``source`` names it in
+        messages. Marks the BatchNorms the checkpoint left at their init (see ``norm_eval``)."""
+        state_dict = strip_prefix(unwrap_state_dict(checkpoint), 'backbone.', keep_others=False)
+        if any(k.startswith('body.') for k in state_dict):
+            try:
+                verify_state_dict(state_dict, self)
+            except CheckpointError as e:
+                raise CheckpointError(f'{source} is a checkpoint of this adapter for another backbone: {e}') from e
+            self.load_state_dict(state_dict)
+        else:
+            kwargs = dict(self._model_kwargs, pretrained_cfg_overlay=dict(state_dict=state_dict))
+            pos_img_size = getattr(self._root(), 'pos_img_size', None)
+            if pos_img_size is not None:  # LIT would lay out its tables as the checkpoint's: keep the built layout
+                kwargs.setdefault('pos_img_size', pos_img_size)
+            try:  # the family's checkpoint_filter_fn translates the layout while timm loads a reference model
+                reference = timm.create_model(self.model_name, pretrained=True, **kwargs)
+            except CheckpointError as e:
+                raise CheckpointError(f'{source} does not fit backbone {self.model_name!r}: {e}') from e
+            self.body.load_state_dict(reference.state_dict())
+            if self.out_norms:
+                self._load_out_norms(state_dict, source)
+        self._untrained_norms = [m for m in self.body.modules() if _has_initial_statistics(m)]
+        if self._untrained_norms:
+            _logger.info(f'{len(self._untrained_norms)} BatchNorms of {self.model_name} have no statistics in '
+                         f'{source}: they keep training under norm_eval.')
+        _logger.info(f'Loaded the {self.model_name} backbone from {source}.')
+        self.train(self.training)
+
+    def _load_out_norms(self, state_dict: Dict[str, torch.Tensor], source: str):
         """Output norms come from the model family's ``detection_output_norms`` (upstream ``norm<level>.*``)."""
-        family = sys.modules[timm.models.model_entrypoint(timm.models.get_arch_name(model_name)).__module__]
+        family = sys.modules[timm.models.model_entrypoint(timm.models.get_arch_name(self.model_name)).__module__]
         reader = getattr(family, 'detection_output_norms', None)
-        norms = reader(checkpoint) if reader is not None else {}
+        norms = reader(state_dict) if reader is not None else {}
         state = {_OUT_NORM.sub(lambda m: f'{m[1]}.', k): v for k, v in norms.items()
                  if _OUT_NORM.match(k)[1] in self.out_norms}
         if not state:
@@ -161,11 +189,12 @@ class TimmBackbone(BaseModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self._freeze()
         if mode and self.norm_eval:
+            untrained = {id(m) for m in self._untrained_norms}
             for module in self.modules():
-                if isinstance(module, _BatchNorm):
+                if isinstance(module, _BatchNorm) and id(module) not in untrained:
                     module.eval()
+        self._freeze()
         return self
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -176,33 +205,27 @@ class TimmBackbone(BaseModule):
         return tuple(features)
 
 
-def _read_pretrained(pretrained: Union[bool, str, None], model_name: str) -> Optional[Dict[str, torch.Tensor]]:
-    """The raw tensors ``pretrained`` names (its ``backbone.*`` part for detector checkpoints), or None.
+def read_checkpoint(source: str, origin_url: Optional[str] = None) -> Dict[str, Any]:
+    """Read a checkpoint (local path, http(s) URL or ``hf-hub:ORG/NAME``) through mmengine's ``CheckpointLoader``,
+    whose schemes for them are the package's safe loaders (see :mod:`lesa_lit_det.loading`).
 
-    None means: no weights, or ``pretrained=True`` for a model without a hub id (timm fetches its url itself).
+    A local file that does not exist stops with where to get it (``origin_url``, when given).
     """
-    if not pretrained:
-        return None
-    filename = None
-    if pretrained is True:
-        pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
-        if pretrained_cfg is None or not pretrained_cfg.hf_hub_id:
-            return None
-        hub_id, filename = pretrained_cfg.hf_hub_id, pretrained_cfg.hf_hub_filename
-    elif isinstance(pretrained, str) and pretrained.startswith(_HUB_PREFIX):
-        hub_id = pretrained[len(_HUB_PREFIX):]
-    elif isinstance(pretrained, str):
-        return strip_prefix(unwrap_state_dict(load_checkpoint_file(pretrained)), 'backbone.', keep_others=False)
-    else:
-        raise TypeError(f'pretrained must be a bool or a str (path or "hf-hub:org/name"), got {pretrained!r}.')
-    try:
-        checkpoint = timm.models.load_state_dict_from_hf(hub_id, **({'filename': filename} if filename else {}))
-    except Exception as e:  # network, authentication and missing-file errors of huggingface_hub
-        raise CheckpointError(
-            f'Cannot fetch the pretrained weights of {model_name!r} from the Hugging Face Hub ({hub_id}): '
-            f'{type(e).__name__}: {e}. Offline, download the checkpoint (the original release or a converted '
-            f'file) and set pretrained="/path/to/checkpoint.pth" instead.') from e
-    return strip_prefix(unwrap_state_dict(checkpoint), 'backbone.', keep_others=False)
+    if not source.startswith(_REMOTE_PREFIXES) and not osp.isfile(osp.expanduser(source)):
+        where = f'Download it from {origin_url} and put it there' if origin_url else 'Check the path'
+        raise CheckpointError(f'Checkpoint not found: {source!r} (relative to the directory you run from). {where}, '
+                              f'or point the config at another copy (e.g. --cfg-options '
+                              f'model.backbone.init_cfg.checkpoint=PATH).')
+    checkpoint = CheckpointLoader.load_checkpoint(source, map_location='cpu', logger='current')
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f'{source} holds a {type(checkpoint).__name__}, not a checkpoint dict.')
+    return checkpoint
+
+
+def _has_initial_statistics(module: nn.Module) -> bool:
+    """A BatchNorm whose running statistics were never estimated (mean 0, variance 1)."""
+    return (isinstance(module, _BatchNorm) and module.track_running_stats
+            and not module.running_mean.any() and bool((module.running_var == 1).all()))
 
 
 def _modules_before(root: nn.Module, path: str, inclusive: bool) -> Sequence[nn.Module]:

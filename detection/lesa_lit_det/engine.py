@@ -3,12 +3,10 @@
 * the command-line options both tools share, the config they load from them, and the Runner built from it;
 * config loading with the adjustments the command line offers (data root, input size, test-dev);
 * device adaptation: fp32 instead of ``AmpOptimWrapper`` and the gloo backend when there is no GPU;
-* clear errors for a missing dataset and for a checkpoint of another model (or in the authors' mmdet 2.x layout).
+* a clear error for a missing dataset.
 
-mmengine 0.10 calls ``torch.load`` without ``weights_only``, which torch >= 2.6 turns into ``weights_only=True``,
-and which then refuses mmengine's own checkpoints (resume, ``load_from``). The entry points (``train.sh``,
-``test.sh``, ``tools/train.py``, ``tools/test.py``) set ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``, which torch reads
-at every call; :func:`load_detector_checkpoint` passes ``weights_only=False`` itself. Load only trusted files.
+Checkpoints (detector weights, ``resume``, ``load_from``) are read by the package's safe loader, which
+:mod:`lesa_lit_det` makes mmengine's (see :mod:`lesa_lit_det.loading`).
 """
 import argparse
 import os
@@ -18,22 +16,18 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
-from mmengine.model import is_model_wrapper
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
-
-from lesa_lit_models._checkpoint import CheckpointError, verify_state_dict
 
 __all__ = [
     'DatasetNotFoundError', 'add_common_args', 'parse_common_args', 'load_run_config', 'build_runner',
     'load_config', 'set_data_root', 'set_input_size', 'reduce_proposals', 'use_test_dev', 'adapt_to_device',
-    'check_dataset_paths', 'load_detector_checkpoint', 'init_cpu_distributed',
+    'check_dataset_paths', 'init_cpu_distributed',
 ]
 
 LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
 EVALUATORS = {'val_dataloader': 'val_evaluator', 'test_dataloader': 'test_evaluator'}
 TEST_DEV_ANN = 'annotations/image_info_test-dev2017.json'
-CONVERTER = 'python detection/tools/convert_coco_checkpoint.py CONFIG UPSTREAM.pth OUT.pth'
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -206,33 +200,6 @@ def check_dataset_paths(cfg: Config, loaders: Sequence[str]):
         message += ('\nHTC\'s semantic branch trains on COCO-stuff maps (stuffthingmaps/train2017/); without them '
                     'use the htc-without-semantic config.')
     raise DatasetNotFoundError(message)
-
-
-def load_detector_checkpoint(model: torch.nn.Module, path: str) -> Dict:
-    """Load a detector checkpoint strictly (mmengine's own loading only warns); return its ``meta``.
-
-    Raises :class:`CheckpointError` for a checkpoint of another architecture and, with the command to run,
-    for the authors' mmdet 2.x checkpoints, whose backbone keys must be converted first.
-    """
-    if is_model_wrapper(model):
-        model = model.module
-    if not osp.isfile(path):
-        raise CheckpointError(f'Checkpoint file not found: {path!r}.')
-    checkpoint = torch.load(path, map_location='cpu', weights_only=False)
-    state_dict = checkpoint.get('state_dict', checkpoint) if isinstance(checkpoint, dict) else {}
-    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
-    expects_adapter = any(k.startswith('backbone.body.') for k in model.state_dict())
-    has_adapter = any(k.startswith('backbone.body.') for k in state_dict)
-    if expects_adapter and not has_adapter and any(k.startswith('backbone.') for k in state_dict):
-        raise CheckpointError(
-            f'{path} has backbone keys in another layout (the authors\' mmdet 2.x COCO checkpoints do): convert it '
-            f'for this config first:\n  {CONVERTER}')
-    try:
-        verify_state_dict(state_dict, model)
-    except CheckpointError as e:
-        raise CheckpointError(f'{path} does not fit the model of this config. {e}') from e
-    model.load_state_dict(state_dict)
-    return checkpoint.get('meta', {})
 
 
 def init_cpu_distributed(cfg: Config, launcher: str):

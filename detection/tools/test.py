@@ -4,25 +4,26 @@
                                   [--format-only | --test-dev] [--out-prefix PREFIX] [--out results.pkl]
                                   [--show-dir DIR] [--cfg-options KEY=VALUE ...] [--launcher none|pytorch|slurm|mpi]
 
-The checkpoint must fit the config's model exactly (mmengine would only warn); the authors' mmdet 2.x COCO
-checkpoints are converted first with ``detection/tools/convert_coco_checkpoint.py``. The metrics are also written
-to ``<work dir>/metrics.json``. Use ``detection/test.sh`` for GPUs, nodes or the CPU.
+CHECKPOINT is a local path or an http(s) URL (downloaded once into the torch hub cache): a checkpoint of this
+package (trained or converted) or the authors' mmdet 2.x COCO checkpoint, converted on the fly. It must fit the
+config's model exactly (mmengine would only warn). The metrics are also written to ``<work dir>/metrics.json``.
+Use ``detection/test.sh`` for GPUs, nodes or the CPU.
 """
 import argparse
 import json
-import os
 import os.path as osp
 import sys
 
-from lesa_lit_det.engine import DatasetNotFoundError, add_common_args, build_runner, load_detector_checkpoint, \
-    load_run_config, parse_common_args, set_format_only, use_test_dev
+from lesa_lit_det.convert import load_detector_checkpoint
+from lesa_lit_det.engine import DatasetNotFoundError, add_common_args, build_runner, load_run_config, \
+    parse_common_args, set_format_only, use_test_dev
 from lesa_lit_models._checkpoint import CheckpointError
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('config', help='config file the checkpoint was trained (or converted) with')
-    parser.add_argument('checkpoint', help='checkpoint file (mmengine format)')
+    parser.add_argument('checkpoint', help='checkpoint path or URL (this package\'s or the authors\' mmdet 2.x layout)')
     add_common_args(parser, work_dir_help='logs and metrics.json (default: work_dirs/<config name>)',
                     input_size_help='resize to this size instead of the config\'s')
     mode = parser.add_mutually_exclusive_group()
@@ -39,13 +40,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    # mmengine 0.10 + torch >= 2.6: mmengine's own checkpoints (resume, load_from) need full unpickling
-    os.environ.setdefault('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
     args = parse_args(argv)
     cfg = load_run_config(args)
     cfg.load_from = None  # loaded below, strictly
-    if cfg.model.backbone.get('type') == 'TimmBackbone':
-        cfg.model.backbone.pretrained = False  # every weight comes from the checkpoint
     out_prefix = args.out_prefix or osp.join(cfg.work_dir, 'results')
     if args.test_dev:
         use_test_dev(cfg, out_prefix)

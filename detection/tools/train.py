@@ -7,11 +7,11 @@ Use ``detection/train.sh`` for one or several GPUs, several nodes, or the CPU. W
 ``AmpOptimWrapper`` train in fp32.
 """
 import argparse
-import os
 import sys
 
 from lesa_lit_det.engine import DatasetNotFoundError, add_common_args, build_runner, load_run_config, \
     parse_common_args
+from lesa_lit_models._checkpoint import CheckpointError
 
 
 def parse_args(argv=None):
@@ -27,8 +27,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    # mmengine 0.10 + torch >= 2.6: mmengine's own checkpoints (resume, load_from) need full unpickling
-    os.environ.setdefault('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
     args = parse_args(argv)
     cfg = load_run_config(args)
     if args.amp:
@@ -44,7 +42,10 @@ def main(argv=None):
         runner = build_runner(cfg, args.launcher, ['train_dataloader', 'val_dataloader'])
     except DatasetNotFoundError as e:
         sys.exit(f'error: {e}')
-    runner.train()
+    try:
+        runner.train()
+    except CheckpointError as e:  # ImageNet weights (init_cfg), --resume or load_from
+        sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

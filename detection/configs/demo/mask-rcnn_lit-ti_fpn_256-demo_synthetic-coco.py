@@ -7,7 +7,7 @@ _base_ = '../lit/mask-rcnn_lit-ti_fpn_1x_coco.py'
 image_size = 256
 epochs = 4
 model = dict(
-    backbone=dict(pretrained=False),  # no ImageNet weights needed (nor downloaded)
+    backbone=dict(init_cfg=None),  # no ImageNet weights needed (nor downloaded)
     train_cfg=dict(
         rpn_proposal=dict(nms_pre=400, max_per_img=200),
         rcnn=dict(sampler=dict(num=64))),

@@ -2,6 +2,10 @@
 # stages 3-4), FPN, fixed 1280x1280 input, 4 GPUs x 1 image, SGD lr 0.005, 20 epochs (steps at 16 and 19).
 # Paper (LESA, arXiv 2107.05637): COCO val2017 box AP 50.1, mask AP 43.9; test-dev box AP 50.5, mask AP 44.4.
 # Upstream: Chenglin-Yang/LESA_detection configs/lesa/lesa_htc_wrn50_fpn_dconv_c3-c5_4x1_20e_coco_1280.py.
+# Released COCO checkpoint (the authors' epoch_20.pth, mmdet 2.x; OneDrive, download by hand):
+#   https://livejohnshopkins-my.sharepoint.com/:f:/g/personal/cyang76_jh_edu/EmSPz8ToSK5GuYyWELj3Y0QBwP3Q_Jd4FhK1WDvf2FuADw?e=xRsbl5
+#   detection/test.sh detection/configs/lesa/htc_lesa-wrn50-dconv-c3-c5_fpn_1280-4xb1-20e_coco.py \
+#       epoch_20.pth 8
 # Training reads data/coco/stuffthingmaps/train2017/*.png; without them use the htc-without-semantic config.
 _base_ = ['mmdet::htc/htc_r50_fpn_20e_coco.py', './_base_/lesa_backbone.py']
 
@@ -12,9 +16,13 @@ model = dict(
         **_base_.lesa_backbone,
         model_name='lesa_wrn50_det',
         img_size=image_size,
-        # ImageNet LESA-WRN-50 from the hub; or a local file: the authors' checkpoint (original or converted), e.g.
-        # 'pretrained/lesa_wrn50.pth'
-        pretrained='hf-hub:lesa-lit-models/lesa_wrn50.in1k'),
+        # the authors' ImageNet "detection pretrain" of LESA-WRN-50 (their "Pretrained" link), where their README puts
+        # it; the classification weights (lesa_wrn50.in1k) also load
+        init_cfg=dict(
+            type='Pretrained',
+            checkpoint='checkpoints/lesa_pretrained_imagenet/lesa_wrn50_pretrained/lesa_wrn50/checkpoint.pth',
+            origin_url=('https://livejohnshopkins-my.sharepoint.com/:f:/g/personal/cyang76_jh_edu/'
+                        'ElagAKEgXttArEbtVR6NpmEBWAZN0pNE5Q6MMXEJZ27VHg?e=dIdwAI'))),
     neck=dict(in_channels=_base_.lesa_neck_in_channels))
 
 train_pipeline = [

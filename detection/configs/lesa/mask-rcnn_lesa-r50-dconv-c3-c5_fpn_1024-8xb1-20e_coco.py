@@ -2,6 +2,10 @@
 # 8 GPUs x 1 image, SGD lr 0.01, 20 epochs (steps at 16 and 19).
 # Paper (LESA, arXiv 2107.05637): COCO val2017 box AP 44.0, mask AP 39.2; test-dev box AP 44.2, mask AP 39.6.
 # Upstream: Chenglin-Yang/LESA_detection configs/lesa/lesa_mask_rcnn_r50_dconv_c3-c5_8x1_20e.py.
+# Released COCO checkpoint (the authors' epoch_20.pth, mmdet 2.x; OneDrive, download by hand):
+#   https://livejohnshopkins-my.sharepoint.com/:f:/g/personal/cyang76_jh_edu/Egpo87VmMmlEg0jY_KHYAJsBS7EFDJ4YxJ2zhkTxcJCzWg?e=SGSKmx
+#   detection/test.sh detection/configs/lesa/mask-rcnn_lesa-r50-dconv-c3-c5_fpn_1024-8xb1-20e_coco.py \
+#       epoch_20.pth 8
 _base_ = [
     'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
     'mmdet::_base_/datasets/coco_instance.py',
@@ -17,9 +21,13 @@ model = dict(
         **_base_.lesa_backbone,
         model_name='lesa_resnet50_det',
         img_size=image_size,
-        # ImageNet LESA-ResNet-50 from the hub; or a local file: the authors' checkpoint (original or converted), e.g.
-        # 'pretrained/lesa_resnet50.pth'
-        pretrained='hf-hub:lesa-lit-models/lesa_resnet50.in1k'),
+        # the authors' ImageNet "detection pretrain" of LESA-ResNet-50 (their "Pretrained" link), where their README
+        # puts it; the classification weights (lesa_resnet50.in1k) also load
+        init_cfg=dict(
+            type='Pretrained',
+            checkpoint='checkpoints/lesa_pretrained_imagenet/lesa_resnet50_pretrained/lesa_resnet50/checkpoint.pth',
+            origin_url=('https://livejohnshopkins-my.sharepoint.com/:f:/g/personal/cyang76_jh_edu/'
+                        'EsV_fGZY-uhEkciwVckp4c8BlInA1GFv7gett1_LOZ0vFg?e=g1If75'))),
     neck=dict(in_channels=_base_.lesa_neck_in_channels))
 
 train_pipeline = [

@@ -3,6 +3,9 @@
 # CPU), gradient checkpointing.
 # Paper (LIT, arXiv 2105.14217): COCO val2017 box AP 42.9, mask AP 39.6.
 # Upstream: zhuang-group/LIT detection/configs/lit/mask_rcnn_lit_s_fpn_1x_coco.py.
+# Released COCO checkpoint (the authors', mmdet 2.x; test.sh converts it on the fly):
+#   detection/test.sh detection/configs/lit/mask-rcnn_lit-s_fpn_amp-1x_coco.py \
+#       https://github.com/ziplab/LIT/releases/download/v2.0/mask_rcnn_lit_s.pth 8
 _base_ = ['mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py', './_base_/lit-s_backbone.py']
 
 model = dict(backbone=dict(_delete_=True, **_base_.lit_backbone), neck=dict(in_channels=_base_.lit_neck_in_channels))

@@ -3,6 +3,9 @@
 # 8 and 11), mixed precision on GPU (fp32 on CPU), gradient checkpointing.
 # Paper (LIT, arXiv 2105.14217): COCO val2017 box AP 41.6.
 # Upstream: zhuang-group/LIT detection/configs/lit/retinanet_lit_s_fpn_1x_coco.py.
+# Released COCO checkpoint (the authors', mmdet 2.x; test.sh converts it on the fly):
+#   detection/test.sh detection/configs/lit/retinanet_lit-s_fpn_amp-1x_coco.py \
+#       https://github.com/ziplab/LIT/releases/download/v2.0/retina_lit_s.pth 8
 _base_ = ['mmdet::retinanet/retinanet_r50_fpn_1x_coco.py', './_base_/lit-s_backbone.py']
 
 model = dict(backbone=dict(_delete_=True, **_base_.lit_backbone), neck=dict(in_channels=_base_.lit_neck_in_channels))

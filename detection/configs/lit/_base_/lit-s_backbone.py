@@ -15,9 +15,9 @@ lit_backbone = dict(
     drop_path_rate=0.2,
     pos_img_size=800,  # relative-position tables laid out for 800x800 (99x99, 49x49), as the authors' backbone
     with_cp=True,
-    # ImageNet LIT-S from the hub; or a local file: the authors' checkpoint (original or converted), e.g.
-    # 'pretrained/lit_s.pth'
-    pretrained='hf-hub:lesa-lit-models/lit_s.in1k')
+    # the authors' ImageNet LIT-S (GitHub release, downloaded into the torch hub cache when training starts);
+    # a local copy (original or converted) works too: --cfg-options model.backbone.init_cfg.checkpoint=PATH
+    init_cfg=dict(type='Pretrained', checkpoint='https://github.com/ziplab/LIT/releases/download/v1.0/lit_s.pth'))
 lit_neck_in_channels = [96, 192, 384, 768]
 
 # mixed precision on GPU (fp32 on CPU); no weight decay on norms and position tables. The detector config adds the

@@ -7,7 +7,7 @@ lit_backbone = dict(
     model_name='lit_ti',
     out_indices=(0, 1, 2, 3),
     drop_path_rate=0.1,
-    # ImageNet LIT-Ti from the hub; or a local file: the authors' checkpoint (original or converted), e.g.
-    # 'pretrained/lit_ti.pth'
-    pretrained='hf-hub:lesa-lit-models/lit_ti.in1k')
+    # the authors' ImageNet LIT-Ti (GitHub release, downloaded into the torch hub cache when training starts);
+    # a local copy (original or converted) works too: --cfg-options model.backbone.init_cfg.checkpoint=PATH
+    init_cfg=dict(type='Pretrained', checkpoint='https://github.com/ziplab/LIT/releases/download/v1.0/lit_ti.pth'))
 lit_neck_in_channels = [64, 128, 320, 512]
