@@ -321,17 +321,27 @@ def load_checkpoint(source: PathOrFile, map_location: Any = 'cpu', cache_dir: Op
 def register_mmengine_loader() -> None:
     """Make mmengine's ``CheckpointLoader`` (``load_checkpoint``, ``Runner.load_checkpoint`` / ``resume``,
     ``init_cfg=dict(type='Pretrained')``) read local paths and http(s) URLs through :func:`load_checkpoint`."""
+    from mmengine.dist import get_dist_info
     from mmengine.runner.checkpoint import CheckpointLoader
 
-    def load_local(filename: str, map_location: Any = None) -> Any:
+    # mmengine logs a loader as "Loads checkpoint by <name[10:]> backend": the names follow its own
+    def load_from_local(filename: str, map_location: Any = None) -> Any:
         return load_checkpoint_file(os.path.expanduser(filename), map_location)
 
-    def load_url(filename: str, map_location: Any = None, model_dir: Optional[str] = None,
-                 progress: bool = True) -> Any:
-        return load_checkpoint(filename, map_location, cache_dir=model_dir, progress=progress)
+    def load_from_http(filename: str, map_location: Any = None, model_dir: Optional[str] = None,
+                       progress: bool = True) -> Any:
+        # as mmengine's own: rank 0 downloads into the cache first, the other ranks then read the cached file
+        rank, world_size = get_dist_info()
+        if rank == 0:
+            checkpoint = load_checkpoint(filename, map_location, cache_dir=model_dir, progress=progress)
+        if world_size > 1:
+            torch.distributed.barrier()
+            if rank > 0:
+                checkpoint = load_checkpoint(filename, map_location, cache_dir=model_dir, progress=False)
+        return checkpoint
 
-    CheckpointLoader.register_scheme(prefixes='', loader=load_local, force=True)
-    CheckpointLoader.register_scheme(prefixes=('http://', 'https://'), loader=load_url, force=True)
+    CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
+    CheckpointLoader.register_scheme(prefixes=('http://', 'https://'), loader=load_from_http, force=True)
 
 
 # ------------------------------------------------------------------------------------------------ state dicts
