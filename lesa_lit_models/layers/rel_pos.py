@@ -12,7 +12,8 @@ same, then expands the table into the dense ``(num_heads, H * W, H * W)`` bias w
 (``unfold``) of the live table instead of gathering through an ``(H * W)^2`` index: the result is
 bit-identical to ``table[index]``, differentiable, never stale when the table is trained, and needs no
 index tensor or cache (the index alone is 141 MB at an 800x1344 input), so nothing is rebuilt on the CPU.
-:func:`bias_from_grid` expands only the rows of a band of queries, for attention computed a chunk at a time.
+:func:`bias_rows_keys_reversed` expands only the rows of a band of queries, against the keys in reverse order (a
+plain strided copy), for attention computed a band at a time.
 """
 from typing import Optional, Tuple
 
@@ -20,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
-__all__ = ['bias_table_size', 'resample_bias_table', 'relative_position_bias_grid', 'bias_from_grid',
-           'relative_position_bias']
+__all__ = ['bias_table_size', 'resample_bias_table', 'relative_position_bias_grid', 'bias_rows_keys_reversed',
+           'bias_from_grid', 'relative_position_bias']
 
 
 def bias_table_size(grid_size: Tuple[int, int]) -> Tuple[int, int]:
@@ -72,6 +73,24 @@ def relative_position_bias_grid(
 
 
 @register_notrace_function  # FX: shapes depend on the input grid
+def bias_rows_keys_reversed(
+        grid: torch.Tensor,
+        feat_size: Tuple[int, int],
+        query_rows: Optional[Tuple[int, int]] = None,
+) -> torch.Tensor:
+    """Bias of the queries in map rows ``[start, stop)`` against every key, keys in *reverse* raster order.
+
+    Returns ``(heads, (stop - start) * W, H * W)``. With the keys reversed, key ``u * W + w`` is the token at
+    ``(H - 1 - u, W - 1 - w)`` and the bias of query ``(y, x)`` is ``grid[:, y + u, x + w]``: the keys of each query
+    read one contiguous ``H x W`` window of the grid, so the band is a strided view of the grid, copied once.
+    Attention is the same with keys and values reversed together (see ``docs/attention.md``).
+    """
+    height, width = feat_size
+    start, stop = query_rows or (0, height)
+    windows = grid[:, start:stop + height - 1].unfold(1, height, 1).unfold(2, width, 1)  # heads, rows, W, H, W
+    return windows.reshape(grid.shape[0], (stop - start) * width, height * width)
+
+
 def bias_from_grid(
         grid: torch.Tensor,
         feat_size: Tuple[int, int],
@@ -80,16 +99,9 @@ def bias_from_grid(
     """Dense bias of the queries in map rows ``[start, stop)`` (all rows by default) against every key.
 
     Returns ``(heads, (stop - start) * W, H * W)``, a slice of :func:`relative_position_bias` computed without
-    the rest of it: the chunked attention of :class:`~lesa_lit_models.lit.LITAttention` builds one slice at a time.
+    the rest of it (keys in raster order: :func:`bias_rows_keys_reversed` with the keys put back in order).
     """
-    height, width = feat_size
-    start, stop = query_rows or (0, height)
-    # bias[h, (y, x), (y', x')] = grid[h, y - y' + H - 1, x - x' + W - 1]: query rows [start, stop) read grid rows
-    # [start, stop + H - 1). With that band flipped, the keys of a query form the contiguous H x W window starting
-    # at (stop - 1 - y, W - 1 - x): unfold takes all windows, the second flip puts them back in query order.
-    band = grid[:, start:stop + height - 1].flip(1, 2)
-    windows = band.unfold(1, height, 1).unfold(2, width, 1)  # heads, rows, W, H, W (queries flipped)
-    return windows.flip(1, 2).reshape(grid.shape[0], (stop - start) * width, height * width)
+    return bias_rows_keys_reversed(grid, feat_size, query_rows).flip(-1)
 
 
 def relative_position_bias(
