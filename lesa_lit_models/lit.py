@@ -98,7 +98,7 @@ def attend_in_row_bands(
     Nothing of size ``(heads, N, N)`` is kept for backward.
     """
     height, width = feat_size
-    rows_per_band = max(1, max_logits // (q.shape[0] * q.shape[1] * width * k.shape[2]))
+    rows_per_band = max(1, max_logits // max(1, q.shape[0] * q.shape[1] * width * k.shape[2]))
     return banded_bias_attention(
         q, k.flip(-2), v.flip(-2), partial(_bias_of_rows, feat_size=feat_size), rows_per_band * width,
         shared_bias=grid)
