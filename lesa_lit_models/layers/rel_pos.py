@@ -18,8 +18,7 @@ plain strided copy), for attention computed a band at a time.
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
-from timm.layers import register_notrace_function
+from timm.layers import register_notrace_function, resize_rel_pos_bias_table_simple
 
 __all__ = ['bias_table_size', 'resample_bias_table', 'relative_position_bias_grid', 'bias_rows_keys_reversed',
            'bias_from_grid', 'relative_position_bias']
@@ -31,10 +30,10 @@ def bias_table_size(grid_size: Tuple[int, int]) -> Tuple[int, int]:
 
 
 def _resample_grid(table_grid: torch.Tensor, new_table_size: Tuple[int, int]) -> torch.Tensor:
-    """Bicubic (``align_corners=False``) resampling of a ``(1, heads, th, tw)`` table; identity when equal."""
-    if tuple(table_grid.shape[-2:]) == tuple(new_table_size):
-        return table_grid
-    return F.interpolate(table_grid, size=new_table_size, mode='bicubic', align_corners=False)
+    """Bicubic (``align_corners=False``) resampling of a ``(heads, th, tw)`` table to an odd-sized
+    ``new_table_size`` (timm's ``resize_rel_pos_bias_table_simple``, the authors' method); identity when equal."""
+    window = ((new_table_size[0] + 1) // 2, (new_table_size[1] + 1) // 2)
+    return resize_rel_pos_bias_table_simple(table_grid, window, (table_grid.shape[0], *new_table_size))
 
 
 def resample_bias_table(
@@ -50,7 +49,7 @@ def resample_bias_table(
     num_heads = table.shape[1]
     if table.shape[0] != table_size[0] * table_size[1]:
         raise ValueError(f'Bias table has {table.shape[0]} rows, expected {table_size[0]}x{table_size[1]}.')
-    grid = table.t().reshape(1, num_heads, *table_size)
+    grid = table.t().reshape(num_heads, *table_size)
     grid = _resample_grid(grid.float(), new_table_size).to(table.dtype)
     return grid.reshape(num_heads, -1).t().contiguous()
 
@@ -68,7 +67,7 @@ def relative_position_bias_grid(
     attention dtype under autocast), so the large bias expanded from it is only ever materialised once.
     """
     num_heads = table.shape[1]
-    grid = _resample_grid(table.t().reshape(1, num_heads, *table_size), bias_table_size(feat_size))[0]
+    grid = _resample_grid(table.t().reshape(num_heads, *table_size), bias_table_size(feat_size))
     return grid if dtype is None else grid.to(dtype)
 
 
