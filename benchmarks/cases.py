@@ -28,7 +28,8 @@ MMDET_PEERS = {
 # each detection backbone of the package, the same-size peers it is compared with (training step), and the targets:
 # (minimum memory ratio peer/ours, minimum speed ratio ours/peer); a 1.25x time bound is a speed ratio of 0.8
 DETECTION_PEERS = {
-    ('lesa_resnet50_det', (1024, 1024)): (('mmdet_resnet50_dcn', dict(min_memory_ratio=1 / 1.15, min_speed_ratio=0.8)),),
+    ('lesa_resnet50_det', (1024, 1024)): (
+        ('mmdet_resnet50_dcn', dict(min_memory_ratio=1 / 1.15, min_speed_ratio=0.8)),),
     ('lit_ti', (800, 1344)): (('pvt_v2_b1', {}),),
     ('lit_s', (800, 1344)): (('pvt_v2_b2', {}),),
 }

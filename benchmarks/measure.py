@@ -73,7 +73,8 @@ def _detection_backbone(case: Case):
     register_all_modules(init_default_scope=True)
     frozen_stages = case.frozen_stages or -1
     if case.model in MMDET_PEERS:
-        cfg = dict(MMDET_PEERS[case.model], frozen_stages=frozen_stages, norm_eval=True, with_cp=case.grad_checkpointing)
+        cfg = dict(MMDET_PEERS[case.model], frozen_stages=frozen_stages, norm_eval=True,
+                   with_cp=case.grad_checkpointing)
     else:
         cfg = dict(type='TimmBackbone', model_name=case.model, frozen_stages=frozen_stages, norm_eval=True,
                    with_cp=case.grad_checkpointing, **dict(case.model_kwargs))
