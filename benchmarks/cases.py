@@ -2,7 +2,7 @@
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
-__all__ = ['Case', 'Comparison', 'suite', 'comparisons', 'PEERS', 'MODES', 'TARGETS']
+__all__ = ['Case', 'Comparison', 'suite', 'comparisons', 'PEERS', 'MODES', 'TARGETS', 'MMDET_PEERS', 'DETECTION_PEERS']
 
 MODES = ('fwd', 'fwd+bwd')
 
@@ -17,6 +17,22 @@ PEERS: Dict[str, Tuple[str, ...]] = {
 }
 # timm models with a fixed input size other than 224
 NATIVE_SIZE = {'botnet26t_256': 256}
+
+# mmdet backbones measured next to ours, as mmdet's DCN configs build them (frozen_stages, norm_eval, with_cp per case)
+MMDET_PEERS = {
+    'mmdet_resnet50_dcn': dict(
+        type='ResNet', depth=50, num_stages=4, out_indices=(0, 1, 2, 3), norm_cfg=dict(type='BN', requires_grad=True),
+        style='pytorch', dcn=dict(type='DCN', deform_groups=1, fallback_on_stride=False),
+        stage_with_dcn=(False, True, True, True)),
+}
+# each detection backbone of the package, the same-size peers it is compared with (training step), and the targets:
+# (minimum memory ratio peer/ours, minimum speed ratio ours/peer); a 1.25x time bound is a speed ratio of 0.8
+DETECTION_PEERS = {
+    ('lesa_resnet50_det', (1024, 1024)): (
+        ('mmdet_resnet50_dcn', dict(min_memory_ratio=1 / 1.15, min_speed_ratio=0.8)),),
+    ('lit_ti', (800, 1344)): (('pvt_v2_b1', {}),),
+    ('lit_s', (800, 1344)): (('pvt_v2_b2', {}),),
+}
 
 
 @dataclass(frozen=True)
@@ -127,11 +143,11 @@ def _detection_cases(
 
 
 LESA_IMPLS = ('fused', 'reference')
-LIT_IMPLS = ('sdpa', 'explicit')
+LIT_IMPLS = ('fused', 'reference')
 # without checkpointing the LESA reference keeps several (G, L, L) fp32 tensors per block for backward (over 10 GiB
 # at 1024x1024), so it is also run as upstream trains it: unary/binary terms checkpointed, stem and stage 1 frozen
 LESA_TRAIN = tuple((impl, ckpt, frozen) for frozen in (0, 1) for ckpt in (False, True) for impl in LESA_IMPLS)
-LIT_TRAIN = (('sdpa', False, 0), ('explicit', False, 0))
+LIT_TRAIN = (('fused', False, 0), ('reference', False, 0))
 
 
 def _lesa_det_kwargs(img_size: int) -> Tuple[Tuple[str, object], ...]:
@@ -149,6 +165,7 @@ def suite(quick: bool = False, device: str = 'cpu') -> List[Case]:
             *[Case('resnet50', (64, 64), mode, warmup=1, iters=1) for mode in MODES],
             *_detection_cases('lesa_resnet50_det', (128, 128), LESA_IMPLS, LESA_TRAIN[:2], 1, 1, _lesa_det_kwargs(128)),
             *_detection_cases('lit_s', (128, 192), LIT_IMPLS, LIT_TRAIN, 1, 1),
+            Case('mmdet_resnet50_dcn', (128, 128), 'fwd+bwd', detection=True, warmup=1, iters=1),
         ]
     cases = [
         *_classification_cases(224, batch_size=4, warmup=1, iters=3),
@@ -158,6 +175,9 @@ def suite(quick: bool = False, device: str = 'cpu') -> List[Case]:
         *_detection_cases('lesa_wrn50_det', (1280, 1280), LESA_IMPLS, (), 1, 1, _lesa_det_kwargs(1280)),
         *_detection_cases('lit_s', (800, 1344), LIT_IMPLS, LIT_TRAIN, 1, 2),
         *_detection_cases('lit_ti', (800, 1344), LIT_IMPLS, LIT_TRAIN, 1, 2),
+        # the same-size peers of the detection backbones, training step
+        *[Case(peer, size, 'fwd+bwd', detection=True, warmup=1, iters=1 if size[0] >= 1024 else 2)
+          for (_, size), peers in DETECTION_PEERS.items() for peer, _ in peers],
     ]
     if not device.startswith('cuda'):
         return cases
@@ -166,12 +186,12 @@ def suite(quick: bool = False, device: str = 'cpu') -> List[Case]:
     return [replace(c, warmup=3, iters=10) for c in cases]
 
 
-# targets of issue #6, per detection backbone and input size: (modes, minimum ratios)
+# fused vs reference targets, per detection backbone and input size: (modes, minimum ratios)
 TARGETS = {
     ('lesa_resnet50_det', (1024, 1024)): (('fwd+bwd',), dict(min_memory_ratio=5., min_speed_ratio=2.)),
     ('lit_s', (800, 1344)): (MODES, dict(min_memory_ratio=2.)),
 }
-_REFERENCE_OF = {'fused': 'reference', 'sdpa': 'explicit'}
+_REFERENCE_OF = {'fused': 'reference'}
 
 
 def _label(case: Case) -> str:
@@ -179,7 +199,7 @@ def _label(case: Case) -> str:
 
 
 def comparisons(cases: List[Case]) -> List[Comparison]:
-    """Fused vs reference detection backbones, classifiers vs their peers at 224.
+    """Fused vs reference detection backbones, detection backbones vs their peers, classifiers vs theirs at 224.
 
     A fused detection case is compared with the reference case of the same settings and, when it runs without
     checkpointing, also with the checkpointed reference (how upstream trains).
@@ -197,6 +217,12 @@ def comparisons(cases: List[Case]) -> List[Comparison]:
                 title = (f'{model} {size[0]}x{size[1]} {mode}{f" frozen_stages={frozen}" if frozen else ""}: '
                          f'{_label(fast)} vs {_label(slow)}')
                 out.append(Comparison(title, fast, slow, **(targets if mode in modes else {})))
+    for (model, size), peers in DETECTION_PEERS.items():
+        ours = det.get((model, size, 'fwd+bwd', 0, False, 'fused', False))
+        for peer, targets in peers:
+            theirs = det.get((peer, size, 'fwd+bwd', 0, False, None, False))
+            if ours is not None and theirs is not None:
+                out.append(Comparison(f'{model} {size[0]}x{size[1]} fwd+bwd: fused vs {peer}', ours, theirs, **targets))
     cls = {(c.model, c.mode): c for c in cases if not c.detection}
     for ours, peers in PEERS.items():
         for peer in peers:

@@ -17,7 +17,7 @@ import time
 import traceback
 from typing import Callable, Dict
 
-from .cases import Case
+from .cases import MMDET_PEERS, Case
 
 __all__ = ['measure', 'describe_software', 'child_main', 'cpu_profiled_peak', 'proc_status_bytes']
 
@@ -58,33 +58,29 @@ def cpu_profiled_peak(step: Callable[[], None]) -> int:
     return peak
 
 
-def _set_batchnorm_eval(model) -> None:
-    from torch.nn.modules.batchnorm import _BatchNorm
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            m.eval()
-
-
-def _enable_model_checkpointing(model) -> int:
-    """Switch on the checkpointing the model's own modules implement (``grad_checkpointing`` flags below the
-    root, e.g. LESA's unary/binary terms), not the per-stage checkpointing of timm's feature wrapper."""
-    flagged = [m for m in model.modules() if m is not model and hasattr(m, 'grad_checkpointing')]
-    for m in flagged:
-        m.grad_checkpointing = True
-    return len(flagged)
-
-
-def _freeze_stages(model, num_stages: int) -> None:
-    """Freeze the stem and the first ``num_stages`` stages of a timm feature wrapper whose children run in order
-    (``features_only`` ResNets): no gradients, eval mode, as mmdet's ``frozen_stages``."""
-    stages = [f['module'] for f in model.feature_info.info if f['reduction'] >= 4]
-    names = list(dict(model.named_children()))
-    if len(stages) < num_stages or stages[num_stages - 1] not in names:
-        raise ValueError(f'cannot freeze {num_stages} stages of {type(model).__name__} (stages {stages})')
-    for name in names[:names.index(stages[num_stages - 1]) + 1]:
-        module = getattr(model, name)
-        module.eval()
-        module.requires_grad_(False)
+def _detection_backbone(case: Case):
+    """The backbone as a detector trains it: the mmdet adapter (LESA/LIT/timm models) or mmdet's own ResNet peers,
+    BatchNorm frozen (``norm_eval=True``), ``frozen_stages`` and gradient checkpointing (``with_cp``) as configured."""
+    try:
+        from mmdet.registry import MODELS
+        from mmdet.utils import register_all_modules
+        import lesa_lit_det  # noqa: F401  (registers TimmBackbone)
+    except ImportError as e:
+        raise RuntimeError(
+            f'Detection cases build their backbones with mmdet and the adapter in detection/ ({e}); install the '
+            f'detection dependencies (`make setup`) and put detection/ on PYTHONPATH, or select classifier cases '
+            f'with --models.') from e
+    register_all_modules(init_default_scope=True)
+    frozen_stages = case.frozen_stages or -1
+    if case.model in MMDET_PEERS:
+        cfg = dict(MMDET_PEERS[case.model], frozen_stages=frozen_stages, norm_eval=True,
+                   with_cp=case.grad_checkpointing)
+    else:
+        cfg = dict(type='TimmBackbone', model_name=case.model, frozen_stages=frozen_stages, norm_eval=True,
+                   with_cp=case.grad_checkpointing, **dict(case.model_kwargs))
+        if case.attn_impl:
+            cfg['attn_impl'] = case.attn_impl
+    return MODELS.build(cfg)
 
 
 def _sum_outputs(out):
@@ -104,24 +100,16 @@ def measure(case: Case, device: str = 'cpu', threads: int = 0, mem_limit_gb: flo
     torch.manual_seed(0)
     import lesa_lit_models  # noqa: F401  (registers the package's models)
     result = {'threads': torch.get_num_threads()}
-    if not timm.is_model(case.model):
+    if case.model not in MMDET_PEERS and not timm.is_model(case.model):
         return {**result, 'status': 'missing', 'error': f'{case.model} is not registered with timm'}
 
-    kwargs = dict(case.model_kwargs)
-    if case.attn_impl:
-        kwargs['attn_impl'] = case.attn_impl
     if case.detection:
-        kwargs['features_only'] = True
-    model = timm.create_model(case.model, pretrained=False, **kwargs).to(device)
+        model = _detection_backbone(case).to(device)
+    else:
+        model = timm.create_model(case.model, pretrained=False, **dict(case.model_kwargs)).to(device)
     x = torch.randn(case.batch_size, 3, *case.img_size, device=device)
     train = case.mode == 'fwd+bwd'
     model.train(train)
-    if case.detection:
-        _set_batchnorm_eval(model)
-    if case.frozen_stages:
-        _freeze_stages(model, case.frozen_stages)
-    if case.grad_checkpointing and not _enable_model_checkpointing(model):
-        return {**result, 'status': 'error', 'error': f'{case.model} has no module-level gradient checkpointing'}
     tensors = [*model.parameters(), *model.buffers(), x]
     resident = sum(t.numel() * t.element_size() for t in tensors)
     result['params_m'] = sum(p.numel() for p in model.parameters()) / 1e6
@@ -175,6 +163,7 @@ def measure(case: Case, device: str = 'cpu', threads: int = 0, mem_limit_gb: flo
         'peak_bytes': peak,
         'resident_bytes': resident,
         'rss_growth_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before,
+        'peak_rss_bytes': proc_status_bytes('VmHWM'),  # the process's peak resident size, as /usr/bin/time reports
         'warmup_s': warmup_s,
         'iter_s': times,
         'iter_cpu_s': cpu_times,

@@ -12,27 +12,7 @@ CHART = 'chart.png'
 _MiB = 2 ** 20
 _GiB = 2 ** 30
 
-METHOD = (
-    'Each (model, input, mode, attention) case runs in a fresh process forked from a server that has only imported '
-    'torch and timm. Peak memory is measured on the first iteration (also the first warm-up), at the allocator: '
-    'on CPU, weights + buffers + input plus the peak of the bytes the CPU allocator reports to `torch.profiler` '
-    '(`profile_memory=True`) during the iteration (allocations minus frees, in time order); on CUDA, '
-    '`torch.cuda.max_memory_allocated` after a reset. This is the tensor memory the model needs; it leaves out the '
-    'process overhead (libraries, allocator caching, oneDNN scratch space), which the JSON keeps as `rss_growth_bytes` '
-    '(`ru_maxrss` growth over the iteration loop). Throughput is the batch size over the median time of the timed '
-    'iterations (`time.perf_counter`, `torch.cuda.synchronize` on CUDA), after the warm-up. `fwd`: eval mode under '
-    '`torch.inference_mode`. `fwd+bwd`: train mode, backward of the sum of the outputs, gradients reset to None '
-    'before each step. Each process is limited to the memory limit (address-space limit + resident-size watchdog): '
-    'a case that needs more is reported as OOM.'
-)
-DETECTION_NOTE = (
-    'Detection backbones: `features_only=True` with the feature maps the detectors use (LESA: C2-C5, LIT: the 4 '
-    'stages), summed for the backward pass; batch 1; BatchNorm in eval mode in the train '
-    'pass (`model.train()` then every BatchNorm `.eval()`, as mmdet\'s `norm_eval=True`). `+ckpt`: the model\'s '
-    'own gradient checkpointing (LESA: the unary and binary terms of each block are recomputed in backward); '
-    '`+frozen_stages=1`: stem and first stage frozen (no gradients), as mmdet\'s `frozen_stages=1`. The authors '
-    'train their LESA detectors with both. Forward-only rows do not depend on either and are measured once.'
-)
+METHOD = 'described once, in `benchmarks/README.md`.'
 
 
 def _fmt_bytes(n: float) -> str:
@@ -179,25 +159,28 @@ def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, 
         lines += ['', 'Speed ratio (CPU time): the same ratio from the CPU time of the processes (user + system), '
                   'which other jobs on a shared machine disturb far less than wall time.']
     if det_comps:
-        lines += ['', '## Fused vs reference attention (detection backbones)', '',
+        lines += ['', '## Detection backbones: fused vs reference attention, and vs same-size peers', '',
                   ratio_head + ' target |', '|---' * (ratio_head.count('|') - 1) + '|---|']
         lines += [f'{ratio_cells(r)} {_met_cell(r, cpu)} |' for r in det_comps]
     det = [row for row in _rows(cases) if row[0].detection]
     if det:
-        lines += ['', '## Detection backbones', '', DETECTION_NOTE, '',
-                  '| model | input | attention | params (M) | fwd img/s | fwd peak | fwd+bwd img/s | fwd+bwd peak |',
-                  '|---|---|---|---|---|---|---|---|']
+        lines += ['', '## Detection backbones', '',
+                  '| model | input | attention | params (M) | fwd img/s | fwd peak | fwd+bwd img/s | fwd+bwd peak | '
+                  'fwd+bwd s/step | fwd+bwd peak RSS |', '|---' * 10 + '|']
         for case, by_mode in det:
             h, w = case.img_size
             impl = (case.attn_impl or 'default') + case.variant_label
             cells = [*_cells(by_mode['fwd'], results, mem), *_cells(by_mode['fwd+bwd'], results, mem)]
+            train = results.get(by_mode['fwd+bwd'].key, {}) if by_mode['fwd+bwd'] else {}
+            cells += [f'{1 / train["img_per_s"]:.1f}', _fmt_bytes(train['peak_rss_bytes'])] \
+                if train.get('status') == 'ok' and 'peak_rss_bytes' in train else ['—', '—']
             lines.append(f'| {case.model} | {h}x{w} | {impl} | {_params(by_mode, results)} | {" | ".join(cells)} |')
     cls = [row for row in _rows(cases) if not row[0].detection]
     if cls:
         batch = sorted({c.batch_size for c, _ in cls})
         lines += ['', '## Classifiers', '',
                   f'Batch {", ".join(map(str, batch))} (images/s and peak memory of the whole batch), each model\'s '
-                  'default attention (LIT: `sdpa`; the LESA classifiers compute their 1-D relative position terms '
+                  'default attention (`fused`; the LESA classifiers compute their 1-D relative position terms '
                   'explicitly, which has no fused form and is cheap on the 14x14 grid), BatchNorm in train mode for '
                   'fwd+bwd.', '',
                   '| model | input | params (M) | fwd img/s | fwd peak | fwd+bwd img/s | fwd+bwd peak |',

@@ -9,40 +9,7 @@ Usage (``make bench`` runs the first line)::
     python -m benchmarks.run --models 'lesa_resnet50_det,lit_s'   # only the cases of these models (fnmatch)
     python -m benchmarks.run --render benchmarks/results/results.json   # table and chart again, no measuring
 
-What is measured (``benchmarks/cases.py``), fp32 (on CUDA the LIT detection cases also under bf16 autocast, as
-the LIT detectors train there), random init (nothing is downloaded):
-
-* classifiers at 224, batch 4: ``lesa_resnet50``, ``lesa_wrn50``, ``lit_ti``, ``lit_s``, ``lit_m``, ``lit_b`` and
-  the timm peers ``resnet50``, ``botnet26t_256`` (at its fixed 256), ``wide_resnet50_2``, ``pvt_v2_b1``,
-  ``pvt_v2_b2``, ``swin_tiny_patch4_window7_224``;
-* detection backbones, batch 1, ``features_only=True`` (the maps the detectors take), BatchNorm in eval mode while
-  training (mmdet's ``norm_eval=True``): ``lesa_resnet50_det`` at 1024x1024, ``attn_impl='fused'`` and
-  ``'reference'``, forward+backward with all stages trainable and in the authors' setting (``frozen_stages=1``),
-  each without and with the model's gradient checkpointing (the unary and binary terms, as upstream: the reference
-  keeps several (8, 4096, 4096) fp32 tensors per block otherwise); ``lesa_wrn50_det`` at 1280x1280, forward of
-  both (its training step takes minutes on 2 CPU cores); ``lit_s`` and ``lit_ti`` at 800x1344, ``attn_impl='sdpa'``
-  and ``'explicit'`` (materialised ``softmax(q k^T s + bias) v``);
-* modes ``fwd`` (eval, ``torch.inference_mode``) and ``fwd+bwd`` (train, backward of the sum of the outputs);
-* ratios of one run: fused/reference (and sdpa/explicit) peak memory and speed, with the targets of issue #6
-  (LESA-ResNet-50 detection backbone at 1024x1024, fwd+bwd: >= 5x less memory, >= 2x faster; LIT-S at 800x1344:
-  >= 2x less memory), and each classifier against its peers.
-
-How (``benchmarks/measure.py``): each case runs in its own process, forked from a server that has imported torch and
-timm once. The first iteration is the memory pass and the first warm-up; the timed iterations follow (3 for
-classifiers, 2 for LIT at 800x1344, 1 for the LESA backbones, whose steps take minutes on a CPU). Peak memory is
-read at the allocator: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the weights, buffers and input plus the
-peak of the CPU allocator's bytes in use during the iteration, from ``torch.profiler``'s memory events (exact for
-tensors; the process's ``ru_maxrss`` growth, which adds allocator caching and library scratch space, is kept in the
-JSON). Throughput is batch size / median iteration time. Every process is capped at ``--mem-limit-gb``, lowered to
-the memory available when it starts minus ``--mem-reserve-gb`` (an address-space limit the process sets after
-building its model, a resident-size watchdog here, and the kernel's OOM killer pointed at it first), so a case that
-does not fit is reported as "OOM (> X GiB)" instead of exhausting a shared machine; ``--case-timeout`` bounds its
-time.
-
-Outputs in ``--out``: ``results.md`` (tables: fused-vs-reference ratios with the issue's targets, detection
-backbones, classifiers, classifiers vs peers), ``results.json`` (every case, raw times, device, commit) and
-``chart.png`` (throughput and peak memory bars, log scale). The device (CPU model, cores, RAM or GPU), library
-versions, threads, date, git commit and load average are recorded in all three.
+What is measured and how (cases, peers, targets, memory and time): ``benchmarks/README.md``.
 """
 import argparse
 import datetime

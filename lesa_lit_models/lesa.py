@@ -152,6 +152,7 @@ class LesaResNet(nn.Module):
             dcn_stages: Sequence[bool] = (False, False, False, False),
             lesa_groups: int = 8,
             attn_impl: Optional[str] = None,
+            max_chunk_logits: Optional[int] = None,
             num_classes: int = 1000,
             in_chans: int = 3,
             global_pool: str = 'avg',
@@ -174,6 +175,7 @@ class LesaResNet(nn.Module):
             dcn_stages: Stages whose 3x3 convs (and LESA unary convs) are deformable.
             lesa_groups: Attention heads / unary conv groups.
             attn_impl: LESA ``detection_qr`` binary term, ``'fused'`` (default) or ``'reference'`` (same results).
+            max_chunk_logits: Logits per band of the fused binary term (see :class:`Lesa`).
             num_classes: Classifier classes (0: no classifier).
             in_chans: Input channels.
             global_pool: Global pooling type.
@@ -201,7 +203,8 @@ class LesaResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.feature_info = [dict(num_chs=64, reduction=2, module='act1')]
 
-        lesa_args = dict(groups=lesa_groups, pos_embed=pos_embed, attn_impl=attn_impl)
+        lesa_args = dict(
+            groups=lesa_groups, pos_embed=pos_embed, attn_impl=attn_impl, max_chunk_logits=max_chunk_logits)
         num_blocks = sum(layers)
         block_idx = 0
         in_chs = 64

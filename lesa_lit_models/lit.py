@@ -48,13 +48,16 @@ except ImportError:  # older timm only exports the model_args passed to it
 from ._checkpoint import release_loaded_weights, resolve_pretrained_weights, strip_prefix, unwrap_state_dict, \
     verify_state_dict
 from .layers.deform_merge import DeformableTokenMerging
-from .layers.rel_pos import bias_from_grid, bias_table_size, relative_position_bias_grid, resample_bias_table
+from .layers.banded_attention import ATTN_IMPLS, banded_bias_attention, default_max_chunk_logits
+from .layers.rel_pos import bias_from_grid, bias_rows_keys_reversed, bias_table_size, relative_position_bias_grid, \
+    resample_bias_table
 
 __all__ = ['LIT', 'checkpoint_filter_fn', 'detection_output_norms']
 
 _logger = logging.getLogger(__name__)
 
-_ATTN_IMPLS = ('sdpa', 'explicit')
+# the names this family used before the switch was named as LESA's
+_ATTN_IMPL_ALIASES = {'sdpa': 'fused', 'explicit': 'reference'}
 
 
 @register_notrace_function  # FX leaf (no leading underscore: FX does not autowrap private names)
@@ -68,14 +71,15 @@ def check_input_size(x: torch.Tensor, patch: int, num_stages: int):
 
 
 def _check_attn_impl(attn_impl: str) -> str:
-    if attn_impl not in _ATTN_IMPLS:
-        raise ValueError(f'attn_impl={attn_impl!r} is not supported: use one of {_ATTN_IMPLS}.')
+    attn_impl = _ATTN_IMPL_ALIASES.get(attn_impl, attn_impl)
+    if attn_impl not in ATTN_IMPLS:
+        raise ValueError(f'attn_impl={attn_impl!r} is not supported: use one of {ATTN_IMPLS}.')
     return attn_impl
 
 
-def _attend_with_bias_rows(q, k, v, grid, feat_size, query_rows, dropout_p):
-    bias = bias_from_grid(grid, feat_size, query_rows).unsqueeze(0)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+def _bias_of_rows(query_bias, grid, start, stop, feat_size):
+    width = feat_size[1]
+    return bias_rows_keys_reversed(grid, feat_size, (start // width, stop // width)).unsqueeze(0)
 
 
 @register_notrace_function  # FX leaf: the number of bands depends on the input grid
@@ -86,25 +90,19 @@ def attend_in_row_bands(
         grid: torch.Tensor,
         feat_size: Tuple[int, int],
         max_logits: int,
-        dropout_p: float = 0.,
 ) -> torch.Tensor:
     """``softmax(q k^T * scale + bias) v`` over an ``H x W`` map, one band of query rows at a time.
 
     Each band holds at most ``max_logits`` logits (at least one row) and expands only its rows of the bias from the
-    ``(heads, 2H - 1, 2W - 1)`` offset ``grid``; with gradients enabled each band is recomputed in backward
-    (activation checkpointing), so nothing of size ``(heads, N, N)`` is kept. One band is one plain SDPA call.
+    ``(heads, 2H - 1, 2W - 1)`` offset ``grid``, against keys and values in reverse order (where the bias of a band
+    is a plain strided copy of the grid); see :func:`~lesa_lit_models.layers.banded_attention.banded_bias_attention`.
+    Nothing of size ``(heads, N, N)`` is kept for backward.
     """
     height, width = feat_size
-    rows_per_band = max(1, max_logits // (q.shape[0] * q.shape[1] * width * k.shape[2]))
-    if rows_per_band >= height:
-        return _attend_with_bias_rows(q, k, v, grid, feat_size, None, dropout_p)
-    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, grid))
-    bands = []
-    for start in range(0, height, rows_per_band):
-        stop = min(height, start + rows_per_band)
-        args = (q[:, :, start * width:stop * width], k, v, grid, feat_size, (start, stop), dropout_p)
-        bands.append(checkpoint(_attend_with_bias_rows, *args) if recompute else _attend_with_bias_rows(*args))
-    return torch.cat(bands, dim=2)
+    rows_per_band = max(1, max_logits // max(1, q.shape[0] * q.shape[1] * width * k.shape[2]))
+    return banded_bias_attention(
+        q, k.flip(-2), v.flip(-2), partial(_bias_of_rows, feat_size=feat_size), rows_per_band * width,
+        shared_bias=grid)
 
 
 class LITAttention(nn.Module):
@@ -115,16 +113,13 @@ class LITAttention(nn.Module):
     resampled bicubically to ``(2H - 1, 2W - 1)`` at each forward, as the authors' detection backbone does
     (see :mod:`lesa_lit_models.layers.rel_pos`).
 
-    ``attn_impl``: ``'sdpa'`` (default) uses ``F.scaled_dot_product_attention`` with the bias as additive mask;
-    ``'explicit'`` materialises ``softmax(q k^T * scale + bias) v`` (the upstream formulation, for benchmarks
-    and checks).
-
-    With a bias, ``'sdpa'`` goes through :func:`attend_in_row_bands`: when the logits of the whole map would
-    exceed :attr:`max_chunk_logits` (batch x heads x queries x keys) it attends one band of query rows at a time,
-    recomputed in backward, so training keeps no ``(heads, N, N)`` tensor (every fused kernel returns a trained
-    bias's gradient as a dense one). Each query's softmax still spans every key: the result is exact.
+    ``attn_impl``: ``'fused'`` (default) or ``'reference'`` (the upstream formulation, materialising
+    ``softmax(q k^T * scale + bias) v``, for benchmarks and checks); ``'sdpa'`` / ``'explicit'`` are accepted as
+    their older names. ``'fused'`` without a bias is one ``F.scaled_dot_product_attention`` call; with a bias it
+    attends in bands of query rows of at most ``max_chunk_logits`` logits (batch x heads x queries x keys) each
+    (:func:`attend_in_row_bands`), exact, keeping no ``(heads, N, N)`` tensor. Attention dropout (no LIT uses it)
+    runs the reference computation.
     """
-    max_chunk_logits: int = 2 ** 26
 
     def __init__(
             self,
@@ -134,7 +129,8 @@ class LITAttention(nn.Module):
             rel_pos_grid: Optional[Tuple[int, int]] = None,
             attn_drop: float = 0.,
             proj_drop: float = 0.,
-            attn_impl: str = 'sdpa',
+            attn_impl: str = 'fused',
+            max_chunk_logits: Optional[int] = None,
     ):
         super().__init__()
         if dim % num_heads:
@@ -143,6 +139,7 @@ class LITAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.attn_impl = _check_attn_impl(attn_impl)
+        self.max_chunk_logits = max_chunk_logits
 
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
@@ -164,15 +161,16 @@ class LITAttention(nn.Module):
         if self.relative_position_bias_table is not None:
             grid = relative_position_bias_grid(self.relative_position_bias_table, self.table_size, feat_size, q.dtype)
         dropout_p = self.attn_drop.p if self.training else 0.
-        if self.attn_impl == 'explicit':
+        if grid is None and self.attn_impl == 'fused':
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        elif self.attn_impl == 'fused' and not dropout_p:
+            max_logits = self.max_chunk_logits or default_max_chunk_logits(q.device)
+            x = attend_in_row_bands(q, k, v, grid, feat_size, max_logits)
+        else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             if grid is not None:
                 attn = attn + bias_from_grid(grid, feat_size).unsqueeze(0)
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
-        elif grid is not None:
-            x = attend_in_row_bands(q, k, v, grid, feat_size, self.max_chunk_logits, dropout_p)
-        else:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 
@@ -214,7 +212,8 @@ class AttentionBlock(nn.Module):
             attn_drop: float = 0.,
             drop_path: float = 0.,
             norm_layer: Any = nn.LayerNorm,
-            attn_impl: str = 'sdpa',
+            attn_impl: str = 'fused',
+            max_chunk_logits: Optional[int] = None,
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
@@ -226,6 +225,7 @@ class AttentionBlock(nn.Module):
             attn_drop=attn_drop,
             proj_drop=proj_drop,
             attn_impl=attn_impl,
+            max_chunk_logits=max_chunk_logits,
         )
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
@@ -265,7 +265,8 @@ class LITStage(nn.Module):
             attn_drop: float = 0.,
             drop_path: Sequence[float] = (),
             norm_layer: Any = nn.LayerNorm,
-            attn_impl: str = 'sdpa',
+            attn_impl: str = 'fused',
+            max_chunk_logits: Optional[int] = None,
     ):
         super().__init__()
         self.grad_checkpointing = False
@@ -282,7 +283,7 @@ class LITStage(nn.Module):
         if use_attn:
             block_fn = partial(
                 AttentionBlock, num_heads=num_heads, qkv_bias=qkv_bias, rel_pos_grid=rel_pos_grid,
-                attn_drop=attn_drop, attn_impl=attn_impl)
+                attn_drop=attn_drop, attn_impl=attn_impl, max_chunk_logits=max_chunk_logits)
         else:
             block_fn = MLPBlock
         self.blocks = nn.ModuleList([
@@ -347,7 +348,9 @@ class LIT(nn.Module):
         proj_drop_rate, attn_drop_rate: Dropout after the MLP/projection layers and on attention weights.
         drop_path_rate: Stochastic depth, increasing linearly over all blocks (upstream ImageNet values:
             LIT-Ti 0.1, S 0.2, M 0.3, B 0.5; timm convention: 0 unless the training script sets it).
-        attn_impl: ``'sdpa'`` or ``'explicit'`` (see :class:`LITAttention`; also :meth:`set_attn_impl`).
+        attn_impl: ``'fused'`` (default) or ``'reference'`` (see :class:`LITAttention`; also :meth:`set_attn_impl`).
+        max_chunk_logits: Logits per band of the fused biased attention (default: per device, see
+            :func:`~lesa_lit_models.layers.banded_attention.default_max_chunk_logits`).
 
     Deliberate deviations from the authors' code:
         * Any input size. The stem pads the input right/bottom to a multiple of the patch size (as the
@@ -388,7 +391,8 @@ class LIT(nn.Module):
             proj_drop_rate: float = 0.,
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
-            attn_impl: str = 'sdpa',
+            attn_impl: str = 'fused',
+            max_chunk_logits: Optional[int] = None,
     ):
         super().__init__()
         if pos_embed not in ('abs', 'rel'):
@@ -448,6 +452,7 @@ class LIT(nn.Module):
                 drop_path=dpr[i],
                 norm_layer=norm_layer,
                 attn_impl=attn_impl,
+                max_chunk_logits=max_chunk_logits,
             ))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=stride, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
@@ -500,8 +505,8 @@ class LIT(nn.Module):
 
     @torch.jit.ignore
     def set_attn_impl(self, attn_impl: str):
-        """Switch every attention block between ``'sdpa'`` and ``'explicit'``."""
-        _check_attn_impl(attn_impl)
+        """Switch every attention block between ``'fused'`` and ``'reference'``."""
+        attn_impl = _check_attn_impl(attn_impl)
         for module in self.modules():
             if isinstance(module, LITAttention):
                 module.attn_impl = attn_impl

@@ -47,14 +47,19 @@ def test_full_suite_covers_every_model_peer_mode_and_target():
     assert {c.img_size for c in lesa} == {(1024, 1024)} and all(c.detection and c.batch_size == 1 for c in lesa)
     assert {(c.attn_impl, c.grad_checkpointing, c.frozen_stages) for c in lesa if c.mode == 'fwd+bwd'} == {
         (impl, ckpt, frozen) for impl in ('fused', 'reference') for ckpt in (False, True) for frozen in (0, 1)}
-    assert {c.attn_impl for c in cases if c.model == 'lit_s' and c.img_size == (800, 1344)} == {'sdpa', 'explicit'}
+    assert {c.attn_impl for c in cases if c.model == 'lit_s' and c.img_size == (800, 1344)} == {'fused', 'reference'}
+    peers = {(c.model, c.img_size) for c in cases if c.detection and c.attn_impl is None}
+    assert peers == {('mmdet_resnet50_dcn', (1024, 1024)), ('pvt_v2_b1', (800, 1344)), ('pvt_v2_b2', (800, 1344))}
     assert {c.img_size for c in cases if c.model == 'botnet26t_256'} == {(256, 256)}
 
     targets = {c.title: c for c in comparisons(cases) if c.min_memory_ratio}
     lesa_same = targets['lesa_resnet50_det 1024x1024 fwd+bwd: fused +ckpt vs reference +ckpt']
     assert (lesa_same.min_memory_ratio, lesa_same.min_speed_ratio) == (5., 2.)
     assert 'lesa_resnet50_det 1024x1024 fwd+bwd: fused vs reference +ckpt' in targets
-    assert targets['lit_s 800x1344 fwd+bwd: sdpa vs explicit'].min_memory_ratio == 2.
+    assert targets['lit_s 800x1344 fwd+bwd: fused vs reference'].min_memory_ratio == 2.
+    vs_mmdet = targets['lesa_resnet50_det 1024x1024 fwd+bwd: fused vs mmdet_resnet50_dcn']
+    assert (vs_mmdet.min_memory_ratio, vs_mmdet.min_speed_ratio) == pytest.approx((1 / 1.15, 0.8))
+    assert 'lit_s 800x1344 fwd+bwd: fused vs pvt_v2_b2' in {c.title for c in comparisons(cases)}
 
     on_gpu = suite(device='cuda')
     assert all((c.warmup, c.iters) == (3, 10) for c in on_gpu)
@@ -63,28 +68,32 @@ def test_full_suite_covers_every_model_peer_mode_and_target():
     assert [c.key for c in on_gpu if not c.bf16] == [c.key for c in cases]
     assert len({c.key for c in on_gpu}) == len(on_gpu)
     gpu_titles = {c.title for c in comparisons(on_gpu)}
-    assert 'lit_s 800x1344 fwd+bwd: sdpa +bf16 vs explicit +bf16' in gpu_titles
-    assert not any('+bf16 vs explicit' in t and not t.endswith('+bf16') for t in gpu_titles)
+    assert 'lit_s 800x1344 fwd+bwd: fused +bf16 vs reference +bf16' in gpu_titles
+    assert not any('+bf16 vs reference' in t and not t.endswith('+bf16') for t in gpu_titles)
 
 
-def test_frozen_stages_freeze_the_stem_and_first_stages_only():
-    import timm
-    model = timm.create_model('resnet18', features_only=True, out_indices=(1, 2, 3, 4))
+def test_detection_backbones_are_built_by_the_mmdet_adapter_with_its_freezing():
+    pytest.importorskip('mmdet')
+    import torch
+    from lesa_lit_det import TimmBackbone
+    model = measure._detection_backbone(Case('resnet18', (64, 64), 'fwd+bwd', detection=True, frozen_stages=1,
+                                             model_kwargs=(('out_indices', (1, 2, 3, 4)),)))
+    assert isinstance(model, TimmBackbone) and model.norm_eval and model.frozen_stages == 1
     model.train()
-    measure._freeze_stages(model, 1)
-    frozen = {name.split('.')[0] for name, p in model.named_parameters() if not p.requires_grad}
+    frozen = {name.split('.')[1] for name, p in model.named_parameters() if not p.requires_grad}
     assert frozen == {'conv1', 'bn1', 'layer1'}
-    assert not model.layer1.training and model.layer2.training
-    with pytest.raises(ValueError, match='cannot freeze 5 stages'):
-        measure._freeze_stages(model, 5)
+    assert not any(m.training for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    peer = measure._detection_backbone(Case('mmdet_resnet50_dcn', (64, 64), 'fwd+bwd', detection=True))
+    assert type(peer).__name__ == 'ResNet' and peer.norm_eval and peer.frozen_stages == -1
+    assert [len(f) for f in (peer(torch.randn(1, 3, 64, 64)),)] == [4]
 
 
 def _fake_results(cases, oom_keys=()):
-    """Results where fused/sdpa cases take half the time and a tenth of the memory of the others; the cases of
+    """Results where fused cases take half the time and a tenth of the memory of the others; the cases of
     ``oom_keys`` ran out of memory under an 11.5 GiB cap."""
     results = {}
     for c in cases:
-        lean = c.attn_impl in (None, 'fused', 'sdpa')
+        lean = c.attn_impl in (None, 'fused')
         results[c.key] = ({'status': 'oom', 'error': 'x', 'mem_limit_gb': 11.5} if c.key in oom_keys else
                           {'status': 'ok', 'peak_bytes': (1 if lean else 10) * 2 ** 30, 'img_per_s': 2. if lean else 1.,
                            'params_m': 25.})

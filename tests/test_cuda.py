@@ -72,8 +72,9 @@ def test_lit_row_bands_on_cuda_match_one_band_outputs_and_grads():
     torch.manual_seed(0)
     attn = LITAttention(96, num_heads=4, rel_pos_grid=(6, 6)).cuda().train()
     torch.nn.init.normal_(attn.relative_position_bias_table, std=1.)
-    banded = copy.deepcopy(attn)
-    banded.max_chunk_logits = 2 * 4 * 3 * 10 * 80  # bands of three query rows of an 8x10 map
+    # bands of three query rows of an 8x10 map
+    banded = LITAttention(96, num_heads=4, rel_pos_grid=(6, 6), max_chunk_logits=2 * 4 * 3 * 10 * 80).cuda().train()
+    banded.load_state_dict(attn.state_dict())
     x = torch.randn(2, 80, 96, device='cuda', requires_grad=True)
     grad_out = torch.randn(2, 80, 96, device='cuda')
     out, grads = _output_and_grads(attn, x, grad_out, (8, 10))

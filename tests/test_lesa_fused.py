@@ -1,5 +1,6 @@
 """The fused LESA binary term equals the straightforward computation: outputs, gradients, BatchNorm state."""
 import copy
+import functools
 from unittest import mock
 
 import pytest
@@ -87,12 +88,14 @@ def assert_bn_state_equal(bn_a, bn_b, rtol, atol):
 GRAD_NAMES = ['q', 'k', 'v', 'rel_height', 'rel_width', 'bn.weight', 'bn.bias']
 
 
-def check_fused_matches_reference(batch, groups, grid, mode, dtype, rtol, atol, seed=0, dims=(6, 5), **bn_kwargs):
+def check_fused_matches_reference(batch, groups, grid, mode, dtype, rtol, atol, seed=0, dims=(6, 5),
+                                  max_chunk_logits=None, **bn_kwargs):
     tensors = make_detection_inputs(batch, groups, grid, *dims, dtype=dtype, seed=seed)
     bn_ref = make_bn(2 * groups, dtype, seed, **bn_kwargs).train(mode == 'train')
     bn_fused = copy.deepcopy(bn_ref)
     out_ref, grads_ref = run_with_grads(reference_detection_qr_binary, tensors, grid, bn_ref, seed)
-    out_fused, grads_fused = run_with_grads(detection_qr_binary, tensors, grid, bn_fused, seed)
+    fused = functools.partial(detection_qr_binary, max_chunk_logits=max_chunk_logits)
+    out_fused, grads_fused = run_with_grads(fused, tensors, grid, bn_fused, seed)
     torch.testing.assert_close(out_fused, out_ref, rtol=rtol, atol=atol)
     for name, g_fused, g_ref in zip(GRAD_NAMES, grads_fused, grads_ref):
         # d out / d bn.bias is exactly zero (softmax is shift invariant): both sides hold summation noise only
@@ -108,6 +111,16 @@ def check_fused_matches_reference(batch, groups, grid, mode, dtype, rtol, atol, 
 ])
 def test_detection_fused_matches_reference_float64(batch, groups, grid, mode):
     check_fused_matches_reference(batch, groups, grid, mode, torch.float64, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize('mode', ['eval', 'train'])
+@pytest.mark.parametrize('rows', [1, 2, 3])
+def test_detection_fused_in_bands_of_query_rows_matches_reference_float64(rows, mode):
+    """Bands of 1, 2 or 3 rows of a 7x5 grid (the last band shorter): the same numbers as one band."""
+    batch, groups, grid = 2, 3, (7, 5)
+    logits_per_row = batch * groups * grid[1] * grid[0] * grid[1]
+    check_fused_matches_reference(batch, groups, grid, mode, torch.float64, rtol=1e-9, atol=1e-10,
+                                  max_chunk_logits=rows * logits_per_row)
 
 
 @pytest.mark.parametrize('mode', ['eval', 'train'])

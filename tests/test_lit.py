@@ -233,7 +233,7 @@ def test_attention_equals_explicit_softmax(with_table):
     if with_table:
         nn.init.normal_(attn.relative_position_bias_table, std=1.)
     x = torch.randn(2, 15, 48)
-    for impl in ('sdpa', 'explicit'):
+    for impl in ('fused', 'reference', 'sdpa', 'explicit'):  # the last two: the older names of the first two
         attn.attn_impl = impl
         torch.testing.assert_close(attn(x, (3, 5)), _explicit_attention(attn, x, (3, 5)), rtol=1e-5, atol=1e-5)
 
@@ -261,12 +261,12 @@ def _largest_saved_tensor(fn):
 
 @pytest.mark.parametrize('feat_size', [(9, 8), (11, 5)])
 def test_attention_in_row_bands_is_exact_and_keeps_no_full_logits_for_backward(feat_size):
-    attn = LITAttention(48, num_heads=3, rel_pos_grid=(4, 4)).train()
-    nn.init.normal_(attn.relative_position_bias_table, std=1.)
     h, w = feat_size
     n = h * w
+    # bands of two query rows, the last one shorter (odd heights)
+    attn = LITAttention(48, num_heads=3, rel_pos_grid=(4, 4), max_chunk_logits=2 * 3 * 2 * w * n).train()
+    nn.init.normal_(attn.relative_position_bias_table, std=1.)
     x = torch.randn(2, n, 48, requires_grad=True)
-    attn.max_chunk_logits = 2 * 3 * 2 * w * n  # bands of two query rows, the last one shorter (odd heights)
 
     out, largest = _largest_saved_tensor(lambda: attn(x, feat_size))
     assert largest < 2 * 3 * n * n  # no (batch, heads, N, N) logits, probabilities or bias kept
@@ -279,9 +279,9 @@ def test_attention_in_row_bands_is_exact_and_keeps_no_full_logits_for_backward(f
     for name, g, g_expected in zip(('x', 'table', 'qkv.weight', 'qkv.bias'), grads, expected_grads):
         torch.testing.assert_close(g, g_expected, rtol=1e-4, atol=1e-5, msg=name)
 
-    attn.attn_impl = 'explicit'  # the upstream formulation keeps them, so the bound above can fail
+    attn.attn_impl = 'reference'  # the upstream formulation keeps them, so the bound above can fail
     assert _largest_saved_tensor(lambda: attn(x, feat_size))[1] >= 2 * 3 * n * n
-    attn.attn_impl = 'sdpa'
+    attn.attn_impl = 'fused'
     with torch.no_grad():
         torch.testing.assert_close(attn.eval()(x, feat_size), expected, rtol=1e-5, atol=1e-5)
 
@@ -289,11 +289,10 @@ def test_attention_in_row_bands_is_exact_and_keeps_no_full_logits_for_backward(f
 @pytest.mark.parametrize('grad_checkpointing', [False, True])
 def test_row_band_attention_leaves_a_whole_model_unchanged(grad_checkpointing):
     model = _tiny('lit_s', num_classes=4).train()
-    banded = copy.deepcopy(model)
+    banded = _tiny('lit_s', num_classes=4, max_chunk_logits=1).train()  # one query row per band
+    banded.load_state_dict(model.state_dict())
+    assert {m.max_chunk_logits for m in banded.modules() if isinstance(m, LITAttention)} == {1}
     banded.set_grad_checkpointing(grad_checkpointing)  # bands recomputed inside recomputed blocks
-    for m in banded.modules():
-        if isinstance(m, LITAttention):
-            m.max_chunk_logits = 1  # one query row per band
     _assert_same_outputs_and_grads(banded, model, torch.randn(2, 3, 96, 64))
 
 
@@ -436,11 +435,11 @@ def test_bf16_autocast_on_cpu_is_finite_and_dtm_runs_in_fp32(name):
 
 
 @pytest.mark.parametrize('name, size', [('lit_s', (64, 96)), ('lit_s', (128, 96)), ('lit_ti', (96, 64))])
-def test_sdpa_matches_explicit_attention_outputs_and_grads(name, size):
+def test_fused_matches_reference_attention_outputs_and_grads(name, size):
     model = _tiny(name, num_classes=4).train()
-    explicit = copy.deepcopy(model)
-    explicit.set_attn_impl('explicit')
-    _assert_same_outputs_and_grads(model, explicit, torch.randn(2, 3, *size))
+    reference = copy.deepcopy(model)
+    reference.set_attn_impl('reference')
+    _assert_same_outputs_and_grads(model, reference, torch.randn(2, 3, *size))
 
 
 def test_bias_follows_the_live_table_across_steps_and_sizes():

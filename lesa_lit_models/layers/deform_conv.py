@@ -8,21 +8,77 @@ main convolution (``conv_offset``, zero-initialised so a fresh layer starts as a
 * LIT's Deformable Token Merging uses the authors' ``DeformConv2dPack`` (2x2, stride 2) which has a
   real bias on the main convolution.
 
-The op itself is ``torchvision.ops.deform_conv2d``; offsets use the same channel layout as mmcv
-and the LIT CUDA extension (channel ``2n`` = dy, ``2n + 1`` = dx of kernel point ``n``, row-major,
-repeated per deformable group). Under autocast the op runs in (at least) float32, as both upstream
-implementations do.
+On CUDA the op is ``torchvision.ops.deform_conv2d``. Elsewhere :func:`deform_conv2d_sampled` computes the same
+function with ``F.grid_sample`` (one bilinear sampling per kernel point, then one grouped matmul): on a CPU its
+backward is 3-4x faster than torchvision's (the largest single cost of a LESA detection backbone's training step
+there, see ``docs/attention.md``). Offsets use the same channel layout as mmcv and the LIT CUDA extension (channel
+``2n`` = dy, ``2n + 1`` = dx of kernel point ``n``, row-major, repeated per deformable group). Under autocast the
+op runs in (at least) float32, as both upstream implementations do.
 """
 import math
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 from timm.layers import register_notrace_module
+from timm.models import checkpoint
 from torchvision.ops import deform_conv2d
 
-__all__ = ['DeformConv2dPack']
+__all__ = ['DeformConv2dPack', 'deform_conv2d_sampled']
+
+
+def _sample_columns(x, offset, kernel_size, stride, padding, dilation):
+    """Bilinear samples of every kernel point: (N, C, kh * kw, Ho, Wo), zero outside the map as in DCN."""
+    batch, channels, height, width = x.shape
+    kh, kw = kernel_size
+    out_h, out_w = offset.shape[-2:]
+    deform_groups = offset.shape[1] // (2 * kh * kw)
+    offset = offset.view(batch, deform_groups, kh * kw, 2, out_h, out_w).flatten(0, 1)
+    x = x.reshape(batch * deform_groups, channels // deform_groups, height, width)
+    base_y = torch.arange(out_h, dtype=x.dtype, device=x.device)[:, None] * stride[0] - padding[0]
+    base_x = torch.arange(out_w, dtype=x.dtype, device=x.device) * stride[1] - padding[1]
+    columns = []
+    for n in range(kh * kw):
+        i, j = divmod(n, kw)
+        y = base_y + i * dilation[0] + offset[:, n, 0]
+        x_pos = base_x + j * dilation[1] + offset[:, n, 1]
+        # pixel -> grid_sample coordinates (align_corners=False maps them back exactly for any size)
+        grid = torch.stack([(2 * x_pos + 1) / width - 1, (2 * y + 1) / height - 1], dim=-1)
+        columns.append(F.grid_sample(x, grid, mode='bilinear', padding_mode='zeros', align_corners=False))
+    return torch.stack(columns, dim=2).view(batch, channels, kh * kw, out_h, out_w)
+
+
+def _deform_conv2d_sampled(x, offset, weight, stride, padding, dilation):
+    batch, channels = x.shape[:2]
+    out_channels, group_channels, kh, kw = weight.shape
+    groups = channels // group_channels
+    columns = _sample_columns(x, offset, (kh, kw), stride, padding, dilation)
+    out_h, out_w = columns.shape[-2:]
+    columns = columns.view(batch, groups, group_channels * kh * kw, out_h * out_w)
+    out = weight.view(groups, out_channels // groups, group_channels * kh * kw) @ columns
+    return out.view(batch, out_channels, out_h, out_w)
+
+
+def deform_conv2d_sampled(
+        x: torch.Tensor,
+        offset: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        stride: Tuple[int, int] = (1, 1),
+        padding: Tuple[int, int] = (0, 0),
+        dilation: Tuple[int, int] = (1, 1),
+) -> torch.Tensor:
+    """``torchvision.ops.deform_conv2d`` (DCN v1, no mask) through ``F.grid_sample`` and a grouped matmul.
+
+    The sampled columns (kernel points x input size) are recomputed in backward rather than kept, as torchvision
+    does (here with the matmul: backward runs the forward once more, checkpointed). Equal to torchvision's op up
+    to floating-point rounding (tested in float64, outputs and gradients).
+    """
+    args = (x, offset, weight, stride, padding, dilation)
+    out = checkpoint(_deform_conv2d_sampled, *args) if torch.is_grad_enabled() else _deform_conv2d_sampled(*args)
+    return out if bias is None else out + bias.view(-1, 1, 1)
 
 
 @register_notrace_module  # FX leaf: the autocast guard needs a concrete device
@@ -84,8 +140,9 @@ class DeformConv2dPack(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         offset = self.conv_offset(x)
         dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 under autocast, fp64 stays fp64
+        op = deform_conv2d if x.device.type == 'cuda' else deform_conv2d_sampled
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return deform_conv2d(
+            return op(
                 x.to(dtype),
                 offset.to(dtype),
                 self.weight.to(dtype),

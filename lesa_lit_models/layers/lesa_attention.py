@@ -37,15 +37,16 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module, to_2tuple
 from timm.models import checkpoint
 
+from .banded_attention import ATTN_IMPLS
 from .deform_conv import DeformConv2dPack
 
 __all__ = [
     'Lesa', 'classification_binary_reference', 'detection_qr_binary_reference', 'relative_logits_2d',
+    'expand_relative_logits',
     'resample_rel_table', 'POS_EMBED_TYPES', 'ATTN_IMPLS', 'DEFAULT_ATTN_IMPL',
 ]
 
 POS_EMBED_TYPES = ('classification', 'detection_qr')
-ATTN_IMPLS = ('reference', 'fused')
 DEFAULT_ATTN_IMPL = 'fused'
 
 
@@ -95,19 +96,28 @@ def relative_logits_2d(
         rel_height: torch.Tensor,
         rel_width: torch.Tensor,
         grid: Tuple[int, int],
-) -> torch.Tensor:
-    """2-D relative logits ``qr[g,i,j] = q_i . rel_width[y_j - y_i + W - 1] + q_i . rel_height[x_j - x_i + H - 1]``.
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each query against every key row and key column offset: ``rh`` (N, G, L, H) and ``rw`` (N, G, L, W).
 
-    Tokens are in raster order over ``grid = (H, W)``: token i sits at row ``x = i // W``, column ``y = i % W``.
-    q: (N, G, H*W, d); rel_height: (2H-1, d); rel_width: (2W-1, d). Returns (N, G, H*W, H*W).
+    Tokens are in raster order over ``grid = (H, W)``: token i sits at row ``x_i = i // W``, column ``y_i = i % W``;
+    ``rh[i, x'] = q_i . rel_height[x' - x_i + H - 1]`` and ``rw[i, y'] = q_i . rel_width[y' - y_i + W - 1]``.
+    q: (N, G, H*W, d); rel_height: (2H-1, d); rel_width: (2W-1, d). The 2-D relative logits are
+    :func:`expand_relative_logits` of the pair.
     """
-    H, W = grid
-    N, G, L, d = q.shape
-    q = q.reshape(N, G, H, W, d)
-    # logits of every query against every offset, then the offset of each key relative to the query
-    logits_w = (q @ rel_width.t()).gather(-1, _offset_index(W, q.device).t().expand(N, G, H, W, W))
-    logits_h = (q @ rel_height.t()).gather(-1, _offset_index(H, q.device).t()[:, None].expand(N, G, H, W, H))
-    return (logits_h[..., :, None] + logits_w[..., None, :]).reshape(N, G, L, L)
+    height, width = grid
+    batch, groups, tokens, dim = q.shape
+    # table[x, x'] = rel[x' - x + H - 1]: the key-row offset seen from query row x
+    height_table = rel_height[_offset_index(height, q.device).t()]
+    width_table = rel_width[_offset_index(width, q.device).t()]
+    q_grid = q.reshape(batch, groups, height, width, dim)
+    rh = torch.einsum('ngxyd,xad->ngxya', q_grid, height_table).reshape(batch, groups, tokens, height)
+    rw = torch.einsum('ngxyd,ybd->ngxyb', q_grid, width_table).reshape(batch, groups, tokens, width)
+    return rh, rw
+
+
+def expand_relative_logits(rh: torch.Tensor, rw: torch.Tensor) -> torch.Tensor:
+    """``qr[..., i, j] = rh[..., i, x_j] + rw[..., i, y_j]`` for every key j of the grid: (..., Lq, H * W)."""
+    return (rh[..., :, None] + rw[..., None, :]).flatten(-2)
 
 
 def detection_qr_binary_reference(
@@ -125,7 +135,8 @@ def detection_qr_binary_reference(
         q, k: (N, G, L, dqk); v: (N, G, L, dv), L = H*W tokens in raster order over ``grid = (H, W)``.
         rel_height: (2H-1, dqk), rel_width: (2W-1, dqk), already resampled to the grid.
         bn_similarity: BatchNorm2d(2G) applied, in whatever mode it is in, to the stack [qk, qr] (channel
-            t*G + g) with ``qk[g,i,j] = q_i . k_j`` (no scale) and ``qr`` from :func:`relative_logits_2d`; the
+            t*G + g) with ``qk[g,i,j] = q_i . k_j`` (no scale) and ``qr`` the 2-D relative logits
+            (:func:`relative_logits_2d`, :func:`expand_relative_logits`); the
             logits are the sum of the two normalised terms.
 
     Returns:
@@ -133,7 +144,7 @@ def detection_qr_binary_reference(
     """
     N, G, L, _ = q.shape
     qk = q @ k.transpose(-1, -2)
-    qr = relative_logits_2d(q, rel_height, rel_width, grid)
+    qr = expand_relative_logits(*relative_logits_2d(q, rel_height, rel_width, grid))
     logits = bn_similarity(torch.cat([qk, qr], dim=1)).view(N, 2, G, L, L).sum(dim=1)
     return logits.softmax(dim=-1) @ v
 
@@ -153,16 +164,6 @@ def resample_rel_table(table: torch.Tensor, length: int) -> torch.Tensor:
     return F.interpolate(table.t()[None], size=length, mode='linear', align_corners=True)[0].t()
 
 
-def _binary_fn(pos_embed: str, attn_impl: str):
-    if pos_embed == 'classification':
-        # no exact fused form: the flattened-offset terms have L^2 free values and sve needs the attention matrix
-        return classification_binary_reference
-    if attn_impl == 'reference':
-        return detection_qr_binary_reference
-    from . import lesa_fused  # imported lazily: it may import this file
-    return lesa_fused.detection_qr_binary
-
-
 @register_notrace_module  # shape checks and grid-dependent tables: a leaf for FX
 class Lesa(nn.Module):
     """LESA: unary conv term + binary self-attention term, coupled by a fusion gate.
@@ -174,8 +175,10 @@ class Lesa(nn.Module):
         groups: Attention heads and groups of the unary 3x3 conv (G). Query/key width C/G/2, value width C/G.
         pos_embed: ``'classification'`` (fixed grid) or ``'detection_qr'`` (any grid, tables resampled).
         deformable: Unary 3x3 conv is a DCN v1 (mmcv ``DeformConv2dPack`` layout, no bias).
-        attn_impl: ``'reference'`` or ``'fused'`` (default) ``detection_qr`` binary term (same results). The
-            ``classification`` term always runs the reference.
+        attn_impl: ``'fused'`` (default) or ``'reference'`` ``detection_qr`` binary term (same results). The
+            ``classification`` term always runs the reference (it has no exact fused form, see docs/attention.md).
+        max_chunk_logits: Logits per band of the fused binary term (default: per device, see
+            :func:`~lesa_lit_models.layers.banded_attention.default_max_chunk_logits`).
         input_reduction: Stride of this module's input w.r.t. the image; only used to word size errors.
     """
 
@@ -188,6 +191,7 @@ class Lesa(nn.Module):
             pos_embed: str = 'classification',
             deformable: bool = False,
             attn_impl: Optional[str] = None,
+            max_chunk_logits: Optional[int] = None,
             input_reduction: Optional[int] = None,
             device=None,
             dtype=None,
@@ -208,6 +212,7 @@ class Lesa(nn.Module):
         self.attn_impl = attn_impl or DEFAULT_ATTN_IMPL
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f'Unknown LESA attn_impl {self.attn_impl!r}; use one of {ATTN_IMPLS}.')
+        self.max_chunk_logits = max_chunk_logits
         self.input_reduction = input_reduction
         self.grad_checkpointing = False
 
@@ -283,16 +288,20 @@ class Lesa(nn.Module):
         # channels are group-major: g * (2dqk + dv) + [q | k | v]
         q, k, v = qkv.view(N, G, 2 * self.qk_dim + self.v_dim, L).transpose(-1, -2).split(
             [self.qk_dim, self.qk_dim, self.v_dim], dim=-1)
-        binary_fn = _binary_fn(self.pos_embed, self.attn_impl)
         if self.pos_embed == 'classification':
-            sv, sve = binary_fn(q, k, v, self.relative, self.bn_similarity)
+            sv, sve = classification_binary_reference(q, k, v, self.relative, self.bn_similarity)
             # bn_output channel 2 * (g * dv + c) + t normalises term t (sv, sve) of output channel g * dv + c
             out = torch.stack([sv, sve], dim=-1).permute(0, 1, 3, 4, 2).reshape(N, 2 * C, L)
             out = self.bn_output(out).view(N, C, 2, L).sum(dim=2)
         else:
             rel_height = resample_rel_table(self.rel_height, 2 * H - 1)
             rel_width = resample_rel_table(self.rel_width, 2 * W - 1)
-            sv = binary_fn(q, k, v, rel_height, rel_width, (H, W), self.bn_similarity)
+            if self.attn_impl == 'fused':
+                from .lesa_fused import detection_qr_binary  # imported lazily: it imports this file
+                sv = detection_qr_binary(
+                    q, k, v, rel_height, rel_width, (H, W), self.bn_similarity, self.max_chunk_logits)
+            else:
+                sv = detection_qr_binary_reference(q, k, v, rel_height, rel_width, (H, W), self.bn_similarity)
             out = self.bn_output(sv.transpose(-1, -2).reshape(N, C, L))
         return out.view(N, C, H, W)
 

@@ -1,84 +1,25 @@
 """Exact, memory-lean ("fused") binary term of LESA (arXiv 2107.05637), ``detection_qr`` position embedding.
 
-The reference binary term materialises the similarity stack ``[qk, qr]`` of shape (N, 2G, L, L), applies
-``bn_similarity`` (a ``BatchNorm2d(2G)``), sums the two terms, takes a softmax over keys and multiplies by ``v``.
-This module computes the same function, forward and backward, without any (L, L) tensor:
-
-**1. BatchNorm is a per-channel affine map.** Whatever statistics it uses (running ones in eval / frozen mode,
-batch ones in train mode), ``bn_similarity`` maps channel ``c`` to ``s_c * x + t_c`` with
-``s_c = gamma_c / sqrt(var_c + eps)`` and ``t_c = beta_c - mean_c * s_c``. With ``a_g = s_g``, ``b_g = s_{G+g}``
-and ``t_g + t_{G+g}`` the logits of group ``g`` are ``a_g qk + b_g qr + (t_g + t_{G+g})``.
-
-**2. The logits are one scaled dot product.** With token ``i = (x_i, y_i)`` (raster order, ``x = i // W``) the
-2-D relative term is ``qr[i, j] = rh[i, x_j] + rw[i, y_j]`` where ``rh[i, x'] = q_i . rel_height[x' - x_i + H - 1]``
-(L x H) and ``rw[i, y'] = q_i . rel_width[y' - y_i + W - 1]`` (L x W). A one-hot key picks one entry, so
-
-    q'_i = [a q_i,  b rh[i, :],  b rw[i, :]]        k'_j = [k_j,  onehot_H(x_j),  onehot_W(y_j)]
-
-gives ``q'_i . k'_j = a qk[i, j] + b qr[i, j]``, the reference logits up to the per-group constant ``t``, which
-cancels in the softmax. ``t`` still enters, as ``t - t.detach()`` (value exactly 0, so no rounding of a possibly
-large constant in half precision) added to the ``rh`` entries (the one-hot picks one of them per key): its gradient
-is the reference's (the sum of the logit gradients, zero up to rounding), and ``beta`` stays in the autograd graph
-as in the reference, so DDP sees no unused parameter. The block is ``F.scaled_dot_product_attention(q', k', v,
-scale=1)`` with head dim ``D = dqk + H + W``. Operands are contiguous and zero-padded to 8-aligned head dims
-(exact): on CUDA q'/k' and v each to their own, which the memory-efficient kernel takes (v stays narrow, so less
-is kept for backward); elsewhere all three to a common one, as the CPU flash kernel needs equal dims. The fused
-kernels apply and nothing of size L x L is kept for backward.
-
-**3. Train mode: exact batch statistics in closed form.** BatchNorm needs, per channel, the mean and the biased
-variance over (n, i, j) of each term. By the law of total variance over query rows,
-``mean = E_{n,i}[m_i]`` and ``var = E_{n,i}[v_i] + Var_{n,i}(m_i)`` with the row mean/variance over keys ``j``:
-
-* content ``qk``: ``m_i = q_i . kbar``, ``v_i = q_i^T C_k q_i`` with ``kbar``, ``C_k`` the mean and (biased)
-  covariance of the keys of the sample: O(L dqk^2) work, O(L) memory per (n, g);
-* relative ``qr``: as ``j`` runs over the grid, ``x_j`` and ``y_j`` are independent and uniform, so
-  ``m_i = mean(rh[i, :]) + mean(rw[i, :])`` and ``v_i = var(rh[i, :]) + var(rw[i, :])``: O(L (H + W)).
-
-Every term is a sum of non-negative, centred quantities (no ``E[x^2] - E[x]^2`` cancellation). They are
-computed in at least float32 (autocast off), differentiably, so gradients flow through the statistics exactly
-as through ``BatchNorm2d``; ``running_mean`` / ``running_var`` (unbiased, n = N L^2) and ``num_batches_tracked``
-are updated exactly as ``nn.BatchNorm2d`` does (``momentum=None`` = cumulative average). ``track_running_stats=
-False`` uses batch statistics in both modes, like the module. Not supported (clear error): ``SyncBatchNorm`` in
-train mode across several processes (the statistics would need a cross-process reduction).
-
-Exactness: equal to the reference up to floating-point summation order (tested against a from-the-formulas
-reference in float64 and float32, outputs and gradients, eval and train). Memory: O(N G L (dqk + H + W + dv))
-for everything kept for backward, versus O(N G L^2) for the reference; time is the same O(N G L^2 D) as the
-reference, inside one fused kernel.
-
-``classification`` position embedding: not fused; the model keeps the reference computation for it. Its
-relative terms index a free table by the *flattened* token offset ``i - j``: ``qr[i, j] = q_i . Eq[:, i - j]`` has
-L^2 independent values per (n, g) (the table has 2L - 1 columns, each query meets L of them), so no exact
-``q' . k'`` with a head dim below L exists, and an additive attention bias would itself be (N, G, L, L) (with an
-(N, G, L, L) gradient in training). The ``sve`` output ``sum_j A[i, j] Ev[:, i - j]`` needs the attention
-matrix A itself, which fused kernels never form. At the classification grid (14 x 14, L = 196) one (G, L, L)
-fp32 tensor is 1.2 MB per image, so the reference is also the right path there.
+Same function, forward and backward, as ``detection_qr_binary_reference`` (which materialises the (N, 2G, L, L)
+similarity stack), without any (L, L) tensor: ``bn_similarity`` is a per-channel affine map, so the logits are
+``a * qk + b * qr + t``; ``t`` cancels in the softmax, ``a`` scales the queries, and ``b * qr`` is the per-query
+relative logits ``rh`` (L x H), ``rw`` (L x W) of the scaled queries, expanded one band of queries at a time inside
+:func:`~lesa_lit_models.layers.banded_attention.banded_bias_attention`. In train mode the batch statistics of the
+(never formed) stack are computed exactly in closed form, and the running statistics are updated as
+``nn.BatchNorm2d`` does. Derivation, exactness argument and why the ``classification`` embedding has no such
+form: ``docs/attention.md``.
 """
-from typing import Tuple
+from functools import partial
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
+
+from .banded_attention import banded_bias_attention, default_max_chunk_logits
+from .lesa_attention import expand_relative_logits, relative_logits_2d
 
 __all__ = ['detection_qr_binary']
-
-
-def _relative_logits_2d(
-        q: torch.Tensor, rel_height: torch.Tensor, rel_width: torch.Tensor, grid: Tuple[int, int],
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``rh`` (N, G, L, H) and ``rw`` (N, G, L, W): each query against every key row / key column offset."""
-    height, width = grid
-    batch, groups, tokens, dim = q.shape
-    rows = torch.arange(height, device=q.device)
-    cols = torch.arange(width, device=q.device)
-    # table[x, x'] = rel[x' - x + H - 1]: the key-row offset seen from query row x
-    height_table = rel_height[rows[None, :] - rows[:, None] + height - 1]
-    width_table = rel_width[cols[None, :] - cols[:, None] + width - 1]
-    q_grid = q.reshape(batch, groups, height, width, dim)
-    rh = torch.einsum('ngxyd,xad->ngxya', q_grid, height_table).reshape(batch, groups, tokens, height)
-    rw = torch.einsum('ngxyd,ybd->ngxyb', q_grid, width_table).reshape(batch, groups, tokens, width)
-    return rh, rw
 
 
 def _pool_row_moments(row_mean: torch.Tensor, row_var: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +80,7 @@ def _similarity_affine(
         count = batch * tokens * tokens
         if bn.training and count <= 1:
             raise ValueError(f'Expected more than 1 value per channel when training, got N={batch}, L={tokens}.')
-        mean, var = _similarity_batch_moments(q, k, *_relative_logits_2d(q, rel_height, rel_width, grid))
+        mean, var = _similarity_batch_moments(q, k, *relative_logits_2d(q, rel_height, rel_width, grid))
         if bn.training and bn.track_running_stats:
             momentum = bn.momentum
             with torch.no_grad():
@@ -162,9 +103,9 @@ def _similarity_affine(
     return scale, shift
 
 
-def _pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Zero-pad the last dim to ``size``; always contiguous (the fused kernels need a unit last-dim stride)."""
-    return F.pad(x, (0, size - x.shape[-1])) if x.shape[-1] < size else x.contiguous()
+def _relative_bias(relative: torch.Tensor, shared: None, start: int, stop: int, height: int) -> torch.Tensor:
+    """Bias of a band of queries from their ``[rh | rw]`` rows (the 2-D relative logits)."""
+    return expand_relative_logits(relative[..., :height], relative[..., height:])
 
 
 def detection_qr_binary(
@@ -175,8 +116,9 @@ def detection_qr_binary(
         rel_width: torch.Tensor,
         grid: Tuple[int, int],
         bn_similarity: nn.modules.batchnorm._BatchNorm,
+        max_chunk_logits: Optional[int] = None,
 ) -> torch.Tensor:
-    """LESA binary term, ``detection_qr`` kind, through one ``F.scaled_dot_product_attention`` (see module doc).
+    """LESA binary term, ``detection_qr`` kind, attending in bands of query rows (see module doc).
 
     Args:
         q, k: (N, G, L, dqk) queries and keys; v: (N, G, L, dv) values; L = H * W tokens in raster order.
@@ -184,6 +126,7 @@ def detection_qr_binary(
         grid: (H, W).
         bn_similarity: ``BatchNorm2d(2G)`` applied (conceptually) to the stack ``[qk, qr]``, in its current
             mode; running statistics are updated in train mode.
+        max_chunk_logits: Logits per band (N x G x queries x keys), at least one row of the grid per band.
 
     Returns:
         ``softmax(bn_similarity([qk, qr]) summed over the two terms) @ v``, shape (N, G, L, dv).
@@ -206,22 +149,13 @@ def detection_qr_binary(
 
     scale, shift = _similarity_affine(bn_similarity, q, k, rel_height, rel_width, grid)
     scale, shift = scale.to(q.dtype), shift.to(q.dtype)
-    content_scale = scale[:groups, None, None]
     logit_shift = (shift[:groups] + shift[groups:])[:, None, None]
     logit_shift = logit_shift - logit_shift.detach()  # softmax-invariant: keep its gradient, add exact zeros
-    # b * rh from (b * q): backward keeps that (N, G, L, dqk) query, not the (N, G, L, H + W) logits (train mode
-    # also computes the unscaled ones, for the batch statistics: a small O(L (H + W) dqk) einsum twice)
-    rh, rw = _relative_logits_2d(q * scale[groups:, None, None], rel_height, rel_width, grid)
-
-    query = torch.cat([q * content_scale, rh + logit_shift, rw], dim=-1)
-    token_index = torch.arange(tokens, device=q.device)
-    key_position = torch.cat([
-        F.one_hot(token_index // width, height), F.one_hot(token_index % width, width)], dim=-1).to(k.dtype)
-    key = torch.cat([k, key_position.expand(batch, groups, tokens, height + width)], dim=-1)
-
-    qk_dim, v_dim = (-(-d // 8) * 8 for d in (query.shape[-1], v.shape[-1]))
-    if q.device.type != 'cuda':  # the CPU flash kernel needs equal q/k/v head dims
-        qk_dim = v_dim = max(qk_dim, v_dim)
-    out = F.scaled_dot_product_attention(
-        _pad_last(query, qk_dim), _pad_last(key, qk_dim), _pad_last(v, v_dim), scale=1.0)
-    return out[..., :v.shape[-1]]
+    # b * qr = the relative logits of b * q (train mode also computes the unscaled ones, for the batch statistics:
+    # a small O(L (H + W) dqk) einsum twice)
+    rh, rw = relative_logits_2d(q * scale[groups:, None, None], rel_height, rel_width, grid)
+    max_logits = max_chunk_logits or default_max_chunk_logits(q.device)
+    rows_per_band = max(1, max_logits // max(1, batch * groups * width * tokens))
+    return banded_bias_attention(
+        q * scale[:groups, None, None], k, v, partial(_relative_bias, height=height), rows_per_band * width,
+        query_bias=torch.cat([rh + logit_shift, rw], dim=-1), scale=1.0)

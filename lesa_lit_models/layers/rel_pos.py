@@ -12,16 +12,16 @@ same, then expands the table into the dense ``(num_heads, H * W, H * W)`` bias w
 (``unfold``) of the live table instead of gathering through an ``(H * W)^2`` index: the result is
 bit-identical to ``table[index]``, differentiable, never stale when the table is trained, and needs no
 index tensor or cache (the index alone is 141 MB at an 800x1344 input), so nothing is rebuilt on the CPU.
-:func:`bias_from_grid` expands only the rows of a band of queries, for attention computed a chunk at a time.
+:func:`bias_rows_keys_reversed` expands only the rows of a band of queries, against the keys in reverse order (a
+plain strided copy), for attention computed a band at a time.
 """
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
-from timm.layers import register_notrace_function
+from timm.layers import register_notrace_function, resize_rel_pos_bias_table_simple
 
-__all__ = ['bias_table_size', 'resample_bias_table', 'relative_position_bias_grid', 'bias_from_grid',
-           'relative_position_bias']
+__all__ = ['bias_table_size', 'resample_bias_table', 'relative_position_bias_grid', 'bias_rows_keys_reversed',
+           'bias_from_grid', 'relative_position_bias']
 
 
 def bias_table_size(grid_size: Tuple[int, int]) -> Tuple[int, int]:
@@ -30,10 +30,10 @@ def bias_table_size(grid_size: Tuple[int, int]) -> Tuple[int, int]:
 
 
 def _resample_grid(table_grid: torch.Tensor, new_table_size: Tuple[int, int]) -> torch.Tensor:
-    """Bicubic (``align_corners=False``) resampling of a ``(1, heads, th, tw)`` table; identity when equal."""
-    if tuple(table_grid.shape[-2:]) == tuple(new_table_size):
-        return table_grid
-    return F.interpolate(table_grid, size=new_table_size, mode='bicubic', align_corners=False)
+    """Bicubic (``align_corners=False``) resampling of a ``(heads, th, tw)`` table to an odd-sized
+    ``new_table_size`` (timm's ``resize_rel_pos_bias_table_simple``, the authors' method); identity when equal."""
+    window = ((new_table_size[0] + 1) // 2, (new_table_size[1] + 1) // 2)
+    return resize_rel_pos_bias_table_simple(table_grid, window, (table_grid.shape[0], *new_table_size))
 
 
 def resample_bias_table(
@@ -49,7 +49,7 @@ def resample_bias_table(
     num_heads = table.shape[1]
     if table.shape[0] != table_size[0] * table_size[1]:
         raise ValueError(f'Bias table has {table.shape[0]} rows, expected {table_size[0]}x{table_size[1]}.')
-    grid = table.t().reshape(1, num_heads, *table_size)
+    grid = table.t().reshape(num_heads, *table_size)
     grid = _resample_grid(grid.float(), new_table_size).to(table.dtype)
     return grid.reshape(num_heads, -1).t().contiguous()
 
@@ -67,11 +67,29 @@ def relative_position_bias_grid(
     attention dtype under autocast), so the large bias expanded from it is only ever materialised once.
     """
     num_heads = table.shape[1]
-    grid = _resample_grid(table.t().reshape(1, num_heads, *table_size), bias_table_size(feat_size))[0]
+    grid = _resample_grid(table.t().reshape(num_heads, *table_size), bias_table_size(feat_size))
     return grid if dtype is None else grid.to(dtype)
 
 
 @register_notrace_function  # FX: shapes depend on the input grid
+def bias_rows_keys_reversed(
+        grid: torch.Tensor,
+        feat_size: Tuple[int, int],
+        query_rows: Optional[Tuple[int, int]] = None,
+) -> torch.Tensor:
+    """Bias of the queries in map rows ``[start, stop)`` against every key, keys in *reverse* raster order.
+
+    Returns ``(heads, (stop - start) * W, H * W)``. With the keys reversed, key ``u * W + w`` is the token at
+    ``(H - 1 - u, W - 1 - w)`` and the bias of query ``(y, x)`` is ``grid[:, y + u, x + w]``: the keys of each query
+    read one contiguous ``H x W`` window of the grid, so the band is a strided view of the grid, copied once.
+    Attention is the same with keys and values reversed together (see ``docs/attention.md``).
+    """
+    height, width = feat_size
+    start, stop = query_rows or (0, height)
+    windows = grid[:, start:stop + height - 1].unfold(1, height, 1).unfold(2, width, 1)  # heads, rows, W, H, W
+    return windows.reshape(grid.shape[0], (stop - start) * width, height * width)
+
+
 def bias_from_grid(
         grid: torch.Tensor,
         feat_size: Tuple[int, int],
@@ -80,16 +98,9 @@ def bias_from_grid(
     """Dense bias of the queries in map rows ``[start, stop)`` (all rows by default) against every key.
 
     Returns ``(heads, (stop - start) * W, H * W)``, a slice of :func:`relative_position_bias` computed without
-    the rest of it: the chunked attention of :class:`~lesa_lit_models.lit.LITAttention` builds one slice at a time.
+    the rest of it (keys in raster order: :func:`bias_rows_keys_reversed` with the keys put back in order).
     """
-    height, width = feat_size
-    start, stop = query_rows or (0, height)
-    # bias[h, (y, x), (y', x')] = grid[h, y - y' + H - 1, x - x' + W - 1]: query rows [start, stop) read grid rows
-    # [start, stop + H - 1). With that band flipped, the keys of a query form the contiguous H x W window starting
-    # at (stop - 1 - y, W - 1 - x): unfold takes all windows, the second flip puts them back in query order.
-    band = grid[:, start:stop + height - 1].flip(1, 2)
-    windows = band.unfold(1, height, 1).unfold(2, width, 1)  # heads, rows, W, H, W (queries flipped)
-    return windows.flip(1, 2).reshape(grid.shape[0], (stop - start) * width, height * width)
+    return bias_rows_keys_reversed(grid, feat_size, query_rows).flip(-1)
 
 
 def relative_position_bias(

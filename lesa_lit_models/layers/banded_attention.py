@@ -1,0 +1,144 @@
+"""Exact attention with a trained additive bias, one band of queries at a time, without any tokens x tokens tensor.
+
+``softmax(q k^T * scale + bias) v`` where the bias of a band of queries is built on the fly from small tensors
+(LESA: per-query relative logits of key rows and columns; LIT: a relative-position offset grid). Every fused
+kernel returns the gradient of a trained bias as one dense (tokens x tokens) tensor, so this computes, per band:
+
+* forward: one ``F.scaled_dot_product_attention`` call with the band's bias as float mask (outside autograd, so
+  the fused kernels take it); only ``q``, ``k``, ``v`` and the output are kept, as a fused kernel keeps them;
+* backward: the band's logits once more, ``softmax``, then the textbook gradients of the band (``dS = P * (dP -
+  rowsum(dO * O))``), which reach the bias inputs through the vjp of the band's bias function.
+
+See ``docs/attention.md`` for the derivation and the measurements that chose this split.
+"""
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ['ATTN_IMPLS', 'banded_bias_attention', 'default_max_chunk_logits']
+
+# the attention switch of both families: 'fused' (exact, no tokens x tokens tensor kept) or 'reference'
+ATTN_IMPLS = ('fused', 'reference')
+
+
+def default_max_chunk_logits(device: torch.device) -> int:
+    """Logits per band when none is set: bands that stay in a CPU's caches (2^22, 16 MB in float32; on 2 cores
+    LIT-S's stage-3 attention is ~3x faster than with 2^26), larger on CUDA, where each band is a kernel launch."""
+    return 2 ** 26 if device.type == 'cuda' else 2 ** 22
+
+# bias_fn(query_bias_band, shared_bias, start, stop) -> bias of queries [start, stop) against every key,
+# broadcastable to (N, heads, stop - start, keys)
+BiasFn = Callable[[Optional[torch.Tensor], Optional[torch.Tensor], int, int], torch.Tensor]
+
+
+def _pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero-pad the last dim to ``size`` (exact for q/k/v of attention); always contiguous."""
+    return F.pad(x, (0, size - x.shape[-1])) if x.shape[-1] < size else x.contiguous()
+
+
+def _band_forward(q, k, v, bias, scale):
+    """SDPA of one band; the fused kernels need a 4-D mask and, on CPU, one head dim for q, k and v."""
+    bias = bias.view((1,) * (q.dim() - bias.dim()) + bias.shape)
+    if q.device.type == 'cuda' or q.shape[-1] == v.shape[-1]:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    dim = max(q.shape[-1], v.shape[-1])
+    out = F.scaled_dot_product_attention(
+        _pad_last(q, dim), _pad_last(k, dim), _pad_last(v, dim), attn_mask=bias, scale=scale)
+    return out[..., :v.shape[-1]]
+
+
+def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Reduce a broadcast gradient to ``shape`` (the bias may be shared over batch or heads)."""
+    return grad.sum_to_size(shape) if grad.shape != shape else grad
+
+
+class _BandedBiasAttention(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, bias_fn: BiasFn, bands: Sequence[Tuple[int, int]], scale: float, q, k, v, query_bias,
+                shared_bias):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        for start, stop in bands:
+            band_bias = query_bias[..., start:stop, :] if query_bias is not None else None
+            bias = bias_fn(band_bias, shared_bias, start, stop)
+            out[..., start:stop, :] = _band_forward(q[..., start:stop, :], k, v, bias, scale)
+        ctx.bias_fn, ctx.bands, ctx.scale = bias_fn, bands, scale
+        ctx.save_for_backward(q, k, v, out, query_bias, shared_bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, query_bias, shared_bias = ctx.saved_tensors
+        scale = ctx.scale
+        acc = torch.promote_types(q.dtype, torch.float32)  # sums over bands kept in at least float32
+        grad_out = grad_out.contiguous()
+        grad_q = torch.empty_like(q)
+        grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)
+        grad_v = torch.zeros(v.shape, dtype=acc, device=v.device)
+        grad_query_bias = torch.empty_like(query_bias) if query_bias is not None else None
+        grad_shared_bias = torch.zeros(shared_bias.shape, dtype=acc, device=shared_bias.device) \
+            if shared_bias is not None else None
+        row_dot = (grad_out * out).sum(-1, keepdim=True)  # rowsum(dO * O) = sum_j P_ij dP_ij
+        k_t, v_t = k.transpose(-1, -2), v.transpose(-1, -2)
+        for start, stop in ctx.bands:
+            q_band, grad_out_band = q[..., start:stop, :], grad_out[..., start:stop, :]
+            with torch.enable_grad():
+                leaves = [
+                    query_bias[..., start:stop, :].detach().requires_grad_() if query_bias is not None else None,
+                    shared_bias.detach().requires_grad_() if shared_bias is not None else None,
+                ]
+                bias = ctx.bias_fn(*leaves, start, stop)
+            probs = torch.matmul(q_band, k_t).mul_(scale).add_(bias.detach()).softmax(-1)
+            grad_v += torch.matmul(probs.transpose(-1, -2), grad_out_band)
+            # dS = P * (dO v^T - rowsum(dO * O)), in place over dP
+            grad_logits = torch.matmul(grad_out_band, v_t).sub_(row_dot[..., start:stop, :]).mul_(probs)
+            del probs
+            grad_q[..., start:stop, :] = torch.matmul(grad_logits, k).mul_(scale)
+            grad_k += torch.matmul(grad_logits.transpose(-1, -2), q_band).mul_(scale)
+            inputs = [t for t in leaves if t is not None and t.requires_grad]
+            grads = torch.autograd.grad(bias, inputs, _sum_to(grad_logits, bias.shape))
+            grads = dict(zip((id(t) for t in inputs), grads))
+            if leaves[0] is not None:
+                grad_query_bias[..., start:stop, :] = grads[id(leaves[0])]
+            if leaves[1] is not None:
+                grad_shared_bias += grads[id(leaves[1])]
+        return (None, None, None, grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), grad_query_bias,
+                grad_shared_bias.to(shared_bias.dtype) if shared_bias is not None else None)
+
+
+def banded_bias_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias_fn: BiasFn,
+        band_size: int,
+        query_bias: Optional[torch.Tensor] = None,
+        shared_bias: Optional[torch.Tensor] = None,
+        scale: Optional[float] = None,
+) -> torch.Tensor:
+    """``softmax(q k^T * scale + bias) v``, with the bias of each band of ``band_size`` queries from ``bias_fn``.
+
+    Args:
+        q: (N, heads, Lq, d); k: (N, heads, L, d); v: (N, heads, L, dv).
+        bias_fn: ``bias_fn(query_bias[..., start:stop, :], shared_bias, start, stop)`` returns the bias of queries
+            ``[start, stop)``, broadcastable to (N, heads, stop - start, L); differentiable in its tensor inputs.
+        band_size: Queries per band (the caller aligns bands to its own structure, e.g. whole image rows).
+        query_bias: Tensor with one row per query (dim -2), sliced to each band; or None.
+        shared_bias: Tensor every band reads whole (e.g. an offset table); or None.
+        scale: Logit scale (default ``d ** -0.5``).
+
+    Under autocast every operand is cast to the autocast dtype (the dtype a fused kernel would compute in);
+    gradients summed over bands are accumulated in at least float32.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    device_type = q.device.type
+    tensors = (q, k, v, query_bias, shared_bias)
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = q.dtype
+    tensors = tuple(t.to(dtype) if t is not None else None for t in tensors)
+    bands = tuple((start, min(start + band_size, q.shape[-2])) for start in range(0, q.shape[-2], band_size))
+    with torch.autocast(device_type, enabled=False):
+        return _BandedBiasAttention.apply(bias_fn, bands, scale, *tensors)
