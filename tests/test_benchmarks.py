@@ -83,9 +83,9 @@ def test_detection_backbones_are_built_by_the_mmdet_adapter_with_its_freezing():
     frozen = {name.split('.')[1] for name, p in model.named_parameters() if not p.requires_grad}
     assert frozen == {'conv1', 'bn1', 'layer1'}
     assert not any(m.training for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    peer = measure._detection_backbone(Case('mmdet_resnet50_dcn', (64, 64), 'fwd+bwd', detection=True))
+    peer = measure._detection_backbone(Case('mmdet_resnet50_dcn', (128, 128), 'fwd+bwd', detection=True))
     assert type(peer).__name__ == 'ResNet' and peer.norm_eval and peer.frozen_stages == -1
-    assert [len(f) for f in (peer(torch.randn(1, 3, 64, 64)),)] == [4]
+    assert [f.shape[1] for f in peer(torch.randn(1, 3, 128, 128))] == [256, 512, 1024, 2048]
 
 
 def _fake_results(cases, oom_keys=()):
