@@ -15,7 +15,7 @@ from lesa_lit_det.synthetic import SyntheticCocoSpec, make_synthetic_coco
 
 ROOT = Path(__file__).resolve().parents[1]
 DETECTION = ROOT / 'detection'
-DEMO_CONFIG = DETECTION / 'configs' / 'demo' / 'mask-rcnn_lit-ti_fpn_256-demo_synthetic-coco.py'
+DEMO_CONFIG = DETECTION / 'configs' / 'demo' / 'mask-rcnn_lit-ti_fpn_128-demo_synthetic-coco.py'
 RETINA_LIT_TI = DETECTION / 'configs' / 'lit' / 'retinanet_lit-ti_fpn_1x_coco.py'
 MASK_RCNN_LIT_TI = DETECTION / 'configs' / 'lit' / 'mask-rcnn_lit-ti_fpn_1x_coco.py'
 # the demo config, smaller: 128-pixel images, single-process data loading

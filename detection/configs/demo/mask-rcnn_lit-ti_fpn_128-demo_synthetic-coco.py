@@ -1,18 +1,19 @@
-# CPU demo (detection/demo.sh): the LIT-Ti Mask R-CNN of configs/lit/ at 256 pixels, trained from scratch on the
+# CPU demo (detection/demo.sh): the LIT-Ti Mask R-CNN of configs/lit/ at a small input, trained from scratch on the
 # synthetic dataset (detection/tools/make_synthetic_coco.py; pass its folder with --data-root) in a few minutes,
 # then evaluated once with test.sh (no validation during training).
 # Not a paper setting. The paper's LIT-Ti Mask R-CNN (LIT, arXiv 2105.14217): COCO val2017 box AP 42.0, mask AP 39.1.
 _base_ = '../lit/mask-rcnn_lit-ti_fpn_1x_coco.py'
 
-image_size = 256
-epochs = 4
+image_size = 128
+epochs = 2
+batch_size = 4
 model = dict(
-    backbone=dict(pretrained=False),  # no ImageNet weights needed (nor downloaded)
+    backbone=dict(pretrained=False, drop_path_rate=0.0),  # from scratch: no ImageNet weights (nor download)
     train_cfg=dict(
-        rpn_proposal=dict(nms_pre=400, max_per_img=200),
-        rcnn=dict(sampler=dict(num=64))),
+        rpn_proposal=dict(nms_pre=200, max_per_img=100),
+        rcnn=dict(sampler=dict(num=16))),
     test_cfg=dict(
-        rpn=dict(nms_pre=400, max_per_img=200),
+        rpn=dict(nms_pre=200, max_per_img=100),
         rcnn=dict(max_per_img=20)))
 
 train_pipeline = [
@@ -28,15 +29,16 @@ test_pipeline = [
     dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
     dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
 ]
-train_dataloader = dict(batch_size=2, num_workers=1, dataset=dict(pipeline=train_pipeline))
+train_dataloader = dict(batch_size=batch_size, num_workers=1, dataset=dict(pipeline=train_pipeline))
 test_dataloader = dict(num_workers=1, dataset=dict(pipeline=test_pipeline))
 val_dataloader = val_cfg = val_evaluator = None
 
 train_cfg = dict(max_epochs=epochs, val_interval=epochs)
 param_scheduler = [
-    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=16),
-    dict(type='MultiStepLR', begin=0, end=epochs, by_epoch=True, milestones=[epochs - 1], gamma=0.1),
+    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=30),
+    dict(type='CosineAnnealingLR', by_epoch=True, begin=0, end=epochs, T_max=epochs, eta_min_ratio=0.01,
+         convert_to_iter_based=True),
 ]
-optim_wrapper = dict(optimizer=dict(lr=0.0005), clip_grad=dict(max_norm=10))  # from scratch: higher lr, clipped
-default_hooks = dict(logger=dict(interval=8), checkpoint=dict(interval=epochs))
+optim_wrapper = dict(optimizer=dict(lr=0.001, fused=True), clip_grad=dict(max_norm=10))  # from scratch: higher lr, clipped
+default_hooks = dict(logger=dict(interval=10), checkpoint=dict(interval=epochs))
 randomness = dict(seed=0)
