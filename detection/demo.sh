@@ -27,7 +27,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 START=$SECONDS
 run() { printf '\n$ %s\n' "$*"; "$@"; }
 
-run "$PYTHON" "$HERE/tools/make_synthetic_coco.py" "$WORK_DIR/data" --num-train 400 --num-val 16 --num-test 0 \
+run "$PYTHON" "$HERE/tools/make_synthetic_coco.py" "$WORK_DIR/data" --num-train 240 --num-val 16 --num-test 0 \
   --no-stuff-maps
 run "$HERE/train.sh" "$CONFIG" 0 --data-root "$WORK_DIR/data" --work-dir "$WORK_DIR/train"
 CHECKPOINT="$(cat "$WORK_DIR/train/last_checkpoint")"

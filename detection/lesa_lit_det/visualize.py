@@ -28,9 +28,9 @@ def metrics_table(metrics: Dict[str, float], prefix: str = 'coco/') -> str:
     return '\n'.join(rows)
 
 
-def _load_results(path: Optional[str]) -> Dict[int, List[Dict]]:
+def _load_results(path: str) -> Dict[int, List[Dict]]:
     by_image = defaultdict(list)
-    if path and osp.isfile(path):
+    if osp.isfile(path):
         with open(path) as f:
             for result in json.load(f):
                 by_image[result['image_id']].append(result)
@@ -121,18 +121,17 @@ def draw_predictions(
                                 f'{results_prefix} first.')
     names = {c['id']: c['name'] for c in dataset['categories']}
     boxes, masks = _load_results(results_prefix + '.bbox.json'), _load_results(results_prefix + '.segm.json')
-    truth = _load_results(None)
+    truth = defaultdict(list)
     for ann in dataset.get('annotations', []):
         truth[ann['image_id']].append(ann)
 
     images = dataset['images'][:max_images]
     predictions = {}
     for info in images:
-        # the segm json holds the same detections as the bbox json, in the same order, with their masks
-        kept = [dict(box, **({'segmentation': mask['segmentation']} if mask else {}))
-                for box, mask in zip(boxes[info['id']], masks[info['id']] or [None] * len(boxes[info['id']]))
-                if box['score'] >= score_thr]
-        predictions[info['id']] = sorted(kept, key=lambda r: r['score'])
+        found = boxes[info['id']]
+        if masks[info['id']]:  # CocoMetric writes the segm json in the order of the bbox json
+            found = [dict(box, segmentation=mask['segmentation']) for box, mask in zip(found, masks[info['id']])]
+        predictions[info['id']] = sorted((r for r in found if r['score'] >= score_thr), key=lambda r: r['score'])
     shown = sorted({o['category_id'] for i in images for o in predictions[i['id']] + truth[i['id']]})
     colors = {cid: _PALETTE[i % len(_PALETTE)] for i, cid in enumerate(shown)}
 

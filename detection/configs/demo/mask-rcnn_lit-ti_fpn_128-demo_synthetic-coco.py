@@ -1,7 +1,12 @@
-# CPU demo (detection/demo.sh): the LIT-Ti Mask R-CNN of configs/lit/ at a small input, trained from scratch on the
+# CPU demo (detection/demo.sh): the LIT-Ti Mask R-CNN of configs/lit/ at 128 pixels, trained from scratch on the
 # synthetic dataset (detection/tools/make_synthetic_coco.py; pass its folder with --data-root) in a few minutes,
 # then evaluated once with test.sh (no validation during training).
 # Not a paper setting. The paper's LIT-Ti Mask R-CNN (LIT, arXiv 2105.14217): COCO val2017 box AP 42.0, mask AP 39.1.
+#
+# What makes a few minutes of CPU enough: a small input (the shapes become about 20-70 pixels, the anchors of the
+# two finest levels), few RoIs per image (the 4-conv mask head on the positive RoIs is most of a step's cost), no
+# drop path, and AdamW (fused: one kernel per step on the CPU) at a from-scratch learning rate with a short warmup
+# and cosine decay.
 _base_ = '../lit/mask-rcnn_lit-ti_fpn_1x_coco.py'
 
 image_size = 128
@@ -39,6 +44,6 @@ param_scheduler = [
     dict(type='CosineAnnealingLR', by_epoch=True, begin=0, end=epochs, T_max=epochs, eta_min_ratio=0.01,
          convert_to_iter_based=True),
 ]
-optim_wrapper = dict(optimizer=dict(lr=0.001, fused=True), clip_grad=dict(max_norm=10))  # from scratch: higher lr, clipped
-default_hooks = dict(logger=dict(interval=10), checkpoint=dict(interval=epochs))
+optim_wrapper = dict(optimizer=dict(lr=0.001, fused=True), clip_grad=dict(max_norm=10))
+default_hooks = dict(logger=dict(interval=5), checkpoint=dict(interval=epochs))
 randomness = dict(seed=0)
