@@ -28,7 +28,7 @@ START=$SECONDS
 run() { printf '\n$ %s\n' "$*"; "$@"; }
 
 run "$PYTHON" "$HERE/tools/make_synthetic_coco.py" "$WORK_DIR/data" --num-train 240 --num-val 16 --num-test 0 \
-  --no-stuff-maps
+  --no-stuff-maps --overwrite  # --overwrite: a previous demo's dataset of other settings (never a foreign folder)
 run "$HERE/train.sh" "$CONFIG" 0 --data-root "$WORK_DIR/data" --work-dir "$WORK_DIR/train"
 CHECKPOINT="$(cat "$WORK_DIR/train/last_checkpoint")"
 run "$HERE/test.sh" "$CONFIG" "$CHECKPOINT" 0 --data-root "$WORK_DIR/data" --work-dir "$WORK_DIR/test" \
