@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The main job on the embedded default data, on a CPU in a few minutes:
 #   1. generate a synthetic COCO-format dataset (shapes with polygon masks) into WORK_DIR/data,
-#   2. train a small-input Mask R-CNN LIT-Ti (configs/demo/) with a progress log,
-#   3. evaluate it (COCO bbox + segm table) and
-#   4. draw its predictions on the validation images into WORK_DIR/predictions.png.
+#   2. train a small-input Mask R-CNN LIT-Ti from scratch (configs/demo/), logging losses and the ETA,
+#   3. evaluate it on the validation images (COCO bbox + segm tables) and
+#   4. draw its predictions next to the ground truth into WORK_DIR/predictions.png, and print the AP table.
 #
 #   detection/demo.sh [WORK_DIR]        (default: work_dirs/demo)
 #
@@ -13,7 +13,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$HERE/_launch.sh"
 WORK_DIR="${1:-work_dirs/demo}"
-CONFIG="$HERE/configs/demo/mask-rcnn_lit-ti_fpn_256-demo_synthetic-coco.py"
+CONFIG="$HERE/configs/demo/mask-rcnn_lit-ti_fpn_128-demo_synthetic-coco.py"
 MARKER="$WORK_DIR/.lesa_lit_demo"
 
 if [[ -d "$WORK_DIR" && -n "$(ls -A "$WORK_DIR")" && ! -f "$MARKER" ]]; then
@@ -27,13 +27,15 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 START=$SECONDS
 run() { printf '\n$ %s\n' "$*"; "$@"; }
 
-run "$PYTHON" "$HERE/tools/make_synthetic_coco.py" "$WORK_DIR/data" --num-train 40 --num-val 8
+run "$PYTHON" "$HERE/tools/make_synthetic_coco.py" "$WORK_DIR/data" --num-train 240 --num-val 16 --num-test 0 \
+  --no-stuff-maps --overwrite  # --overwrite: a previous demo's dataset of other settings (never a foreign folder)
 run "$HERE/train.sh" "$CONFIG" 0 --data-root "$WORK_DIR/data" --work-dir "$WORK_DIR/train"
 CHECKPOINT="$(cat "$WORK_DIR/train/last_checkpoint")"
 run "$HERE/test.sh" "$CONFIG" "$CHECKPOINT" 0 --data-root "$WORK_DIR/data" --work-dir "$WORK_DIR/test" \
   --out-prefix "$WORK_DIR/test/results"
 run "$PYTHON" "$HERE/tools/draw_predictions.py" "$WORK_DIR/data/annotations/instances_val2017.json" \
-  "$WORK_DIR/data/val2017" "$WORK_DIR/test/results" "$WORK_DIR/predictions.png"
+  "$WORK_DIR/data/val2017" "$WORK_DIR/test/results" "$WORK_DIR/predictions.png" --metrics "$WORK_DIR/test/metrics.json"
 
-printf '\nDemo finished in %d s.\n  metrics:     %s\n  predictions: %s\n  checkpoint:  %s\n' \
-  $(( SECONDS - START )) "$WORK_DIR/test/metrics.json" "$WORK_DIR/predictions.png" "$CHECKPOINT"
+printf '\nDemo finished in %d s.\n  predictions: %s\n  metrics:     %s\n  checkpoint:  %s\n  logs:        %s\n' \
+  $(( SECONDS - START )) "$WORK_DIR/predictions.png" "$WORK_DIR/test/metrics.json" "$CHECKPOINT" \
+  "$WORK_DIR/train/ (training), $WORK_DIR/test/ (evaluation)"

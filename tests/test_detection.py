@@ -154,6 +154,75 @@ def test_synthetic_generator_never_overwrites_foreign_folders(tmp_path, coco):
     assert summary['instances_train2017.json']['images'] == 3
 
 
+def test_synthetic_generator_shows_progress(tmp_path, capsys):
+    make_synthetic_coco(str(tmp_path / 'coco'), SyntheticCocoSpec(num_train=3, num_val=2, num_test=0, min_side=64,
+                                                                    max_side=64), progress=True)
+    out = capsys.readouterr().out
+    assert '5/5' in out and out.endswith('\n')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# drawing the predictions
+
+
+def _predictions_from_truth(ann_file, score):
+    """The ground truth of ``ann_file`` as CocoMetric would write it (bbox and segm jsons, compressed RLE)."""
+    from pycocotools import mask as mask_utils
+    dataset = json.loads(Path(ann_file).read_text())
+    sizes = {i['id']: (i['height'], i['width']) for i in dataset['images']}
+    boxes, masks = [], []
+    for ann in dataset['annotations']:
+        rle = mask_utils.merge(mask_utils.frPyObjects(ann['segmentation'], *sizes[ann['image_id']]))
+        rle['counts'] = rle['counts'].decode()
+        common = dict(image_id=ann['image_id'], category_id=ann['category_id'], score=score)
+        boxes.append(dict(common, bbox=ann['bbox']))
+        masks.append(dict(common, bbox=ann['bbox'], segmentation=rle))
+    return boxes, masks
+
+
+def test_draw_predictions_shows_prediction_and_truth_side_by_side_with_a_legend(tmp_path, coco):
+    from PIL import Image
+
+    from lesa_lit_det.visualize import _CAPTION, _GAP, _PALETTE, draw_predictions
+    ann_file, tile = coco / 'annotations' / 'instances_val2017.json', 64
+    boxes, masks = _predictions_from_truth(ann_file, score=0.8)
+    (tmp_path / 'r.bbox.json').write_text(json.dumps(boxes))
+    (tmp_path / 'r.segm.json').write_text(json.dumps(masks))
+    sheets = {}
+    for thr in (0.5, 0.9):
+        out = draw_predictions(str(ann_file), str(coco / 'val2017'), str(tmp_path / 'r'), str(tmp_path / f'{thr}.png'),
+                               score_thr=thr, pairs_per_row=1, tile=tile, metrics={'coco/bbox_mAP': 0.5})
+        sheets[thr] = np.asarray(Image.open(out).convert('RGB'))
+    shown, hidden = sheets[0.5], sheets[0.9]
+    assert shown.shape == hidden.shape and shown.shape[1] == 2 * tile + 5 * _GAP
+    header = shown.shape[0] - 2 * (tile + _CAPTION + 2 * _GAP)  # two validation images, one pair per row
+    shown_classes = sorted({a['category_id'] for a in json.loads(ann_file.read_text())['annotations']})
+    for color in _PALETTE[:len(shown_classes)]:  # the legend's swatches
+        assert (shown[:header] == color).all(-1).sum() > 20
+    for row in range(2):
+        top = header + row * (tile + _CAPTION + 2 * _GAP) + _CAPTION
+        prediction = np.s_[top:top + tile, 2 * _GAP:2 * _GAP + tile]
+        truth = np.s_[top:top + tile, 3 * _GAP + tile:3 * _GAP + 2 * tile]
+        assert (shown[truth] == hidden[truth]).all()  # the ground truth does not depend on the threshold
+        assert (shown[prediction] != hidden[prediction]).any()  # predictions above the threshold are drawn
+        # every score below the threshold: the image alone, scaled to fit the tile
+        image = Image.open(coco / 'val2017' / json.loads(ann_file.read_text())['images'][row]['file_name'])
+        scale = min(tile / image.width, tile / image.height)
+        width, height = round(image.width * scale), round(image.height * scale)
+        assert (hidden[prediction][:height, :width] == np.asarray(image.resize((width, height), Image.BILINEAR))).all()
+
+
+def test_metrics_table_lists_box_and_mask_ap():
+    from lesa_lit_det.visualize import metrics_table
+    metrics = {f'coco/{kind}_{c}': v for kind, v in (('bbox', 0.5), ('segm', 0.25))
+               for c in ('mAP', 'mAP_50', 'mAP_75', 'mAP_s', 'mAP_m', 'mAP_l')}
+    lines = metrics_table(metrics).splitlines()
+    assert lines[0].split() == ['AP', 'AP_50', 'AP_75', 'AP_s', 'AP_m', 'AP_l']
+    assert lines[1].split() == ['box'] + ['0.500'] * 6 and lines[2].split() == ['mask'] + ['0.250'] * 6
+    with pytest.raises(ValueError, match='no coco/bbox_mAP'):
+        metrics_table({'loss': 1.0})
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # configs
 

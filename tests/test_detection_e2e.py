@@ -18,11 +18,11 @@ from test_detection_weights import caches, save_crafted, server  # noqa: F401  (
 
 ROOT = Path(__file__).resolve().parents[1]
 DETECTION = ROOT / 'detection'
-DEMO_CONFIG = DETECTION / 'configs' / 'demo' / 'mask-rcnn_lit-ti_fpn_256-demo_synthetic-coco.py'
+DEMO_CONFIG = DETECTION / 'configs' / 'demo' / 'mask-rcnn_lit-ti_fpn_128-demo_synthetic-coco.py'
 RETINA_LIT_TI = DETECTION / 'configs' / 'lit' / 'retinanet_lit-ti_fpn_1x_coco.py'
 MASK_RCNN_LIT_TI = DETECTION / 'configs' / 'lit' / 'mask-rcnn_lit-ti_fpn_1x_coco.py'
-# the demo config, smaller: 128-pixel images, single-process data loading
-QUICK = ['--input-size', '128', '--cfg-options', 'train_dataloader.num_workers=0',
+# the demo config, smaller: 128-pixel images, 2 per step, single-process data loading
+QUICK = ['--input-size', '128', '--cfg-options', 'train_dataloader.batch_size=2', 'train_dataloader.num_workers=0',
          'train_dataloader.persistent_workers=False', 'test_dataloader.num_workers=0',
          'test_dataloader.persistent_workers=False']
 

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Tuple
 
@@ -45,6 +46,7 @@ COCO_CATEGORIES = dict(zip(
 ))
 # shape -> the COCO category it is annotated as
 SHAPE_CATEGORIES = {'rectangle': 'tv', 'ellipse': 'clock', 'triangle': 'kite'}
+_SHAPES_AS = ', '.join(f'{shape}s as {name}' for shape, name in SHAPE_CATEGORIES.items())
 # background stuff classes (COCO-stuff id, name) and the colour range the background is drawn in
 BACKGROUNDS = [
     (157, 'sky-other', (90, 150, 210)),
@@ -170,16 +172,21 @@ def _check_destination(root: str, spec: SyntheticCocoSpec, overwrite: bool) -> b
     return False
 
 
-def make_synthetic_coco(root: str, spec: SyntheticCocoSpec = SyntheticCocoSpec(), overwrite: bool = False) -> Dict:
+def make_synthetic_coco(root: str, spec: SyntheticCocoSpec = SyntheticCocoSpec(), overwrite: bool = False,
+                        progress: bool = False) -> Dict:
     """Write the dataset to ``root`` and return a summary (image/annotation counts per split).
 
     An existing folder with the same settings is reused as is; other contents raise :class:`DatasetExistsError`
     (with ``overwrite=True`` only a dataset this generator wrote is replaced, never a foreign folder).
+    ``progress`` shows a progress bar (mmengine's) while the images are drawn.
     """
     summary_path = os.path.join(root, 'annotations')
     if _check_destination(root, spec, overwrite):
         return _summary(summary_path, reused=True)
     rng = np.random.default_rng(spec.seed)
+    if progress:
+        from mmengine.utils import ProgressBar
+        bar = ProgressBar(spec.num_train + spec.num_val + spec.num_test, file=sys.stdout)
     os.makedirs(summary_path, exist_ok=True)
     image_id = ann_id = 0
     for split, count in (('train', spec.num_train), ('val', spec.num_val), ('test', spec.num_test)):
@@ -200,8 +207,10 @@ def make_synthetic_coco(root: str, spec: SyntheticCocoSpec = SyntheticCocoSpec()
             for category_id, polygon, mask in objects:
                 ann_id += 1
                 annotations.append(_annotation(ann_id, image_id, category_id, polygon, mask))
+            if progress:
+                bar.update()
         content = {
-            'info': {'description': f'synthetic shapes ({split})', 'version': '1.0', 'year': 2026},
+            'info': {'description': f'synthetic shapes ({split}): {_SHAPES_AS}', 'version': '1.0', 'year': 2026},
             'licenses': [{'id': 1, 'name': 'CC0', 'url': ''}],
             'images': images,
             'categories': _categories(),
@@ -213,6 +222,8 @@ def make_synthetic_coco(root: str, spec: SyntheticCocoSpec = SyntheticCocoSpec()
             content['annotations'] = annotations
         with open(os.path.join(summary_path, name), 'w') as f:
             json.dump(content, f)
+    if progress:
+        bar.file.write('\n')
     with open(os.path.join(root, MARKER), 'w') as f:
         json.dump(asdict(spec), f, indent=1)
     return _summary(summary_path, reused=False)

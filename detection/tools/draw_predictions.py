@@ -1,12 +1,16 @@
-"""Draw COCO-format predictions on their images into one PNG.
+"""Draw COCO-format predictions next to the ground truth of their images, into one PNG.
 
-    python detection/tools/test.py CONFIG CKPT --data-root D --out-prefix work_dirs/x/results
+    python detection/tools/test.py CONFIG CKPT --data-root D --work-dir W --out-prefix W/results
     python detection/tools/draw_predictions.py D/annotations/instances_val2017.json D/val2017 \
-        work_dirs/x/results predictions.png [--score-thr 0.3]
+        W/results predictions.png [--score-thr 0.3] [--metrics W/metrics.json]
+
+With ``--metrics`` (the ``metrics.json`` test.py writes) the box and mask AP table is printed and the APs are
+written into the picture's header.
 """
 import argparse
+import json
 
-from lesa_lit_det.visualize import draw_predictions
+from lesa_lit_det.visualize import draw_predictions, metrics_table
 
 
 def main(argv=None):
@@ -17,9 +21,15 @@ def main(argv=None):
     parser.add_argument('out_file', help='PNG to write')
     parser.add_argument('--score-thr', type=float, default=0.3)
     parser.add_argument('--max-images', type=int, default=8)
+    parser.add_argument('--metrics', help='metrics.json of the same results (tools/test.py): print the AP table')
     args = parser.parse_args(argv)
+    metrics = None
+    if args.metrics:
+        with open(args.metrics) as f:
+            metrics = json.load(f)
+        print(metrics_table(metrics))
     print(draw_predictions(args.ann_file, args.img_dir, args.results_prefix, args.out_file, args.score_thr,
-                           args.max_images))
+                           args.max_images, metrics=metrics))
 
 
 if __name__ == '__main__':

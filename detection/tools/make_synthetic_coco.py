@@ -30,7 +30,7 @@ def main(argv=None):
         num_train=args.num_train, num_val=args.num_val, num_test=args.num_test, min_side=args.min_side,
         max_side=args.max_side, max_objects=args.max_objects, stuff_maps=not args.no_stuff_maps, seed=args.seed)
     try:
-        summary = make_synthetic_coco(args.root, spec, overwrite=args.overwrite)
+        summary = make_synthetic_coco(args.root, spec, overwrite=args.overwrite, progress=True)
     except DatasetExistsError as e:
         sys.exit(f'error: {e}')
     print(json.dumps(summary, indent=1))
