@@ -152,6 +152,14 @@ def _tiny_runner(work_dir, max_epochs, resume):
 
 
 @pytest.fixture
+def tiny_runner(monkeypatch):
+    """``_tiny_runner``; mmengine's process-wide default scope (a Runner sets it) is restored afterwards."""
+    registry = pytest.importorskip('mmengine.registry')
+    monkeypatch.setattr(registry.DefaultScope, '_instance_dict', dict(registry.DefaultScope._instance_dict))
+    return _tiny_runner
+
+
+@pytest.fixture
 def mmengine_loader(monkeypatch):
     pytest.importorskip('mmengine')
     from mmengine.runner.checkpoint import CheckpointLoader
@@ -162,8 +170,8 @@ def mmengine_loader(monkeypatch):
 
 
 @pytest.mark.slow
-def test_mmengine_runner_checkpoints_load_and_resume(tmp_path, mmengine_loader):
-    _tiny_runner(tmp_path, 1, False).train()
+def test_mmengine_runner_checkpoints_load_and_resume(tmp_path, mmengine_loader, tiny_runner):
+    tiny_runner(tmp_path, 1, False).train()
     path = tmp_path / 'epoch_1.pth'
     with pytest.raises(Exception, match='Weights only load failed'):
         torch.load(path)  # what mmengine's own loader does on torch >= 2.6
@@ -171,7 +179,7 @@ def test_mmengine_runner_checkpoints_load_and_resume(tmp_path, mmengine_loader):
     assert {'meta', 'state_dict', 'message_hub', 'optimizer', 'param_schedulers'} <= checkpoint.keys()
     assert checkpoint['meta']['dataset_meta'] == {'classes': ('person', 'car')}
 
-    runner = _tiny_runner(tmp_path, 2, True)  # resume=True: mmengine's CheckpointLoader reads epoch_1.pth
+    runner = tiny_runner(tmp_path, 2, True)  # resume=True: mmengine's CheckpointLoader reads epoch_1.pth
     runner.train()
     assert runner.epoch == 2 and runner.iter == 4
     assert runner.message_hub.get_scalar('train/loss').data[0].shape == (4,)  # history resumed, then extended
@@ -199,10 +207,9 @@ def test_mmengine_config_dict_reads_as_a_dict(tmp_path):
         'model': {'type': 'MaskRCNN', 'backbone': {'depths': [2, 2]}}, 'lr': 0.02}
 
 
-def test_history_buffer_is_inert_without_mmengine_loaded(tmp_path, monkeypatch):
-    pytest.importorskip('mmengine')
+def test_history_buffer_is_inert_without_mmengine_loaded(tmp_path, tiny_runner):
     import subprocess
-    _tiny_runner(tmp_path, 1, False).train()
+    tiny_runner(tmp_path, 1, False).train()
     code = ('import sys; from lesa_lit_models._checkpoint import load_checkpoint_file, InertObject; '
             f'c = load_checkpoint_file({str(tmp_path / "epoch_1.pth")!r}); '
             'b = c["message_hub"]["log_scalars"]["train/loss"]; '
