@@ -94,7 +94,8 @@ def attend_in_row_bands(
     (activation checkpointing), so nothing of size ``(heads, N, N)`` is kept. One band is one plain SDPA call.
     """
     height, width = feat_size
-    rows_per_band = max(1, max_logits // (q.shape[0] * q.shape[1] * width * k.shape[2]))
+    logits_per_row = q.shape[0] * q.shape[1] * width * k.shape[2]
+    rows_per_band = max(1, max_logits // max(1, logits_per_row))  # an empty batch: one (empty) band
     if rows_per_band >= height:
         return _attend_with_bias_rows(q, k, v, grid, feat_size, None, dropout_p)
     recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, grid))
