@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, create_classifier, get_device_dtype, to_2tuple
+from timm.layers import DropPath, calculate_drop_path_rates, create_classifier, get_device_dtype, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -102,9 +102,7 @@ class LesaBottleneck(nn.Module):
                 width, feat_size, stride=stride, input_reduction=input_reduction, **(lesa_args or {}), **dd)
             self.bn2 = nn.Identity()
         elif spatial_mixer == 'dcn':
-            self.conv2 = DeformConv2dPack(width, width, 3, stride=stride, padding=1, bias=False)
-            if device is not None or dtype is not None:
-                self.conv2 = self.conv2.to(**dd)
+            self.conv2 = DeformConv2dPack(width, width, 3, stride=stride, padding=1, bias=False, **dd)
             self.bn2 = nn.BatchNorm2d(width, **dd)
         elif spatial_mixer == 'conv':
             self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False, **dd)
@@ -198,8 +196,7 @@ class LesaResNet(nn.Module):
         self.feature_info = [dict(num_chs=64, reduction=2, module='act1')]
 
         lesa_args = dict(groups=lesa_groups, pos_embed=pos_embed, attn_impl=attn_impl)
-        num_blocks = sum(layers)
-        block_idx = 0
+        dpr = calculate_drop_path_rates(drop_path_rate, list(layers), stagewise=True)  # linear over all blocks
         in_chs = 64
         reduction = 4
         for stage_idx, (depth, stage_stride) in enumerate(zip(layers, strides)):
@@ -224,11 +221,10 @@ class LesaResNet(nn.Module):
                     feat_size=(self.img_size[0] // reduction, self.img_size[1] // reduction),
                     input_reduction=reduction,
                     lesa_args=dict(lesa_args, deformable=dcn_stages[stage_idx]),
-                    drop_path=drop_path_rate * block_idx / max(num_blocks - 1, 1),
+                    drop_path=dpr[stage_idx][i],
                     **dd,
                 ))
                 in_chs = out_chs
-                block_idx += 1
                 if i == 0:
                     reduction *= stage_stride
             self.add_module(f'layer{stage_idx + 1}', nn.Sequential(*blocks))

@@ -213,9 +213,7 @@ class Lesa(nn.Module):
 
         # unary term
         if deformable:
-            unary_conv = DeformConv2dPack(dim, dim, 3, padding=1, groups=groups, bias=False)
-            if device is not None or dtype is not None:
-                unary_conv = unary_conv.to(**dd)
+            unary_conv = DeformConv2dPack(dim, dim, 3, padding=1, groups=groups, bias=False, **dd)
         else:
             unary_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=groups, bias=False, **dd)
         self.x_transform = nn.Sequential(unary_conv, nn.Conv2d(dim, dim, 1, bias=False, **dd))
