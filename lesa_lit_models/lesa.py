@@ -30,8 +30,8 @@ Models:
   pretrained_cfg_overlay=dict(file=...)`` or ``dict(hf_hub_id='lesa-lit-models/lesa_resnet50.in1k')``):
   :func:`checkpoint_filter_fn` adapts it.
 
-Deviations from the authors' code: ``set_grad_checkpointing`` is off by default (their detection configs
-turn on the equivalent ``with_cp_UB_terms_only``); ``no_weight_decay`` lists the position tables (the authors
+Deviations from the authors' code: ``set_grad_checkpointing`` (their ``with_cp_UB_terms_only``) is off by
+default (their detection configs turn it on); ``no_weight_decay`` lists the position tables (the authors
 decayed every parameter); DCN main weights get the Kaiming init of the convs they replace (mmcv: uniform), and
 all DCN offset convs start at zero. Neither init matters when loading weights.
 """
@@ -180,7 +180,6 @@ class LesaResNet(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
-        self.grad_checkpointing = False
         self.pos_embed = pos_embed
         self.img_size = to_2tuple(img_size)
         net_stride = 4
@@ -257,15 +256,27 @@ class LesaResNet(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
-        """Recompute the LESA unary and binary terms in backward (the authors' ``with_cp_UB_terms_only``).
+        """Recompute the LESA unary and binary terms in backward: the authors' ``with_cp_UB_terms_only``, which
+        their detection configs switch on, not timm ResNet's whole-block checkpointing.
 
-        In train mode the recomputation updates the LESA BatchNorm running statistics a second time, as it did
-        upstream (the detectors run their norms in eval mode).
+        Those two terms hold what grows with the token grid (the attention's inputs and the unary conv's
+        activations); the conv blocks and the fusion gate keep their activations. In train mode the recomputation
+        updates the LESA BatchNorm running statistics a second time, as it did upstream (the detectors run their
+        norms in eval mode).
         """
-        self.grad_checkpointing = enable
         for m in self.modules():
             if isinstance(m, Lesa):
                 m.grad_checkpointing = enable
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        """Whether the LESA modules recompute their terms in backward; assigning it calls
+        :meth:`set_grad_checkpointing` (timm's hybrid embeddings set a backbone's flag directly)."""
+        return any(m.grad_checkpointing for m in self.modules() if isinstance(m, Lesa))
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, enable: bool):
+        self.set_grad_checkpointing(enable)
 
     @torch.jit.ignore
     def get_classifier(self, name_only: bool = False):
