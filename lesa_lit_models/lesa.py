@@ -133,6 +133,7 @@ class LesaResNet(nn.Module):
     Children in forward order: ``conv1, bn1, act1, maxpool, layer1..layer4, global_pool, fc``.
     Feature taps: 0 ``act1`` (stride 2), 1-4 ``layer1..4``.
     """
+    __jit_unused_properties__ = ['grad_checkpointing']
 
     def __init__(
             self,
