@@ -34,6 +34,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange, reduce
 from timm.layers import register_notrace_module, to_2tuple
 from timm.models import checkpoint
 
@@ -275,23 +276,21 @@ class Lesa(nn.Module):
     def binary(self, x: torch.Tensor) -> torch.Tensor:
         """Context term: (N, C, H, W) -> (N, C, H, W)."""
         N, C, H, W = x.shape
-        L = H * W
-        G = self.groups
         qkv = self.bn_qkv(self.qkv_transform(x.flatten(2)))
         # channels are group-major: g * (2dqk + dv) + [q | k | v]
-        q, k, v = qkv.view(N, G, 2 * self.qk_dim + self.v_dim, L).transpose(-1, -2).split(
+        q, k, v = rearrange(qkv, 'n (g c) l -> n g l c', g=self.groups).split(
             [self.qk_dim, self.qk_dim, self.v_dim], dim=-1)
         binary_fn = _binary_fn(self.pos_embed, self.attn_impl)
         if self.pos_embed == 'classification':
             sv, sve = binary_fn(q, k, v, self.relative, self.bn_similarity)
             # bn_output channel 2 * (g * dv + c) + t normalises term t (sv, sve) of output channel g * dv + c
-            out = torch.stack([sv, sve], dim=-1).permute(0, 1, 3, 4, 2).reshape(N, 2 * C, L)
-            out = self.bn_output(out).view(N, C, 2, L).sum(dim=2)
+            out = self.bn_output(rearrange(torch.stack([sv, sve], dim=-1), 'n g l c t -> n (g c t) l'))
+            out = reduce(out, 'n (c t) l -> n c l', 'sum', t=2)
         else:
             rel_height = resample_rel_table(self.rel_height, 2 * H - 1)
             rel_width = resample_rel_table(self.rel_width, 2 * W - 1)
             sv = binary_fn(q, k, v, rel_height, rel_width, (H, W), self.bn_similarity)
-            out = self.bn_output(sv.transpose(-1, -2).reshape(N, C, L))
+            out = self.bn_output(rearrange(sv, 'n g l c -> n (g c) l'))
         return out.view(N, C, H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
