@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from einops import rearrange, reduce
 from timm.layers import register_notrace_module, to_2tuple
 from timm.models import checkpoint
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .deform_conv import DeformConv2dPack
 
@@ -146,7 +147,8 @@ def resample_rel_table(table: torch.Tensor, length: int) -> torch.Tensor:
     and the two extreme offsets stay put, and offset ``o`` on the new grid reads the old table at
     ``o * (S-1) / (S'-1)``, i.e. offsets scale with the image, as when resizing the input.
     """
-    if table.shape[0] == length:
+    # a size only known as a symbol (torch.export / dynamic shapes) interpolates: exact at equal sizes, no specialising
+    if statically_known_true(table.shape[0] == length):
         return table
     if length == 1:  # a 1-token side only has the zero offset
         centre = (table.shape[0] - 1) // 2

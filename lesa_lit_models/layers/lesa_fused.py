@@ -218,9 +218,11 @@ def detection_qr_binary(
     rh, rw = _relative_logits_2d(q * scale[groups:, None, None], rel_height, rel_width, grid)
 
     query = torch.cat([q * content_scale, rh + logit_shift, rw], dim=-1)
-    token_index = torch.arange(tokens, device=q.device)
+    token_index = torch.arange(tokens, device=q.device)[:, None]
+    # one-hot key row and column (compared, not F.one_hot, whose class count torch.export would fix to one grid)
     key_position = torch.cat([
-        F.one_hot(token_index // width, height), F.one_hot(token_index % width, width)], dim=-1).to(k.dtype)
+        token_index // width == torch.arange(height, device=q.device),
+        token_index % width == torch.arange(width, device=q.device)], dim=-1).to(k.dtype)
     key = torch.cat([k, key_position.expand(batch, groups, tokens, height + width)], dim=-1)
 
     qk_dim, v_dim = (-(-d // 8) * 8 for d in (query.shape[-1], v.shape[-1]))
