@@ -70,7 +70,7 @@ def _step(model: nn.Module, x: torch.Tensor, call=None) -> Dict[str, torch.Tenso
     """Outputs, input and parameter gradients and buffers after one forward (through ``call``, e.g. the compiled
     model, if given) and backward."""
     x = x.clone().requires_grad_()
-    outs = _as_list((call or model)(x))
+    outs = _as_list((model if call is None else call)(x))
     sum((o * torch.cos(o)).sum() for o in outs).backward()
     result = {f'out{i}': o.detach() for i, o in enumerate(outs)}
     result['input.grad'] = x.grad
