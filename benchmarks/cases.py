@@ -2,7 +2,8 @@
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
-__all__ = ['Case', 'Comparison', 'suite', 'comparisons', 'PEERS', 'MODES', 'TARGETS', 'MMDET_PEERS', 'DETECTION_PEERS']
+__all__ = ['Case', 'Comparison', 'suite', 'compile_suite', 'comparisons', 'PEERS', 'MODES', 'TARGETS', 'MMDET_PEERS',
+           'DETECTION_PEERS']
 
 MODES = ('fwd', 'fwd+bwd')
 
@@ -47,6 +48,7 @@ class Case:
     eval mode); the authors' LESA detectors train with ``frozen_stages=1``.
     ``bf16`` runs the model under ``torch.autocast(dtype=torch.bfloat16)`` (mixed precision, as the LIT detector
     configs train on GPU); otherwise fp32.
+    ``compiled`` runs ``torch.compile(model)`` (inductor); its first call, the compilation, is timed apart.
     """
     model: str
     img_size: Tuple[int, int]
@@ -58,6 +60,7 @@ class Case:
     detection: bool = False
     model_kwargs: Tuple[Tuple[str, object], ...] = ()
     bf16: bool = False
+    compiled: bool = False
     warmup: int = 1
     iters: int = 3
 
@@ -80,7 +83,7 @@ class Case:
     def setting(self) -> Tuple:
         """Everything but the mode and the iteration counts: one table row."""
         return (self.model, self.img_size, self.batch_size, self.attn_impl, self.grad_checkpointing, self.frozen_stages,
-                self.detection, self.bf16)
+                self.detection, self.bf16, self.compiled)
 
     @property
     def key(self) -> str:
@@ -94,13 +97,16 @@ class Case:
             parts.append(f'frozen{self.frozen_stages}')
         if self.bf16:
             parts.append('bf16')
+        if self.compiled:
+            parts.append('compiled')
         return '-'.join(parts)
 
     @property
     def variant_label(self) -> str:
         """How the case differs from the plain fp32 one: `` +ckpt``, `` +frozen_stages=N``, `` +bf16``."""
         return (' +ckpt' if self.grad_checkpointing else '') + (
-            f' +frozen_stages={self.frozen_stages}' if self.frozen_stages else '') + (' +bf16' if self.bf16 else '')
+            f' +frozen_stages={self.frozen_stages}' if self.frozen_stages else '') + (' +bf16' if self.bf16 else '') + (
+            ' +compile' if self.compiled else '')
 
 
 @dataclass(frozen=True)
@@ -186,6 +192,47 @@ def suite(quick: bool = False, device: str = 'cpu') -> List[Case]:
     return [replace(c, warmup=3, iters=10) for c in cases]
 
 
+def compile_suite(quick: bool = False, device: str = 'cpu') -> List[Case]:
+    """Eager and ``torch.compile``-d pairs: the classifiers at 224 (batch 4) and the detection backbones at their
+    detection sizes (batch 1, as in :func:`suite`), fwd and fwd+bwd, default attention, no checkpointing."""
+    if quick:
+        eager = [
+            *[Case('lit_ti', (64, 64), mode, warmup=1, iters=1) for mode in MODES],
+            *[Case('lesa_resnet50_det', (64, 64), mode, detection=True, model_kwargs=_lesa_det_kwargs(64),
+                   warmup=1, iters=1) for mode in MODES],
+        ]
+    else:
+        eager = [
+            *[Case(m, (224, 224), mode, 4, warmup=1, iters=3) for m in PEERS for mode in MODES],
+            *[Case(m, size, mode, detection=True, model_kwargs=kwargs, warmup=1, iters=iters)
+              for m, size, kwargs, iters in (
+                  ('lesa_resnet50_det', (1024, 1024), _lesa_det_kwargs(1024), 1),
+                  ('lesa_wrn50_det', (1280, 1280), _lesa_det_kwargs(1280), 1),
+                  ('lit_s', (800, 1344), (), 2),
+                  ('lit_ti', (800, 1344), (), 2))
+              for mode in MODES],
+        ]
+        if device.startswith('cuda'):
+            eager = [replace(c, warmup=3, iters=10) for c in eager]
+    return [c for e in eager for c in (e, replace(e, compiled=True))]
+
+
+# a compiled detection training step should be at least this much faster than the eager one
+COMPILE_TARGET = dict(min_speed_ratio=1.2)
+
+
+def _compiled_vs_eager(cases: List[Case]) -> List[Comparison]:
+    eager = {c.setting[:-1] + (c.mode,): c for c in cases if not c.compiled}
+    out = []
+    for fast in cases:
+        slow = eager.get(fast.setting[:-1] + (fast.mode,)) if fast.compiled else None
+        if slow is not None:
+            h, w = fast.img_size
+            targets = COMPILE_TARGET if fast.detection and fast.mode == 'fwd+bwd' else {}
+            out.append(Comparison(f'{fast.model} {h}x{w} {fast.mode}: compiled vs eager', fast, slow, **targets))
+    return out
+
+
 # fused vs reference targets, per detection backbone and input size: (modes, minimum ratios)
 TARGETS = {
     ('lesa_resnet50_det', (1024, 1024)): (('fwd+bwd',), dict(min_memory_ratio=5., min_speed_ratio=2.)),
@@ -206,7 +253,7 @@ def comparisons(cases: List[Case]) -> List[Comparison]:
     """
     out = []
     det = {(c.model, c.img_size, c.mode, c.frozen_stages, c.bf16, c.attn_impl, c.grad_checkpointing): c
-           for c in cases if c.detection}
+           for c in cases if c.detection and not c.compiled}
     for (model, size, mode, frozen, bf16, impl, ckpt), fast in det.items():
         if impl not in _REFERENCE_OF:
             continue
@@ -223,10 +270,10 @@ def comparisons(cases: List[Case]) -> List[Comparison]:
             theirs = det.get((peer, size, 'fwd+bwd', 0, False, None, False))
             if ours is not None and theirs is not None:
                 out.append(Comparison(f'{model} {size[0]}x{size[1]} fwd+bwd: fused vs {peer}', ours, theirs, **targets))
-    cls = {(c.model, c.mode): c for c in cases if not c.detection}
+    cls = {(c.model, c.mode): c for c in cases if not c.detection and not c.compiled}
     for ours, peers in PEERS.items():
         for peer in peers:
             for mode in MODES:
                 if (ours, mode) in cls and (peer, mode) in cls:
                     out.append(Comparison(f'{ours} vs {peer} {mode}', cls[(ours, mode)], cls[(peer, mode)]))
-    return out
+    return out + _compiled_vs_eager(cases)

@@ -113,6 +113,8 @@ def measure(case: Case, device: str = 'cpu', threads: int = 0, mem_limit_gb: flo
     tensors = [*model.parameters(), *model.buffers(), x]
     resident = sum(t.numel() * t.element_size() for t in tensors)
     result['params_m'] = sum(p.numel() for p in model.parameters()) / 1e6
+    if case.compiled:
+        model = torch.compile(model)
 
     def forward():
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=case.bf16):
@@ -132,6 +134,11 @@ def measure(case: Case, device: str = 'cpu', threads: int = 0, mem_limit_gb: flo
         if cuda:
             torch.cuda.synchronize(device)
 
+    if case.compiled:  # the compilation, outside the memory pass and the timings
+        t0 = time.perf_counter()
+        step()
+        sync()
+        result['compile_s'] = time.perf_counter() - t0
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if mem_limit_gb and not cuda:
         _limit_address_space(int(mem_limit_gb * _GiB))

@@ -125,6 +125,10 @@ def _met_cell(r: Dict, cpu_time: bool) -> str:
     return '; '.join(marks) or '—'
 
 
+def _compile_cell(result: Dict) -> str:
+    return f'{result["compile_s"]:.0f}' if 'compile_s' in result else '—'
+
+
 def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, Dict]) -> None:
     mem = meta['mem_limit_gb']
     dev = meta['device']
@@ -145,8 +149,9 @@ def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, 
         'out of memory at the limit).',
     ]
     comps = [(comp, ratios(comp, results, mem)) for comp in comparisons(cases)]
-    det_comps = [r for comp, r in comps if comp.fast.detection]
-    cls_comps = [r for comp, r in comps if not comp.fast.detection]
+    det_comps = [r for comp, r in comps if comp.fast.detection and not comp.fast.compiled]
+    cls_comps = [r for comp, r in comps if not comp.fast.detection and not comp.fast.compiled]
+    compile_comps = [r for comp, r in comps if comp.fast.compiled]
     cpu = any(r['cpu_time_speed_ratio'] is not None for _, r in comps) and dev['name'].startswith('cpu')
     ratio_head = '| comparison | memory ratio | speed ratio |' + (' speed ratio (CPU time) |' if cpu else '')
 
@@ -162,6 +167,13 @@ def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, 
         lines += ['', '## Detection backbones: fused vs reference attention, and vs same-size peers', '',
                   ratio_head + ' target |', '|---' * (ratio_head.count('|') - 1) + '|---|']
         lines += [f'{ratio_cells(r)} {_met_cell(r, cpu)} |' for r in det_comps]
+    if compile_comps:
+        lines += ['', '## torch.compile vs eager', '',
+                  'Compiled: `torch.compile(model)` (inductor, default mode). Its first call, which compiles, is '
+                  'not in the timings; its wall time is the last column.', '',
+                  ratio_head + ' target | compile (s) |', '|---' * (ratio_head.count('|') - 1) + '|---|---|']
+        lines += [f'{ratio_cells(r)} {_met_cell(r, cpu)} | {_compile_cell(results.get(r["fast"], {}))} |'
+                  for r in compile_comps]
     det = [row for row in _rows(cases) if row[0].detection]
     if det:
         lines += ['', '## Detection backbones', '',

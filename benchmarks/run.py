@@ -8,6 +8,7 @@ Usage (``make bench`` runs the first line)::
     python -m benchmarks.run --device cuda --out benchmarks/results/cuda
     python -m benchmarks.run --models 'lesa_resnet50_det,lit_s'   # only the cases of these models (fnmatch)
     python -m benchmarks.run --render benchmarks/results/results.json   # table and chart again, no measuring
+    python -m benchmarks.run --compile --out benchmarks/results/compile   # torch.compile vs eager (own suite)
 
 What is measured and how (cases, peers, targets, memory and time): ``benchmarks/README.md``.
 """
@@ -24,7 +25,7 @@ import time
 from typing import Callable, Dict, List
 
 from . import measure, report
-from .cases import Case, suite
+from .cases import Case, compile_suite, suite
 
 _GiB = 2 ** 30
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,6 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='lower the cap of a case to the available memory minus this (a shared machine)')
     parser.add_argument('--case-timeout', type=float, default=900., help='seconds before a case is stopped')
     parser.add_argument('--models', default='*', help='comma-separated fnmatch patterns of models to run')
+    parser.add_argument('--compile', action='store_true',
+                        help='measure torch.compile vs eager (cases.compile_suite) instead of the main suite')
     parser.add_argument('--render', metavar='RESULTS_JSON',
                         help='write results.md and the chart into --out from this results.json, measuring nothing')
     args = parser.parse_args(argv)
@@ -158,7 +161,7 @@ def main(argv=None) -> int:
         write_outputs(args.out, meta, cases, results, json_too=not same_file)
         print(f'Rendered {args.render} into {args.out}')
         return 0
-    cases = select(suite(quick=args.quick, device=args.device), args.models)
+    cases = select((compile_suite if args.compile else suite)(quick=args.quick, device=args.device), args.models)
     if not cases:
         print(f'No case matches --models {args.models!r}.', file=sys.stderr)
         return 2

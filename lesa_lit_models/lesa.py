@@ -33,8 +33,8 @@ Weights: the authors publish them as OneDrive folders (no direct download); each
 name the folder and the file. ``pretrained=True`` without ``pretrained_cfg_overlay=dict(file=...)`` stops with
 those instructions, before any network access.
 
-Deviations from the authors' code: ``set_grad_checkpointing`` is off by default (their detection configs
-turn on the equivalent ``with_cp_UB_terms_only``); ``no_weight_decay`` lists the position tables (the authors
+Deviations from the authors' code: ``set_grad_checkpointing`` (their ``with_cp_UB_terms_only``) is off by
+default (their detection configs turn it on); ``no_weight_decay`` lists the position tables (the authors
 decayed every parameter); DCN main weights get the Kaiming init of the convs they replace (mmcv: uniform), and
 all DCN offset convs start at zero. Neither init matters when loading weights.
 """
@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, create_classifier, get_device_dtype, to_2tuple
+from timm.layers import DropPath, calculate_drop_path_rates, create_classifier, get_device_dtype, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -106,9 +106,7 @@ class LesaBottleneck(nn.Module):
                 width, feat_size, stride=stride, input_reduction=input_reduction, **(lesa_args or {}), **dd)
             self.bn2 = nn.Identity()
         elif spatial_mixer == 'dcn':
-            self.conv2 = DeformConv2dPack(width, width, 3, stride=stride, padding=1, bias=False)
-            if device is not None or dtype is not None:
-                self.conv2 = self.conv2.to(**dd)
+            self.conv2 = DeformConv2dPack(width, width, 3, stride=stride, padding=1, bias=False, **dd)
             self.bn2 = nn.BatchNorm2d(width, **dd)
         elif spatial_mixer == 'conv':
             self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False, **dd)
@@ -139,6 +137,7 @@ class LesaResNet(nn.Module):
     Children in forward order: ``conv1, bn1, act1, maxpool, layer1..layer4, global_pool, fc``.
     Feature taps: 0 ``act1`` (stride 2), 1-4 ``layer1..4``.
     """
+    __jit_unused_properties__ = ['grad_checkpointing']
 
     def __init__(
             self,
@@ -188,7 +187,6 @@ class LesaResNet(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
-        self.grad_checkpointing = False
         self.pos_embed = pos_embed
         self.img_size = to_2tuple(img_size)
         net_stride = 4
@@ -205,8 +203,7 @@ class LesaResNet(nn.Module):
 
         lesa_args = dict(
             groups=lesa_groups, pos_embed=pos_embed, attn_impl=attn_impl, max_chunk_logits=max_chunk_logits)
-        num_blocks = sum(layers)
-        block_idx = 0
+        dpr = calculate_drop_path_rates(drop_path_rate, list(layers), stagewise=True)  # linear over all blocks
         in_chs = 64
         reduction = 4
         for stage_idx, (depth, stage_stride) in enumerate(zip(layers, strides)):
@@ -231,11 +228,10 @@ class LesaResNet(nn.Module):
                     feat_size=(self.img_size[0] // reduction, self.img_size[1] // reduction),
                     input_reduction=reduction,
                     lesa_args=dict(lesa_args, deformable=dcn_stages[stage_idx]),
-                    drop_path=drop_path_rate * block_idx / max(num_blocks - 1, 1),
+                    drop_path=dpr[stage_idx][i],
                     **dd,
                 ))
                 in_chs = out_chs
-                block_idx += 1
                 if i == 0:
                     reduction *= stage_stride
             self.add_module(f'layer{stage_idx + 1}', nn.Sequential(*blocks))
@@ -268,15 +264,27 @@ class LesaResNet(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
-        """Recompute the LESA unary and binary terms in backward (the authors' ``with_cp_UB_terms_only``).
+        """Recompute the LESA unary and binary terms in backward: the authors' ``with_cp_UB_terms_only``, which
+        their detection configs switch on, not timm ResNet's whole-block checkpointing.
 
-        In train mode the recomputation updates the LESA BatchNorm running statistics a second time, as it did
-        upstream (the detectors run their norms in eval mode).
+        Those two terms hold what grows with the token grid (the attention's inputs and the unary conv's
+        activations); the conv blocks and the fusion gate keep their activations. In train mode the recomputation
+        updates the LESA BatchNorm running statistics a second time, as it did upstream (the detectors run their
+        norms in eval mode).
         """
-        self.grad_checkpointing = enable
         for m in self.modules():
             if isinstance(m, Lesa):
                 m.grad_checkpointing = enable
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        """Whether the LESA modules recompute their terms in backward; assigning it calls
+        :meth:`set_grad_checkpointing` (timm's hybrid embeddings set a backbone's flag directly)."""
+        return any(m.grad_checkpointing for m in self.modules() if isinstance(m, Lesa))
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, enable: bool):
+        self.set_grad_checkpointing(enable)
 
     @torch.jit.ignore
     def get_classifier(self, name_only: bool = False):

@@ -35,8 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, register_notrace_function, \
-    resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, get_device_dtype, \
+    register_notrace_function, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -131,8 +131,11 @@ class LITAttention(nn.Module):
             proj_drop: float = 0.,
             attn_impl: str = 'fused',
             max_chunk_logits: Optional[int] = None,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         if dim % num_heads:
             raise ValueError(f'dim ({dim}) must be divisible by num_heads ({num_heads}).')
         self.num_heads = num_heads
@@ -141,14 +144,14 @@ class LITAttention(nn.Module):
         self.attn_impl = _check_attn_impl(attn_impl)
         self.max_chunk_logits = max_chunk_logits
 
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         if rel_pos_grid is not None:
             self.table_size = bias_table_size(rel_pos_grid)
             self.relative_position_bias_table = nn.Parameter(
-                torch.zeros(self.table_size[0] * self.table_size[1], num_heads))
+                torch.zeros(self.table_size[0] * self.table_size[1], num_heads, **dd))
             trunc_normal_(self.relative_position_bias_table, std=.02)
         else:
             self.table_size = None
@@ -188,10 +191,13 @@ class MLPBlock(nn.Module):
             proj_drop: float = 0.,
             drop_path: float = 0.,
             norm_layer: Any = nn.LayerNorm,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        dd = {'device': device, 'dtype': dtype}
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
@@ -214,9 +220,12 @@ class AttentionBlock(nn.Module):
             norm_layer: Any = nn.LayerNorm,
             attn_impl: str = 'fused',
             max_chunk_logits: Optional[int] = None,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
-        self.norm1 = norm_layer(dim)
+        dd = {'device': device, 'dtype': dtype}
+        self.norm1 = norm_layer(dim, **dd)
         self.attn = LITAttention(
             dim,
             num_heads=num_heads,
@@ -226,10 +235,11 @@ class AttentionBlock(nn.Module):
             proj_drop=proj_drop,
             attn_impl=attn_impl,
             max_chunk_logits=max_chunk_logits,
+            **dd,
         )
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
@@ -267,15 +277,18 @@ class LITStage(nn.Module):
             norm_layer: Any = nn.LayerNorm,
             attn_impl: str = 'fused',
             max_chunk_logits: Optional[int] = None,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         self.grad_checkpointing = False
-        self.downsample = DeformableTokenMerging(dim, dim_out) if downsample else None
+        self.downsample = DeformableTokenMerging(dim, dim_out, **dd) if downsample else None
         self.pos_embed_grid = pos_embed_grid
         self.num_prefix_tokens = num_prefix_tokens
         if pos_embed_grid is not None:
             num_pos = num_prefix_tokens + pos_embed_grid[0] * pos_embed_grid[1]
-            self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, dim_out))
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, dim_out, **dd))
             trunc_normal_(self.pos_embed, std=.02)
         else:
             self.register_parameter('pos_embed', None)
@@ -287,7 +300,8 @@ class LITStage(nn.Module):
         else:
             block_fn = MLPBlock
         self.blocks = nn.ModuleList([
-            block_fn(dim_out, mlp_ratio=mlp_ratio, proj_drop=proj_drop, drop_path=drop_path[i], norm_layer=norm_layer)
+            block_fn(
+                dim_out, mlp_ratio=mlp_ratio, proj_drop=proj_drop, drop_path=drop_path[i], norm_layer=norm_layer, **dd)
             for i in range(depth)])
 
     def grid_pos_embed(self, feat_size: Tuple[int, int]) -> torch.Tensor:
@@ -393,8 +407,11 @@ class LIT(nn.Module):
             drop_path_rate: float = 0.,
             attn_impl: str = 'fused',
             max_chunk_logits: Optional[int] = None,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         if pos_embed not in ('abs', 'rel'):
             raise ValueError(f"pos_embed={pos_embed!r}: use 'abs' (LIT-Ti) or 'rel' (LIT-S/M/B).")
         if class_token and pos_embed != 'abs':
@@ -422,9 +439,10 @@ class LIT(nn.Module):
             output_fmt='NHWC',
             strict_img_size=False,  # any input size (also tells timm's export that the size is not fixed)
             dynamic_img_pad=True,
+            **dd,
         )
         if class_token:
-            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims[-1]))
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims[-1], **dd))
             trunc_normal_(self.cls_token, std=.02)
         else:
             self.register_parameter('cls_token', None)
@@ -453,14 +471,15 @@ class LIT(nn.Module):
                 norm_layer=norm_layer,
                 attn_impl=attn_impl,
                 max_chunk_logits=max_chunk_logits,
+                **dd,
             ))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=stride, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
 
-        self.norm = norm_layer(self.num_features)
+        self.norm = norm_layer(self.num_features, **dd)
         self.global_pool = self._check_global_pool(global_pool)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
     @staticmethod
@@ -519,9 +538,8 @@ class LIT(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = self._check_global_pool(global_pool)
-        weight = self.patch_embed.proj.weight
-        self.head = nn.Identity() if num_classes <= 0 else nn.Linear(
-            self.num_features, num_classes, device=weight.device, dtype=weight.dtype)
+        self.head = nn.Linear(self.num_features, num_classes, **get_device_dtype(self)) if num_classes > 0 \
+            else nn.Identity()
 
     def _class_tokens(self, x: torch.Tensor) -> torch.Tensor:
         return self.cls_token.expand(x.shape[0], -1, -1)

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is a tool of the repository, not part of the installed package
 
 from benchmarks import measure, report  # noqa: E402
-from benchmarks.cases import MODES, Case, comparisons, suite  # noqa: E402
+from benchmarks.cases import MODES, Case, comparisons, compile_suite, suite  # noqa: E402
 from benchmarks.run import run_in_child  # noqa: E402
 
 PACKAGE_MODELS = {
@@ -86,6 +86,31 @@ def test_detection_backbones_are_built_by_the_mmdet_adapter_with_its_freezing():
     peer = measure._detection_backbone(Case('mmdet_resnet50_dcn', (128, 128), 'fwd+bwd', detection=True))
     assert type(peer).__name__ == 'ResNet' and peer.norm_eval and peer.frozen_stages == -1
     assert [f.shape[1] for f in peer(torch.randn(1, 3, 128, 128))] == [256, 512, 1024, 2048]
+
+
+def test_compile_suite_pairs_every_model_eager_and_compiled_with_the_compile_time_apart(tmp_path):
+    cases = compile_suite()
+    assert len({c.key for c in cases}) == len(cases)
+    assert {(c.model, c.mode, c.compiled) for c in cases} == {
+        (m, mode, compiled) for m in PACKAGE_MODELS for mode in MODES for compiled in (False, True)}
+    assert {(c.img_size, c.batch_size) for c in cases if not c.detection} == {((224, 224), 4)}
+    assert {c.model for c in cases if c.detection} == {'lesa_resnet50_det', 'lesa_wrn50_det', 'lit_s', 'lit_ti'}
+    assert {c.img_size for c in cases if c.model.startswith('lit_') and c.detection} == {(800, 1344)}
+    by_title = {c.title: c for c in comparisons(cases)}
+    assert len(by_title) == len(cases) // 2
+    assert by_title['lesa_resnet50_det 1024x1024 fwd+bwd: compiled vs eager'].min_speed_ratio == 1.2
+    assert by_title['lit_s 224x224 fwd+bwd: compiled vs eager'].min_speed_ratio is None
+
+    results = {c.key: {'status': 'ok', 'peak_bytes': 2 ** 30, 'img_per_s': 3. if c.compiled else 2., 'params_m': 25.,
+                       **({'compile_s': 42.} if c.compiled else {})} for c in cases}
+    meta = {'command': 'python -m benchmarks.run --compile', 'date': 'today', 'commit': 'abc1234', 'mem_limit_gb': 12.,
+            'load_before': '0', 'load_after': '0',
+            'device': {'name': 'cuda', 'description': 'test GPU', 'torch': '2', 'timm': '1', 'threads': 1}}
+    report.write_markdown(str(tmp_path / 'results.md'), meta, cases, results)
+    md = (tmp_path / 'results.md').read_text()
+    assert '## torch.compile vs eager' in md and '## Fused vs reference' not in md
+    assert '| lesa_resnet50_det 1024x1024 fwd+bwd: compiled vs eager | 1.00x | 1.50x | speed >= 1.2x: met | 42 |' in md
+    assert '| lesa_resnet50_det | 1024x1024 | default +compile |' in md
 
 
 def _fake_results(cases, oom_keys=()):

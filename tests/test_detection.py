@@ -383,6 +383,26 @@ def test_out_indices_pick_levels_and_shapes():
     assert [f.shape for f in features] == [(1, 128, 8, 12), (1, 512, 2, 3)]
 
 
+@pytest.mark.parametrize('model_name, kwargs', [
+    ('lesa_resnet50_det', dict(img_size=64, out_indices=(1, 2, 3, 4))),
+    ('lit_s', dict(out_norms=(1, 2, 3))),
+    ('lit_ti', dict()),
+])
+@pytest.mark.parametrize('training', [False, True])
+def test_an_empty_batch_gives_empty_features(model_name, kwargs, training):
+    """Batch 0 in, batch 0 out (e.g. a data-parallel rank left without images), through the adapter's frozen
+    stages and output norms, with finite zero gradients in training."""
+    backbone = make_backbone(model_name, frozen_stages=1, **kwargs).train(training)
+    image = torch.randn(0, 3, 64, 96, requires_grad=training)
+    features = backbone(image)
+    assert [tuple(f.shape) for f in features] == [
+        (0, c, -(-64 // s), -(-96 // s)) for c, s in zip(backbone.channels, backbone.strides)]
+    if training:
+        sum(f.sum() for f in features).backward()
+        grads = [p.grad for p in backbone.parameters() if p.requires_grad]
+        assert grads and all(g is not None and not g.any() for g in grads)
+
+
 @pytest.mark.parametrize('model_name, kwargs, flagged', [
     ('lesa_resnet50_det', dict(img_size=64, out_indices=(1, 2, 3, 4)), 'Lesa'),
     ('lit_s', dict(), 'LITStage'),

@@ -373,6 +373,28 @@ def test_grad_checkpointing_leaves_outputs_and_grads_unchanged(pos_embed):
     assert all(b.conv2.grad_checkpointing for b in (*model.layer3[1:], *model.layer4))
 
 
+def test_model_grad_checkpointing_keeps_less_for_backward_and_changes_nothing():
+    """set_grad_checkpointing / the grad_checkpointing flag recompute the LESA terms: same outputs and gradients,
+    fewer activation elements saved for backward (counted through autograd's saved-tensor hooks)."""
+    x = _image(DET_SIZE, batch=2)
+    model = _det(layers=(1, 1, 2, 1))
+    results = []
+    for enable in (False, True):
+        model.grad_checkpointing = enable
+        assert model.grad_checkpointing == enable == model.layer4[0].conv2.grad_checkpointing
+        model.zero_grad()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = model(x)
+        (out * torch.cos(out)).sum().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved)))
+    (out, grads, saved), (out_ckpt, grads_ckpt, saved_ckpt) = results
+    torch.testing.assert_close(out_ckpt, out)
+    for n, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[n], grad, msg=lambda msg: f'{n}: {msg}')
+    assert saved_ckpt < saved
+
+
 @pytest.mark.parametrize('name', ['lesa_resnet50_det', 'lesa_resnet50'])
 def test_gradients_reach_every_parameter(name):
     torch.manual_seed(0)  # the ImageNet layout on a 64 px grid: same modules, small tables

@@ -101,8 +101,11 @@ class DeformConv2dPack(nn.Module):
             groups: int = 1,
             deform_groups: int = 1,
             bias: bool = False,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         if in_channels % groups or out_channels % groups:
             raise ValueError(f'in_channels ({in_channels}) and out_channels ({out_channels}) '
                              f'must be divisible by groups ({groups})')
@@ -116,8 +119,8 @@ class DeformConv2dPack(nn.Module):
         self.dilation = _pair(dilation)
         self.groups = groups
         self.deform_groups = deform_groups
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
-        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size, **dd))
+        self.bias = nn.Parameter(torch.empty(out_channels, **dd)) if bias else None
         self.conv_offset = nn.Conv2d(
             in_channels,
             deform_groups * 2 * self.kernel_size[0] * self.kernel_size[1],
@@ -126,6 +129,7 @@ class DeformConv2dPack(nn.Module):
             padding=self.padding,
             dilation=self.dilation,
             bias=True,
+            **dd,
         )
         self.reset_parameters()
 

@@ -33,10 +33,13 @@ class DeformableTokenMerging(nn.Module):
             out_chs: int,
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
             act_layer: Type[nn.Module] = nn.GELU,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
-        self.dconv = DeformConv2dPack(in_chs, out_chs, kernel_size=2, stride=2, padding=0, bias=True)
-        self.norm_layer = norm_layer(out_chs)  # upstream name, kept for checkpoint compatibility
+        dd = {'device': device, 'dtype': dtype}
+        self.dconv = DeformConv2dPack(in_chs, out_chs, kernel_size=2, stride=2, padding=0, bias=True, **dd)
+        self.norm_layer = norm_layer(out_chs, **dd)  # upstream name, kept for checkpoint compatibility
         self.act = act_layer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,8 +34,10 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange, reduce
 from timm.layers import register_notrace_module, to_2tuple
 from timm.models import checkpoint
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .banded_attention import ATTN_IMPLS
 from .deform_conv import DeformConv2dPack
@@ -156,7 +158,8 @@ def resample_rel_table(table: torch.Tensor, length: int) -> torch.Tensor:
     and the two extreme offsets stay put, and offset ``o`` on the new grid reads the old table at
     ``o * (S-1) / (S'-1)``, i.e. offsets scale with the image, as when resizing the input.
     """
-    if table.shape[0] == length:
+    # a size only known as a symbol (torch.export / dynamic shapes) interpolates: exact at equal sizes, no specialising
+    if statically_known_true(table.shape[0] == length):
         return table
     if length == 1:  # a 1-token side only has the zero offset
         centre = (table.shape[0] - 1) // 2
@@ -218,9 +221,7 @@ class Lesa(nn.Module):
 
         # unary term
         if deformable:
-            unary_conv = DeformConv2dPack(dim, dim, 3, padding=1, groups=groups, bias=False)
-            if device is not None or dtype is not None:
-                unary_conv = unary_conv.to(**dd)
+            unary_conv = DeformConv2dPack(dim, dim, 3, padding=1, groups=groups, bias=False, **dd)
         else:
             unary_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=groups, bias=False, **dd)
         self.x_transform = nn.Sequential(unary_conv, nn.Conv2d(dim, dim, 1, bias=False, **dd))
@@ -282,17 +283,15 @@ class Lesa(nn.Module):
     def binary(self, x: torch.Tensor) -> torch.Tensor:
         """Context term: (N, C, H, W) -> (N, C, H, W)."""
         N, C, H, W = x.shape
-        L = H * W
-        G = self.groups
         qkv = self.bn_qkv(self.qkv_transform(x.flatten(2)))
         # channels are group-major: g * (2dqk + dv) + [q | k | v]
-        q, k, v = qkv.view(N, G, 2 * self.qk_dim + self.v_dim, L).transpose(-1, -2).split(
+        q, k, v = rearrange(qkv, 'n (g c) l -> n g l c', g=self.groups).split(
             [self.qk_dim, self.qk_dim, self.v_dim], dim=-1)
         if self.pos_embed == 'classification':
             sv, sve = classification_binary_reference(q, k, v, self.relative, self.bn_similarity)
             # bn_output channel 2 * (g * dv + c) + t normalises term t (sv, sve) of output channel g * dv + c
-            out = torch.stack([sv, sve], dim=-1).permute(0, 1, 3, 4, 2).reshape(N, 2 * C, L)
-            out = self.bn_output(out).view(N, C, 2, L).sum(dim=2)
+            out = self.bn_output(rearrange(torch.stack([sv, sve], dim=-1), 'n g l c t -> n (g c t) l'))
+            out = reduce(out, 'n (c t) l -> n c l', 'sum', t=2)
         else:
             rel_height = resample_rel_table(self.rel_height, 2 * H - 1)
             rel_width = resample_rel_table(self.rel_width, 2 * W - 1)
@@ -302,7 +301,7 @@ class Lesa(nn.Module):
                     q, k, v, rel_height, rel_width, (H, W), self.bn_similarity, self.max_chunk_logits)
             else:
                 sv = detection_qr_binary_reference(q, k, v, rel_height, rel_width, (H, W), self.bn_similarity)
-            out = self.bn_output(sv.transpose(-1, -2).reshape(N, C, L))
+            out = self.bn_output(rearrange(sv, 'n g l c -> n (g c) l'))
         return out.view(N, C, H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -78,9 +78,12 @@ def _similarity_affine(
     if use_batch_stats:
         batch, _, tokens, _ = q.shape
         count = batch * tokens * tokens
-        if bn.training and count <= 1:
+        if bn.training and count == 1:
             raise ValueError(f'Expected more than 1 value per channel when training, got N={batch}, L={tokens}.')
-        mean, var = _similarity_batch_moments(q, k, *relative_logits_2d(q, rel_height, rel_width, grid))
+        if count:
+            mean, var = _similarity_batch_moments(q, k, *relative_logits_2d(q, rel_height, rel_width, grid))
+        else:  # an empty batch has no statistics and normalises nothing: finite stand-ins keep zero gradients
+            mean, var = q.new_zeros(bn.num_features), q.new_ones(bn.num_features)
         if bn.training and bn.track_running_stats:
             momentum = bn.momentum
             with torch.no_grad():
@@ -89,9 +92,10 @@ def _similarity_affine(
                     if momentum is None:
                         momentum = 1.0 / float(bn.num_batches_tracked)
                 momentum = 0.0 if momentum is None else momentum
-                bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), momentum)
-                unbiased_var = var.detach() * (count / (count - 1))
-                bn.running_var.lerp_(unbiased_var.to(bn.running_var.dtype), momentum)
+                if count:  # an empty batch leaves the running statistics as they are, as nn.BatchNorm2d does
+                    bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), momentum)
+                    unbiased_var = var.detach() * (count / (count - 1))
+                    bn.running_var.lerp_(unbiased_var.to(bn.running_var.dtype), momentum)
     else:
         mean, var = bn.running_mean, bn.running_var
     scale = torch.rsqrt(var + bn.eps)

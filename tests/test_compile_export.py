@@ -1,0 +1,178 @@
+"""torch.compile, torch.export and empty batches for every model family.
+
+Compiled and exported models must compute what eager does: outputs, input and parameter gradients and the
+BatchNorm running statistics, in float64 (in float32 a random-weight LESA backbone differs from its own float64
+result by percents at C5, so fp32 gaps would be rounding, not bugs). Compilation (inductor, CPU) dominates the cost,
+so the models are small configurations of each family that run the same code as the registered ones: fewer blocks,
+narrower stages, 64x64 inputs, LIT's row bands forced to one row (``max_chunk_logits``) so that the banded,
+recomputed attention runs on a 4x4 grid. LESA-WRN50 and LIT-M/B are LESA-ResNet50 and LIT-S at other widths and
+depths. Empty batches run on every registered model at full size.
+
+TorchScript is not supported (see the README); compile and export are.
+"""
+import copy
+from typing import Dict, List
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from torch.export import Dim
+
+from lesa_lit_models.hub import package_models
+from lesa_lit_models.layers.lesa_attention import Lesa
+from lesa_lit_models.lit import LITAttention, LITStage
+
+MODELS = package_models()
+SIZE = 64
+SMALL = {  # the code of each family at a fraction of the cost
+    'lesa_resnet50': dict(layers=(1, 1, 2, 1), img_size=SIZE),  # the 1-D classification table, on a 4x4 grid
+    'lesa_resnet50_det': dict(layers=(1, 1, 2, 1), img_size=SIZE),  # DCN, 2-D tables, the fused binary term
+    'lit_ti': dict(depths=(1, 1, 1, 1), embed_dims=(8, 16, 32, 32), num_heads=(1, 2, 2, 4)),  # class token
+    'lit_s': dict(depths=(1, 1, 1, 1), embed_dims=(8, 16, 32, 32), num_heads=(1, 2, 2, 4)),  # bias in row bands
+}
+
+
+@pytest.fixture(autouse=True)
+def one_band_row_per_chunk(monkeypatch):
+    monkeypatch.setattr(LITAttention, 'max_chunk_logits', 1)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _small(name: str, dtype=torch.float64, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model(name, dtype=dtype, **SMALL[name], **kwargs)
+    with torch.no_grad():  # non-trivial statistics and DCN offsets: nothing that hides a wrong term
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-.2, .2)
+                m.running_var.uniform_(.8, 1.2)
+            elif hasattr(m, 'conv_offset'):
+                m.conv_offset.weight.normal_(0, .02)
+    return model
+
+
+def _images(batch: int = 2, size: int = SIZE, dtype=torch.float64) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, dtype=dtype, generator=torch.Generator().manual_seed(1))
+
+
+def _as_list(out) -> List[torch.Tensor]:
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def _step(model: nn.Module, x: torch.Tensor, call=None) -> Dict[str, torch.Tensor]:
+    """Outputs, input and parameter gradients and buffers after one forward (through ``call``, e.g. the compiled
+    model, if given) and backward."""
+    x = x.clone().requires_grad_()
+    outs = _as_list((model if call is None else call)(x))
+    sum((o * torch.cos(o)).sum() for o in outs).backward()
+    result = {f'out{i}': o.detach() for i, o in enumerate(outs)}
+    result['input.grad'] = x.grad
+    result.update({f'{n}.grad': p.grad for n, p in model.named_parameters()})
+    result.update({n: b.clone() for n, b in model.named_buffers()})
+    return result
+
+
+def _assert_same(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]):
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-7, atol=1e-9, msg=lambda m: f'{k}: {m}')
+
+
+# -------------------------------------------------------------------------------------------------- empty batches
+
+@pytest.mark.parametrize('name', MODELS)
+def test_an_empty_batch_gives_an_empty_output(name):
+    """Batch 0 in, batch 0 out, classifier and features, eval and train, with zero gradients and unchanged
+    BatchNorm statistics."""
+    kwargs = dict(img_size=SIZE) if name.endswith('_det') else {}
+    size = timm.get_pretrained_cfg(name).input_size[-1] if timm.get_pretrained_cfg(name).fixed_input_size else SIZE
+    for features_only in (False, True):
+        model = timm.create_model(name, features_only=features_only, **kwargs).eval()
+        with torch.no_grad():
+            shapes = [(0, *o.shape[1:]) for o in _as_list(model(torch.randn(1, 3, size, size)))]
+        for training in (False, True):
+            model.train(training)
+            before = {n: b.clone() for n, b in model.named_buffers() if not n.endswith('num_batches_tracked')}
+            outs = _as_list(model(torch.randn(0, 3, size, size, requires_grad=True)))
+            assert [o.shape for o in outs] == shapes
+            model.zero_grad()
+            sum(o.sum() for o in outs).backward()
+            # zero, or None where a kernel returns no gradient for an empty batch (SDPA's for LIT's bias tables)
+            assert not any(p.grad is not None and p.grad.any() for p in model.parameters())
+            for n, b in model.named_buffers():  # nothing learned from no images
+                if n in before:
+                    torch.testing.assert_close(b, before[n], msg=lambda m: f'{n}: {m}')
+
+
+# ------------------------------------------------------------------------------------------------- torch.compile
+
+def _set_model_checkpointing(model: nn.Module, enable: bool):
+    """The models' own gradient checkpointing (LESA: unary and binary terms; LIT: blocks), also inside wrappers."""
+    for m in model.modules():
+        if isinstance(m, (Lesa, LITStage)):
+            m.grad_checkpointing = enable
+
+
+# Each family as a classifier and as features: with inductor (C++ code generation, minutes per graph on 2 CPU
+# cores) the way its detectors use the detection backbones, with aot_eager (dynamo + AOTAutograd: the graphs
+# inductor would compile, run by eager kernels) otherwise
+_INDUCTOR = {('lesa_resnet50', False), ('lesa_resnet50_det', True), ('lit_ti', False), ('lit_s', True)}
+COMPILE_CASES = [
+    pytest.param(name, features_only, backend, id=f'{name}-{"features" if features_only else "classifier"}-{backend}',
+                 marks=[pytest.mark.slow])
+    for name in SMALL for features_only in (False, True)
+    for backend in ['inductor' if (name, features_only) in _INDUCTOR else 'aot_eager']
+]
+
+
+@pytest.mark.parametrize('name, features_only, backend', COMPILE_CASES)
+def test_compiled_model_matches_eager(name, features_only, backend):
+    """One graph per mode (``fullgraph=True`` fails at any graph break): outputs, input and parameter gradients and
+    BatchNorm statistics of a train step (with the model's gradient checkpointing, LIT's recomputed bands) and of an
+    eval step equal eager's; a second input size recompiles (dynamic shapes where the model takes any size)."""
+    model = _small(name, features_only=features_only)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    for training in (True, False):
+        for m in (model, eager):
+            m.train(training)
+            m.zero_grad()
+            _set_model_checkpointing(m, training)
+        _assert_same(_step(model, _images(), compiled), _step(eager, _images()))
+    if name != 'lesa_resnet50':  # the classification table takes one grid only
+        x = _images(size=SIZE + 32)
+        with torch.no_grad():
+            for got, want in zip(_as_list(compiled(x)), _as_list(eager(x))):
+                torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+
+
+# -------------------------------------------------------------------------------------------------- torch.export
+
+@pytest.mark.slow
+@pytest.mark.parametrize('features_only', [False, True], ids=['classifier', 'features'])
+@pytest.mark.parametrize('name', list(SMALL))
+def test_exported_program_matches_eager(name, features_only, monkeypatch):
+    """``torch.export.export`` in eval mode; the LESA detection backbone and LIT-Ti with a dynamic spatial size in
+    multiples of 32, run at a second, non-square size; the LESA classifier at its one size, LIT-S at a static one
+    (the expansion of its relative bias still fixes the grid when exporting). LIT attends in one band (the default
+    band size): the number of bands is a Python loop over the grid, fixed when exporting."""
+    monkeypatch.setattr(LITAttention, 'max_chunk_logits', 2 ** 26)
+    model = _small(name, features_only=features_only).eval()
+    inputs = [_images()]
+    dynamic_shapes = None
+    if name in ('lesa_resnet50_det', 'lit_ti'):
+        height, width = Dim('height', min=2, max=64), Dim('width', min=2, max=64)
+        dynamic_shapes = ({2: 32 * height, 3: 32 * width},)
+        inputs.append(torch.randn(2, 3, 96, 128, dtype=torch.float64))
+    program = torch.export.export(model, (inputs[0],), dynamic_shapes=dynamic_shapes)
+    with torch.no_grad():
+        for x in inputs:
+            for got, want in zip(_as_list(program.module()(x)), _as_list(model(x))):
+                torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
