@@ -21,21 +21,18 @@ from torch.export import Dim
 
 from lesa_lit_models.hub import package_models
 from lesa_lit_models.layers.lesa_attention import Lesa
-from lesa_lit_models.lit import LITAttention, LITStage
+from lesa_lit_models.lit import LITStage
 
 MODELS = package_models()
 SIZE = 64
 SMALL = {  # the code of each family at a fraction of the cost
     'lesa_resnet50': dict(layers=(1, 1, 2, 1), img_size=SIZE),  # the 1-D classification table, on a 4x4 grid
-    'lesa_resnet50_det': dict(layers=(1, 1, 2, 1), img_size=SIZE),  # DCN, 2-D tables, the fused binary term
+    # max_chunk_logits=1: the banded attention one query row per band
+    'lesa_resnet50_det': dict(layers=(1, 1, 2, 1), img_size=SIZE, max_chunk_logits=1),  # DCN, 2-D tables, fused
     'lit_ti': dict(depths=(1, 1, 1, 1), embed_dims=(8, 16, 32, 32), num_heads=(1, 2, 2, 4)),  # class token
-    'lit_s': dict(depths=(1, 1, 1, 1), embed_dims=(8, 16, 32, 32), num_heads=(1, 2, 2, 4)),  # bias in row bands
+    'lit_s': dict(depths=(1, 1, 1, 1), embed_dims=(8, 16, 32, 32), num_heads=(1, 2, 2, 4),
+                  max_chunk_logits=1),  # bias in row bands
 }
-
-
-@pytest.fixture(autouse=True)
-def one_band_row_per_chunk(monkeypatch):
-    monkeypatch.setattr(LITAttention, 'max_chunk_logits', 1)
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +44,7 @@ def fresh_dynamo():
 
 def _small(name: str, dtype=torch.float64, **kwargs) -> nn.Module:
     torch.manual_seed(0)
-    model = timm.create_model(name, dtype=dtype, **SMALL[name], **kwargs)
+    model = timm.create_model(name, dtype=dtype, **{**SMALL[name], **kwargs})
     with torch.no_grad():  # non-trivial statistics and DCN offsets: nothing that hides a wrong term
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -158,13 +155,12 @@ def test_compiled_model_matches_eager(name, features_only, backend):
 @pytest.mark.slow
 @pytest.mark.parametrize('features_only', [False, True], ids=['classifier', 'features'])
 @pytest.mark.parametrize('name', list(SMALL))
-def test_exported_program_matches_eager(name, features_only, monkeypatch):
+def test_exported_program_matches_eager(name, features_only):
     """``torch.export.export`` in eval mode; the LESA detection backbone and LIT-Ti with a dynamic spatial size in
     multiples of 32, run at a second, non-square size; the LESA classifier at its one size, LIT-S at a static one
     (the expansion of its relative bias still fixes the grid when exporting). LIT attends in one band (the default
     band size): the number of bands is a Python loop over the grid, fixed when exporting."""
-    monkeypatch.setattr(LITAttention, 'max_chunk_logits', 2 ** 26)
-    model = _small(name, features_only=features_only).eval()
+    model = _small(name, features_only=features_only, max_chunk_logits=2 ** 26).eval()
     inputs = [_images()]
     dynamic_shapes = None
     if name in ('lesa_resnet50_det', 'lit_ti'):
