@@ -141,7 +141,7 @@ def _tiny_runner(work_dir, max_epochs, resume):
             return dict(x=torch.full((2,), float(i)))
 
     return Runner(
-        model=Model(), work_dir=str(work_dir), experiment_name=f'run{max_epochs}',
+        model=Model(), work_dir=str(work_dir), experiment_name=f'{work_dir.name}-run{max_epochs}',
         train_dataloader=dict(dataset=Data(), sampler=dict(type='DefaultSampler', shuffle=False), batch_size=2,
                               collate_fn=dict(type='default_collate')),
         optim_wrapper=dict(optimizer=dict(type='AdamW', lr=0.01)),
