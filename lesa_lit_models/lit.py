@@ -89,7 +89,7 @@ def attend_in_row_bands(
         v: torch.Tensor,
         grid: torch.Tensor,
         feat_size: Tuple[int, int],
-        max_logits: int,
+        max_logits: Optional[int] = None,
 ) -> torch.Tensor:
     """``softmax(q k^T * scale + bias) v`` over an ``H x W`` map, one band of query rows at a time.
 
@@ -99,6 +99,7 @@ def attend_in_row_bands(
     Nothing of size ``(heads, N, N)`` is kept for backward.
     """
     height, width = feat_size
+    max_logits = max_logits or default_max_chunk_logits(q.device)  # here, inside the FX leaf: it reads the device
     rows_per_band = max(1, max_logits // max(1, q.shape[0] * q.shape[1] * width * k.shape[2]))
     return banded_bias_attention(
         q, k.flip(-2), v.flip(-2), partial(_bias_of_rows, feat_size=feat_size), rows_per_band * width,
@@ -167,8 +168,7 @@ class LITAttention(nn.Module):
         if grid is None and self.attn_impl == 'fused':
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         elif self.attn_impl == 'fused' and not dropout_p:
-            max_logits = self.max_chunk_logits or default_max_chunk_logits(q.device)
-            x = attend_in_row_bands(q, k, v, grid, feat_size, max_logits)
+            x = attend_in_row_bands(q, k, v, grid, feat_size, self.max_chunk_logits)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             if grid is not None:
