@@ -7,7 +7,6 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lesa_lit_models.layers import lesa_fused
