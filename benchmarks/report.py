@@ -3,9 +3,9 @@ import json
 from dataclasses import asdict
 from typing import Dict, List, Optional, Tuple
 
-from .cases import MODES, Case, Comparison, comparisons
+from .cases import MODES, UPSTREAM, Case, Comparison, comparisons
 
-__all__ = ['ratios', 'write_json', 'read_json', 'write_markdown', 'write_chart', 'CHART']
+__all__ = ['ratios', 'upstream_rows', 'write_json', 'read_json', 'write_markdown', 'write_chart', 'CHART']
 
 CHART = 'chart.png'
 
@@ -64,6 +64,7 @@ def write_json(path: str, meta: Dict, cases: List[Case], results: Dict[str, Dict
         'method': METHOD,
         'cases': [{'key': c.key, **asdict(c), 'result': results.get(c.key, {})} for c in cases],
         'comparisons': [ratios(comp, results, mem_limit_gb) for comp in comparisons(cases)],
+        'upstream': upstream_rows(cases, results),
     }
     with open(path, 'w') as f:
         json.dump(doc, f, indent=1)
@@ -76,7 +77,7 @@ def read_json(path: str) -> Tuple[Dict, List[Case], Dict[str, Dict]]:
         doc = json.load(f)
     cases = [Case.from_dict(c) for c in doc['cases']]
     results = {c.key: d['result'] for c, d in zip(cases, doc['cases'])}
-    meta = {k: v for k, v in doc.items() if k not in ('cases', 'comparisons', 'method')}
+    meta = {k: v for k, v in doc.items() if k not in ('cases', 'comparisons', 'upstream', 'method')}
     return meta, cases, results
 
 
@@ -125,6 +126,53 @@ def _met_cell(r: Dict, cpu_time: bool) -> str:
     return '; '.join(marks) or '—'
 
 
+def upstream_rows(cases: List[Case], results: Dict[str, Dict]) -> List[Dict]:
+    """Our fused detection backbones of this run next to the authors' figures (``cases.UPSTREAM``): times in
+    seconds, peak RSS in GB, and whether each bound is met (None: no bound, or not measured)."""
+    def ours(model, size, mode):
+        case = next((c for c in cases if (c.model, c.img_size, c.mode, c.attn_impl) == (model, size, mode, 'fused')
+                     and c.detection and not (c.grad_checkpointing or c.frozen_stages or c.bf16 or c.compiled)), None)
+        r = results.get(case.key, {}) if case else {}
+        return r if r.get('status') == 'ok' else None
+
+    rows = []
+    for (model, size), ref in UPSTREAM.items():
+        train, fwd = ours(model, size, 'fwd+bwd'), ours(model, size, 'fwd')
+        row = {'model': model, 'img_size': size, 'upstream': asdict(ref),
+               'step_s': 1 / train['img_per_s'] if train else None,
+               'peak_rss_gb': train['peak_rss_bytes'] / 1e9 if train and 'peak_rss_bytes' in train else None,
+               'forward_s': 1 / fwd['img_per_s'] if fwd else None}
+        for key in ('step_s', 'peak_rss_gb', 'forward_s'):
+            bound = getattr(ref, 'max_' + key)
+            row[key + '_met'] = None if bound is None or row[key] is None else row[key] <= bound
+        rows.append(row)
+    return rows
+
+
+def _upstream_lines(rows: List[Dict]) -> List[str]:
+    def cell(value, met, bound, unit):
+        text = '—' if value is None else f'{value:.1f} {unit}'
+        return text + (f' (<= {bound:.3g} {unit}: {_MET[met]})' if bound is not None else '')
+
+    lines = ['', "## Against the authors' code", '',
+             "The authors' backbones cannot be vendored; their figures were measured once on the 2-core CPU (training "
+             'step: forward + backward, batch 1, BatchNorm frozen, each in a fresh process, peak RSS from '
+             '`/usr/bin/time`). Ours: the fused backbone of this run, wall time of one step and peak RSS of its '
+             'process; GB = 1e9 bytes.', '',
+             "| backbone | input | authors' setting | authors: step / forward / peak RSS | ours: step | ours: forward "
+             '| ours: peak RSS |', '|---' * 7 + '|']
+    for r in rows:
+        ref = r['upstream']
+        fwd = f' / {ref["forward_s"]:g} s' if ref['forward_s'] else ' / —'
+        lines.append(
+            f'| {r["model"]} | {r["img_size"][0]}x{r["img_size"][1]} | {ref["setting"]} | '
+            f'{ref["step_s"]:g} s{fwd} / {ref["peak_rss_gb"]:g} GB | '
+            f'{cell(r["step_s"], r["step_s_met"], ref["max_step_s"], "s")} | '
+            f'{cell(r["forward_s"], r["forward_s_met"], ref["max_forward_s"], "s")} | '
+            f'{cell(r["peak_rss_gb"], r["peak_rss_gb_met"], ref["max_peak_rss_gb"], "GB")} |')
+    return lines
+
+
 def _compile_cell(result: Dict) -> str:
     return f'{result["compile_s"]:.0f}' if 'compile_s' in result else '—'
 
@@ -167,6 +215,9 @@ def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, 
         lines += ['', '## Detection backbones: fused vs reference attention, and vs same-size peers', '',
                   ratio_head + ' target |', '|---' * (ratio_head.count('|') - 1) + '|---|']
         lines += [f'{ratio_cells(r)} {_met_cell(r, cpu)} |' for r in det_comps]
+    upstream = [r for r in upstream_rows(cases, results) if r['step_s'] is not None or r['forward_s'] is not None]
+    if upstream:
+        lines += _upstream_lines(upstream)
     if compile_comps:
         lines += ['', '## torch.compile vs eager', '',
                   'Compiled: `torch.compile(model)` (inductor, default mode). Its first call, which compiles, is '

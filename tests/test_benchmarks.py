@@ -41,7 +41,7 @@ def test_full_suite_covers_every_model_peer_mode_and_target():
     cases = suite()
     assert {c.model for c in cases} >= PACKAGE_MODELS | PEERS
     assert len({c.key for c in cases}) == len(cases)
-    for model in (PACKAGE_MODELS | PEERS) - {'lesa_wrn50_det'}:  # the 1280x1280 HTC backbone: forward only
+    for model in PACKAGE_MODELS | PEERS:
         assert {c.mode for c in cases if c.model == model} == set(MODES), model
     lesa = [c for c in cases if c.model == 'lesa_resnet50_det']
     assert {c.img_size for c in lesa} == {(1024, 1024)} and all(c.detection and c.batch_size == 1 for c in lesa)
@@ -49,7 +49,10 @@ def test_full_suite_covers_every_model_peer_mode_and_target():
         (impl, ckpt, frozen) for impl in ('fused', 'reference') for ckpt in (False, True) for frozen in (0, 1)}
     assert {c.attn_impl for c in cases if c.model == 'lit_s' and c.img_size == (800, 1344)} == {'fused', 'reference'}
     peers = {(c.model, c.img_size) for c in cases if c.detection and c.attn_impl is None}
-    assert peers == {('mmdet_resnet50_dcn', (1024, 1024)), ('pvt_v2_b1', (800, 1344)), ('pvt_v2_b2', (800, 1344))}
+    assert peers == {('mmdet_resnet50_dcn', (1024, 1024)), ('wide_resnet50_2', (1280, 1280)),
+                     ('pvt_v2_b1', (800, 1344)), ('pvt_v2_b2', (800, 1344))}
+    wide = {c.attn_impl for c in cases if c.model == 'lesa_wrn50_det' and c.mode == 'fwd+bwd'}
+    assert wide == {'fused'}  # the reference's 1280x1280 training step is far over the memory cap
     assert {c.img_size for c in cases if c.model == 'botnet26t_256'} == {(256, 256)}
 
     targets = {c.title: c for c in comparisons(cases) if c.min_memory_ratio}
@@ -59,6 +62,10 @@ def test_full_suite_covers_every_model_peer_mode_and_target():
     assert targets['lit_s 800x1344 fwd+bwd: fused vs reference'].min_memory_ratio == 2.
     vs_mmdet = targets['lesa_resnet50_det 1024x1024 fwd+bwd: fused vs mmdet_resnet50_dcn']
     assert (vs_mmdet.min_memory_ratio, vs_mmdet.min_speed_ratio) == pytest.approx((1 / 1.15, 0.8))
+    vs_wide = targets['lesa_wrn50_det 1280x1280 fwd+bwd: fused vs wide_resnet50_2']
+    assert (vs_wide.min_memory_ratio, vs_wide.min_speed_ratio) == pytest.approx((1 / 1.15, 0.8))
+    wide_peer = next(c for c in cases if c.model == 'wide_resnet50_2' and c.detection)
+    assert dict(wide_peer.model_kwargs) == {'out_indices': (1, 2, 3, 4)}  # C2-C5, as the LESA backbone's
     assert 'lit_s 800x1344 fwd+bwd: fused vs pvt_v2_b2' in {c.title for c in comparisons(cases)}
 
     on_gpu = suite(device='cuda')
@@ -150,6 +157,27 @@ def test_ratios_mark_targets_and_lower_bounds_when_the_reference_runs_out_of_mem
            'memory >= 5x: met; speed >= 2x: n/a |' in md
     assert '| lesa_resnet50_det | 1024x1024 | reference | 25.0 | 1 | 10.00 GiB | OOM (> 11.5 GiB) | — |' in md
     assert (tmp_path / report.CHART).read_bytes().startswith(b'\x89PNG')
+
+
+def test_the_authors_reference_figures_are_set_against_this_runs_fused_backbones(tmp_path):
+    cases = [c for c in suite() if c.model in ('lit_s', 'lit_ti') and c.detection]
+    results = {c.key: {'status': 'ok', 'img_per_s': 1 / 12. if c.mode == 'fwd+bwd' else 1 / 11.,
+                       'peak_bytes': 2 ** 30, 'peak_rss_bytes': 3.2e9} for c in cases}
+    rows = {r['model']: r for r in report.upstream_rows(cases, results)}
+    lit_s = rows['lit_s']
+    assert lit_s['step_s'] == pytest.approx(12.) and lit_s['step_s_met'] is True  # <= 17.9 s: half the authors'
+    assert lit_s['forward_s_met'] is False  # 11 s is slower than the authors' 10.6 s
+    assert lit_s['peak_rss_gb'] == pytest.approx(3.2) and lit_s['peak_rss_gb_met'] is True  # <= 3.5 GB
+    assert rows['lit_ti']['step_s_met'] is False and rows['lit_ti']['peak_rss_gb_met'] is False  # > 7 s, > 3.0 GB
+    assert rows['lit_ti']['forward_s_met'] is None  # no bound
+    assert rows['lesa_resnet50_det']['step_s'] is None  # not in this run
+    md = tmp_path / 'results.md'
+    report.write_markdown(str(md), {'command': 'c', 'date': 'd', 'commit': 'e', 'mem_limit_gb': 12., 'load_before': '0',
+                                    'device': {'name': 'cpu', 'description': 'cpu', 'torch': '2', 'timm': '1',
+                                               'threads': 2}}, cases, results)
+    assert ('| lit_s | 800x1344 | as configured, use_checkpoint=True | 35.8 s / 10.6 s / 4.29 GB | '
+            '12.0 s (<= 17.9 s: met) | 11.0 s (<= 10.6 s: NOT met) | 3.2 GB (<= 3.5 GB: met) |') in md.read_text()
+    assert 'lesa_resnet50_det | 1024x1024 | as configured' not in md.read_text()
 
 
 def test_a_case_over_the_memory_limit_is_reported_as_oom(tmp_path):
