@@ -1,25 +1,31 @@
 """Shared fixtures: a loopback HTTP server that plays a release site, with the download caches in a temp dir."""
 import http.server
 import threading
+from pathlib import Path
 
 import pytest
 
 
 class ReleaseServer:
-    """Serves ``files`` (URL path -> bytes) on 127.0.0.1; records every request path in ``requests``.
+    """Serves ``files`` (URL path -> bytes) and the files written into the folder ``root`` (``/name`` is
+    ``root / name``) on 127.0.0.1; records every request path in ``requests``.
 
     ``truncate[path] = n`` announces the full Content-Length but sends only the first ``n`` bytes, then closes
     the connection (an interrupted download). Unknown paths get HTTP 404.
     """
 
-    def __init__(self):
-        self.files, self.truncate, self.requests = {}, {}, []
+    def __init__(self, root: Path):
+        self.files, self.truncate, self.requests, self.root = {}, {}, [], root
+        root.mkdir(parents=True, exist_ok=True)
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 server.requests.append(self.path)
                 body = server.files.get(self.path)
+                on_disk = server.root / self.path.lstrip('/')
+                if body is None and on_disk.is_file():
+                    body = on_disk.read_bytes()
                 if body is None:
                     self.send_error(404, 'Not Found')
                     return
@@ -46,10 +52,15 @@ class ReleaseServer:
 
 
 @pytest.fixture
-def release_server(tmp_path, monkeypatch):
-    """A :class:`ReleaseServer`, with TORCH_HOME (the torch hub download cache) and HF_HOME in ``tmp_path``."""
+def hub_caches(tmp_path, monkeypatch):
+    """TORCH_HOME (the torch hub download cache) and HF_HOME in ``tmp_path``, for this process and its children."""
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
     monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf_home'))
-    server = ReleaseServer()
+
+
+@pytest.fixture
+def release_server(tmp_path, hub_caches):
+    """A :class:`ReleaseServer` serving ``tmp_path / 'www'``, with the download caches in ``tmp_path``."""
+    server = ReleaseServer(tmp_path / 'www')
     yield server
     server.close()

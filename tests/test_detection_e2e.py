@@ -14,7 +14,7 @@ import torch
 
 from lesa_lit_det.synthetic import SyntheticCocoSpec, make_synthetic_coco
 from test_detection import to_upstream
-from test_detection_weights import caches, save_crafted, server  # noqa: F401  (fixtures)
+from test_detection_weights import save_crafted
 
 ROOT = Path(__file__).resolve().parents[1]
 DETECTION = ROOT / 'detection'
@@ -26,7 +26,7 @@ QUICK = ['--input-size', '128', '--cfg-options', 'train_dataloader.batch_size=2'
          'train_dataloader.persistent_workers=False', 'test_dataloader.num_workers=0',
          'test_dataloader.persistent_workers=False']
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('hub_caches')]
 
 
 @pytest.fixture(scope='module')
@@ -111,26 +111,25 @@ def test_test_sh_writes_the_test_dev_json(coco, trained, tmp_path):
     assert not (tmp_path / 'metrics.json').exists() or 'coco/bbox_mAP' not in (tmp_path / 'metrics.json').read_text()
 
 
-def test_test_sh_evaluates_the_authors_layout_served_over_loopback(coco, trained, tmp_path, server):
-    authors_layout(trained / 'epoch_2.pth', server.root / 'mask_rcnn_lit_ti.pth')
+def test_test_sh_evaluates_the_authors_layout_served_over_loopback(coco, trained, tmp_path, release_server):
+    authors_layout(trained / 'epoch_2.pth', release_server.root / 'mask_rcnn_lit_ti.pth')
     args = ['--data-root', coco, *QUICK, 'model.test_cfg.rcnn.score_thr=0.0']
-    ok(run('test.sh', DEMO_CONFIG, server.url + 'mask_rcnn_lit_ti.pth', 0, '--work-dir', tmp_path / 'authors', *args,
-           TORCH_HOME=str(tmp_path / 'torch')))
+    url = release_server.url('/mask_rcnn_lit_ti.pth')
+    ok(run('test.sh', DEMO_CONFIG, url, 0, '--work-dir', tmp_path / 'authors', *args))
     ok(run('test.sh', DEMO_CONFIG, trained / 'epoch_2.pth', 0, '--work-dir', tmp_path / 'ours', *args))
     authors = json.loads((tmp_path / 'authors' / 'metrics.json').read_text())
     assert authors == json.loads((tmp_path / 'ours' / 'metrics.json').read_text())  # the same weights
-    assert {'coco/bbox_mAP', 'coco/segm_mAP'} <= set(authors) and server.requests == ['/mask_rcnn_lit_ti.pth']
+    assert {'coco/bbox_mAP', 'coco/segm_mAP'} <= set(authors) and release_server.requests == ['/mask_rcnn_lit_ti.pth']
 
 
-def test_infer_tool_draws_and_writes_predictions(coco, trained, tmp_path, server):
-    authors_layout(trained / 'epoch_2.pth', server.root / 'mask_rcnn_lit_ti.pth')
-    out = tmp_path / 'out'
+def test_infer_tool_draws_and_writes_predictions(coco, trained, tmp_path, release_server):
+    authors_layout(trained / 'epoch_2.pth', release_server.root / 'mask_rcnn_lit_ti.pth')
+    out, url = tmp_path / 'out', release_server.url('/mask_rcnn_lit_ti.pth')
     result = subprocess.run(
-        [sys.executable, str(DETECTION / 'tools' / 'infer.py'), str(DEMO_CONFIG), server.url + 'mask_rcnn_lit_ti.pth',
+        [sys.executable, str(DETECTION / 'tools' / 'infer.py'), str(DEMO_CONFIG), url,
          str(coco / 'val2017'), '--out-dir', str(out), '--score-thr', '0', '--device', 'cpu', '--cfg-options',
          'model.test_cfg.rcnn.score_thr=0.0'],
-        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1',
-                                                           TORCH_HOME=str(tmp_path / 'torch')))
+        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
     ok(result)
     images = sorted(p.name for p in (coco / 'val2017').iterdir())
     assert sorted(p.name for p in (out / 'vis').iterdir()) == images

@@ -8,9 +8,6 @@ authors' init does, and the classification-initialised LESA BatchNorms that keep
 The end-to-end runs (test.sh, train.sh --resume, the inference tool) are in test_detection_e2e.py.
 """
 import argparse
-import http.server
-import threading
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,36 +26,7 @@ from test_detection import MASK_RCNN_LIT_TI, build, make_backbone, pretrained, s
 LESA_IMG = 64  # LESA COCO backbones at 64x64: grids of 16, 8, 4, 2
 
 
-@pytest.fixture(autouse=True)
-def caches(tmp_path, monkeypatch):
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
-    monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))
-
-
-@pytest.fixture
-def server(tmp_path):
-    """Serves the files of ``server.root`` at ``server.url``; ``server.requests`` lists the paths asked for."""
-    root = tmp_path / 'www'
-    root.mkdir()
-    requests = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(root), **kwargs)
-
-        def do_GET(self):
-            requests.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield SimpleNamespace(root=root, url=f'http://127.0.0.1:{httpd.server_port}/', requests=requests)
-    httpd.shutdown()
-    httpd.server_close()
+pytestmark = pytest.mark.usefixtures('hub_caches')
 
 
 class CreatesAFile:
@@ -87,13 +55,13 @@ def authors_lit_ti_imagenet(model):
     return {'model': state_dict, 'args': argparse.Namespace(model='lit_ti', lr=5e-4), 'epoch': 299}
 
 
-def test_lit_config_initialises_from_its_release_url_then_from_the_cache(server, tmp_path):
+def test_lit_config_initialises_from_its_release_url_then_from_the_cache(release_server, tmp_path):
     torch.manual_seed(0)
     reference = timm.create_model('lit_ti')
-    torch.save(authors_lit_ti_imagenet(reference), server.root / 'lit_ti.pth')
+    torch.save(authors_lit_ti_imagenet(reference), release_server.root / 'lit_ti.pth')
     cfg = load_config(str(MASK_RCNN_LIT_TI))
     assert cfg.model.backbone.init_cfg.checkpoint == 'https://github.com/ziplab/LIT/releases/download/v1.0/lit_ti.pth'
-    cfg.model.backbone.init_cfg.checkpoint = server.url + 'lit_ti.pth'  # the release, on loopback
+    cfg.model.backbone.init_cfg.checkpoint = release_server.url('/lit_ti.pth')  # the release, on loopback
     for _ in range(2):
         model = MODELS.build(cfg.model)
         model.init_weights()
@@ -101,28 +69,28 @@ def test_lit_config_initialises_from_its_release_url_then_from_the_cache(server,
         assert len(loaded) > 100 and set(loaded) <= set(reference.state_dict())
         for k, v in loaded.items():
             torch.testing.assert_close(v, reference.state_dict()[k], msg=k)
-    assert server.requests == ['/lit_ti.pth']  # downloaded once, then read from the torch hub cache
-    assert (tmp_path / 'torch' / 'hub' / 'checkpoints' / 'lit_ti.pth').is_file()
+    assert release_server.requests == ['/lit_ti.pth']  # downloaded once, then read from the torch hub cache
+    assert (tmp_path / 'torch_home' / 'hub' / 'checkpoints' / 'lit_ti.pth').is_file()
 
 
-def test_missing_release_file_is_a_clear_error(server):
+def test_missing_release_file_is_a_clear_error(release_server):
     with pytest.raises(DownloadError, match='HTTP 404'):
-        make_backbone('lit_ti', init_cfg=pretrained(server.url + 'lit_ti.pth')).init_weights()
+        make_backbone('lit_ti', init_cfg=pretrained(release_server.url('/lit_ti.pth'))).init_weights()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # nothing from a file runs
 
 
-def test_crafted_checkpoint_is_refused_everywhere_and_runs_nothing(tmp_path, server):
+def test_crafted_checkpoint_is_refused_everywhere_and_runs_nothing(tmp_path, release_server):
     marker = tmp_path / 'created_by_the_checkpoint'
     cfg = small_config(MASK_RCNN_LIT_TI)
     model = build(cfg)
     authors = to_upstream(model.state_dict(), 'lit_ti', 'backbone.')
     crafted = save_crafted(tmp_path / 'crafted.pth', marker, authors)
-    save_crafted(server.root / 'crafted.pth', marker, authors)
+    save_crafted(release_server.root / 'crafted.pth', marker, authors)
 
-    for source in (str(crafted), server.url + 'crafted.pth'):
+    for source in (str(crafted), release_server.url('/crafted.pth')):
         with pytest.raises(UnsafeCheckpointError, match='io.open'):  # TimmBackbone weights, file and URL
             make_backbone('lit_ti', init_cfg=pretrained(source)).init_weights()
         with pytest.raises(UnsafeCheckpointError, match='io.open'):  # test.sh, infer.py
