@@ -34,7 +34,8 @@ name the folder and the file. ``pretrained=True`` without ``pretrained_cfg_overl
 those instructions, before any network access.
 
 Deviations from the authors' code: ``set_grad_checkpointing`` (their ``with_cp_UB_terms_only``) is off by
-default (their detection configs turn it on); ``no_weight_decay`` lists the position tables (the authors
+default (their detection configs turn it on) and its recomputation leaves BatchNorm running statistics alone
+(upstream's updated them twice in train mode); ``no_weight_decay`` lists the position tables (the authors
 decayed every parameter); DCN main weights get the Kaiming init of the convs they replace (mmcv: uniform), and
 all DCN offset convs start at zero. Neither init matters when loading weights.
 """
@@ -268,9 +269,9 @@ class LesaResNet(nn.Module):
         their detection configs switch on, not timm ResNet's whole-block checkpointing.
 
         Those two terms hold what grows with the token grid (the attention's inputs and the unary conv's
-        activations); the conv blocks and the fusion gate keep their activations. In train mode the recomputation
-        updates the LESA BatchNorm running statistics a second time, as it did upstream (the detectors run their
-        norms in eval mode).
+        activations); the conv blocks and the fusion gate keep their activations. Outputs, gradients and BatchNorm
+        running statistics equal those without checkpointing: the recomputation does not update the statistics a
+        second time (upstream's did; its detectors keep the pretrained norms in eval mode).
         """
         for m in self.modules():
             if isinstance(m, Lesa):

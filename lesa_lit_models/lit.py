@@ -316,9 +316,18 @@ class LITStage(nn.Module):
             align_corners=False,
         )
 
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        """The stage's token merging (DTM) of an NHWC map, identity for the first stage."""
+        if self.downsample is None:
+            return x
+        return self.downsample(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
     def forward(self, x: torch.Tensor, prefix_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.downsample is not None:
-            x = self.downsample(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.forward_blocks(self.merge(x), prefix_tokens)
+
+    def forward_blocks(self, x: torch.Tensor, prefix_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Position embedding and blocks on a merged NHWC map; with ``prefix_tokens``, returns the tokens
+        ``(B, prefix + H * W, C)`` instead of the map."""
         B, H, W, C = x.shape
         feat_size = (H, W)
         x = x.reshape(B, H * W, C)
@@ -379,6 +388,10 @@ class LIT(nn.Module):
           (``norm1..3``) belong to the detection adapter (see :func:`detection_output_norms`). The default
           feature wrapper is timm's getter (NCHW); ``feature_cls='list'``/``'hook'`` give the same maps in NHWC,
           timm's convention for NHWC models such as Swin.
+        * LIT-Ti's :meth:`forward_features` returns the map entering stage 4 (after its DTM): the stage-4 blocks
+          attend over the class token and the map together, so they run in :meth:`forward_head` with the final
+          norm and the readout. This keeps timm's contract (an unpooled ``pool_size`` map from
+          ``forward_features``) with the authors' classifier unchanged.
         * Position embeddings, the class token and the bias tables are in :meth:`no_weight_decay` (upstream
           LIT-Ti decayed its position embeddings).
         * The relative position bias is expanded from the live table with a strided view instead of an index
@@ -563,8 +576,8 @@ class LIT(nn.Module):
             output_fmt: ``'NCHW'`` or ``'NHWC'``.
             intermediates_only: Only return the intermediates.
 
-        For LIT-Ti the stage-4 map is computed without the class token (the detection backbone's features);
-        when the final output is also requested, stage 4 runs a second time with the class token.
+        For LIT-Ti the stage-4 map is computed without the class token (the detection backbone's features), and
+        the final output is that of :meth:`forward_features`, the map entering the class-token stage.
         """
         if output_fmt not in ('NCHW', 'NHWC'):
             raise ValueError(f"output_fmt={output_fmt!r}: use 'NCHW' or 'NHWC'.")
@@ -576,24 +589,21 @@ class LIT(nn.Module):
         intermediates = []
         x = self.patch_embed(x)
         for i, stage in enumerate(stages):
+            x = stage.merge(x)
             reads_class_token = self.cls_token is not None and i == last_index
             if i in take_indices or not reads_class_token:
-                feat = stage(x)
+                feat = stage.forward_blocks(x)
                 if i in take_indices:
                     feat_out = self.norm(feat) if norm and i == last_index else feat
                     if output_fmt == 'NCHW':
                         feat_out = feat_out.permute(0, 3, 1, 2).contiguous()
                     intermediates.append(feat_out)
-            if reads_class_token:
-                if intermediates_only:
-                    break
-                x = stage(x, prefix_tokens=self._class_tokens(x))
-            else:
+            if not reads_class_token:
                 x = feat
 
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        return (x if self.cls_token is not None else self.norm(x)), intermediates
 
     def prune_intermediate_layers(
             self,
@@ -616,22 +626,25 @@ class LIT(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised last-stage output: NHWC map, or ``(B, 1 + H * W, C)`` tokens with the class token."""
+        """The unpooled NHWC map the head reads: the normalised last-stage output, or with a class token (LIT-Ti)
+        the map entering the last stage, whose blocks attend over the class token and the map together and so
+        belong to the class-token readout in :meth:`forward_head`."""
         check_input_size(x, self.patch_embed.patch_size[0], len(self.stages))
         x = self.patch_embed(x)
-        last_index = len(self.stages) - 1
-        for i, stage in enumerate(self.stages):
-            if self.cls_token is not None and i == last_index:
-                x = stage(x, prefix_tokens=self._class_tokens(x))
-            else:
-                x = stage(x)
-        return self.norm(x)
+        if self.cls_token is None:
+            return self.norm(self.stages(x))
+        x = self.stages[:-1](x)
+        return self.stages[-1].merge(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == 'token':
-            x = x[:, 0]
-        elif self.global_pool == 'avg':
-            x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.cls_token is not None else x.mean(dim=(1, 2))
+        if self.cls_token is not None:  # the last stage with the class token, then the final norm
+            B, H, W, C = x.shape
+            tokens = self.norm(self.stages[-1].forward_blocks(x, prefix_tokens=self._class_tokens(x)))
+            x = tokens[:, self.num_prefix_tokens:].reshape(B, H, W, C)
+            if self.global_pool == 'token':
+                x = tokens[:, 0]
+        if self.global_pool == 'avg':
+            x = x.mean(dim=(1, 2))
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -793,7 +806,7 @@ def _in1k_cfg(name: str, top1: float, params: str, flops: str, **kwargs) -> Dict
 
 
 default_cfgs = generate_default_cfgs({
-    'lit_ti.in1k': _in1k_cfg('lit_ti', 81.1, '19 M (19.89 M with the classifier)', '3.6 G', pool_size=None),
+    'lit_ti.in1k': _in1k_cfg('lit_ti', 81.1, '19 M (19.89 M with the classifier)', '3.6 G'),
     'lit_s.in1k': _in1k_cfg('lit_s', 81.5, '27 M (27.97 M with the classifier)', '4.1 G'),
     'lit_m.in1k': _in1k_cfg('lit_m', 83.0, '48 M (49.37 M with the classifier)', '8.6 G'),
     'lit_b.in1k': _in1k_cfg('lit_b', 83.4, '86 M (87.29 M with the classifier)', '15.0 G'),

@@ -3,6 +3,8 @@ checkpoint formats (written here with the authors' key names: the released files
 
 Sizes are tiny (4x4 token grids, 64 px detection inputs); the ImageNet models run at their only size, 224.
 """
+import copy
+
 import numpy as np
 import pytest
 import timm
@@ -351,22 +353,28 @@ def test_attention_implementations_agree_in_the_model():
 
 
 @pytest.mark.parametrize('pos_embed', ['classification', 'detection_qr'])
-def test_grad_checkpointing_leaves_outputs_and_grads_unchanged(pos_embed):
+@pytest.mark.parametrize('train', [False, True])
+def test_grad_checkpointing_leaves_outputs_grads_and_running_stats_unchanged(pos_embed, train):
     torch.manual_seed(0)
-    m = _randomise(Lesa(32, 4, groups=4, pos_embed=pos_embed, deformable=pos_embed == 'detection_qr')).eval()
+    initial = _randomise(Lesa(32, 4, groups=4, pos_embed=pos_embed, deformable=pos_embed == 'detection_qr'))
     x = torch.randn(2, 32, 4, 4, requires_grad=True)
     results = []
     for enable in (False, True):
+        m = copy.deepcopy(initial).train(train)
         m.grad_checkpointing = enable
-        m.zero_grad()
         x.grad = None
         out = m(x)
         (out * torch.cos(out)).sum().backward()
-        results.append((out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+        results.append((out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in m.named_parameters()},
+                        {n: b.clone() for n, b in m.named_buffers()}))
     torch.testing.assert_close(results[1][0], results[0][0])
     torch.testing.assert_close(results[1][1], results[0][1])
     for n, grad in results[0][2].items():
         torch.testing.assert_close(results[1][2][n], grad, msg=lambda msg: f'{n}: {msg}')
+    for n, buffer in results[0][3].items():  # the recomputation in backward does not update BatchNorm twice
+        torch.testing.assert_close(results[1][3][n], buffer, rtol=0, atol=0, msg=lambda msg: f'{n}: {msg}')
+    if train:
+        assert any(not torch.equal(b, dict(initial.named_buffers())[n]) for n, b in results[1][3].items())
     with torch.device('meta'):
         model = timm.create_model('lesa_resnet50_det')
     model.set_grad_checkpointing()

@@ -383,6 +383,10 @@ def test_lit_ti_class_token_joins_classification_not_features():
     with torch.no_grad():
         feats = model.forward_intermediates(x, intermediates_only=True)
         logits = model(x)
+        # the classifier is the whole last stage run on the stage-3 map with the class token, then norm and head;
+        # forward_features stops at that stage's token merging, forward_head runs its blocks
+        tokens = model.stages[-1](feats[-2].permute(0, 2, 3, 1), prefix_tokens=model.cls_token)
+        torch.testing.assert_close(logits, model.head(model.norm(tokens)[:, 0]), rtol=0, atol=0)
         model.cls_token.add_(1.)
         feats_after = model.forward_intermediates(x, intermediates_only=True)
         assert not torch.allclose(model(x), logits)
@@ -484,7 +488,7 @@ def test_classifier_api_no_weight_decay_and_group_matcher():
     model.reset_classifier(5)
     assert model(x).shape == (1, 5)
     model.reset_classifier(0, '')
-    assert model(x).shape == (1, 1 + 4, 64)  # class token + 2x2 tokens
+    assert model(x).shape == (1, 2, 2, 64)  # the map of the class-token stage, without the class token
     s_tiny = _tiny('lit_s')
     s_tiny.reset_classifier(0, '')
     assert s_tiny(x).shape == (1, 2, 2, 64)

@@ -112,15 +112,11 @@ def test_model_default_cfgs(name):
         features = model.forward_features(image)
         out = model(image)
         grid = tuple(s // reduction for s in image.shape[-2:])
-        if features.ndim == 3:  # token sequence with prefix tokens (timm's checks for non-standard models)
-            assert features.shape == (1, getattr(model, 'num_prefix_tokens', 0) + math.prod(grid), model.num_features)
-        else:
-            output_fmt = getattr(model, 'output_fmt', 'NCHW')
-            assert features.shape[get_channel_dim(output_fmt)] == model.num_features
-            assert tuple(features.shape[d] for d in get_spatial_dim(output_fmt)) == grid
-        if cfg.get('pool_size'):
-            assert tuple(cfg['pool_size']) == tuple(s // reduction for s in cfg['input_size'][1:]), \
-                f'pool_size {cfg["pool_size"]} != forward_features size at input_size {cfg["input_size"]}'
+        output_fmt = getattr(model, 'output_fmt', 'NCHW')  # an unpooled map, as timm's standard models give
+        assert features.ndim == 4 and features.shape[get_channel_dim(output_fmt)] == model.num_features
+        assert tuple(features.shape[d] for d in get_spatial_dim(output_fmt)) == grid
+        assert tuple(cfg['pool_size']) == tuple(s // reduction for s in cfg['input_size'][1:]), \
+            f'pool_size {cfg["pool_size"]} != forward_features size at input_size {cfg["input_size"]}'
         torch.testing.assert_close(out, model.forward_head(features))  # forward == forward_head(forward_features)
         pre_logits = model.forward_head(features, pre_logits=True)
         assert pre_logits.shape == (1, head_hidden_size)

@@ -29,6 +29,7 @@ their checkpoints load without renaming. Deviation: the authors' ``flatten_index
 index is rebuilt on the fly (checkpoint filters drop it).
 """
 import math
+from contextlib import contextmanager, nullcontext
 from typing import Optional, Tuple, Union
 
 import torch
@@ -38,6 +39,7 @@ from einops import rearrange, reduce
 from timm.layers import register_notrace_module, to_2tuple
 from timm.models import checkpoint
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .banded_attention import ATTN_IMPLS
 from .deform_conv import DeformConv2dPack
@@ -168,6 +170,29 @@ def resample_rel_table(table: torch.Tensor, length: int) -> torch.Tensor:
 
 
 @register_notrace_module  # shape checks and grid-dependent tables: a leaf for FX
+@contextmanager
+def _running_stats_frozen(module: nn.Module):
+    """BatchNorms of ``module`` in train mode normalise with the batch statistics, as always, but leave their
+    running statistics and ``num_batches_tracked`` as they were (momentum 0 inside, the same kernels and saved
+    tensors as the forward being recomputed)."""
+    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats and m.training]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+
+
+def _checkpoint_updating_stats_once(fn, x: torch.Tensor, owner: nn.Module) -> torch.Tensor:
+    """``fn(x)`` recomputed in backward instead of kept; the recomputation does not update the running statistics
+    of ``owner``'s BatchNorms a second time, so training with checkpointing leaves the same statistics as without."""
+    return checkpoint(fn, x, use_reentrant=False, context_fn=lambda: (nullcontext(), _running_stats_frozen(owner)))
+
+
 class Lesa(nn.Module):
     """LESA: unary conv term + binary self-attention term, coupled by a fusion gate.
 
@@ -308,8 +333,8 @@ class Lesa(nn.Module):
         self._check_grid(x.shape[-2], x.shape[-1])
         if self.grad_checkpointing and not torch.jit.is_scripting():
             # as the authors' with_cp_UB_terms_only: only the unary and binary terms are recomputed
-            unary = checkpoint(self.unary, x)
-            binary = checkpoint(self.binary, x)
+            unary = _checkpoint_updating_stats_once(self.unary, x, self)
+            binary = _checkpoint_updating_stats_once(self.binary, x, self)
         else:
             unary = self.unary(x)
             binary = self.binary(x)
