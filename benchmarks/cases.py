@@ -96,7 +96,7 @@ class Case:
         if self.mode not in MODES:
             raise ValueError(f'Unknown mode {self.mode!r}; use one of {MODES}.')
         if self.warmup < 1 or self.iters < 1:
-            raise ValueError('A case needs at least one warm-up (the memory pass) and one timed iteration.')
+            raise ValueError('A case needs at least one warm-up and one timed iteration.')
 
     @classmethod
     def from_dict(cls, d: Dict) -> 'Case':
@@ -203,7 +203,7 @@ def suite(quick: bool = False, device: str = 'cpu') -> List[Case]:
         ]
     cases = [
         *_classification_cases(224, batch_size=4, warmup=1, iters=3),
-        # on 2 CPU cores one fwd+bwd iteration at 1024x1024 takes minutes: the memory pass warms up, one is timed
+        # on 2 CPU cores one fwd+bwd iteration at 1024x1024 takes minutes: one warm-up, one timed
         *_detection_cases('lesa_resnet50_det', (1024, 1024), LESA_IMPLS, LESA_TRAIN, 1, 1, _lesa_det_kwargs(1024)),
         # the HTC backbone at its 1280x1280 (a wide network on 6400-token grids); the reference's training step
         # needs well over the memory cap, so only the fused one trains

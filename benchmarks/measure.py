@@ -1,11 +1,12 @@
 """Measure one :class:`~benchmarks.cases.Case` inside the (forked) process that runs it.
 
-The first iteration is the memory pass (and the first warm-up): on CUDA the allocator's peak
-(``torch.cuda.max_memory_allocated`` after a reset), on CPU the peak of the bytes the CPU allocator reports to
-``torch.profiler(profile_memory=True)`` during that iteration, added to what is resident before it (weights,
-buffers, input). The timed iterations run without the profiler; each records its wall time (throughput) and the
-process's CPU time, which on a shared machine is the steadier measure of the work (with one intra-op thread it
-equals the wall time of an idle machine).
+Warm-ups, then the timed iterations, each recording its wall time (throughput) and the process's CPU time, which
+on a shared machine is the steadier measure of the work (with one intra-op thread it equals the wall time of an
+idle machine); then the process's peak resident size; last the memory pass, one more iteration: on CUDA the
+allocator's peak (``torch.cuda.max_memory_allocated`` after a reset), on CPU the peak of the bytes the CPU
+allocator reports to ``torch.profiler(profile_memory=True)`` during that iteration, added to what is resident
+before it (weights, buffers, input). It comes last because the profiler's own records would count in the
+resident size.
 
 torch and timm are imported inside the functions: the harness process stays light, and the fork server that
 starts each case has them preloaded.
@@ -92,7 +93,7 @@ def _sum_outputs(out):
 
 
 def measure(case: Case, device: str = 'cpu', threads: int = 0, mem_limit_gb: float = 0.) -> Dict:
-    """Build the case's model, measure peak memory on the first iteration, then time the others."""
+    """Build the case's model, time its iterations after the warm-ups, then measure its peak memory."""
     import timm
     import torch
     if threads:
@@ -142,17 +143,8 @@ def measure(case: Case, device: str = 'cpu', threads: int = 0, mem_limit_gb: flo
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if mem_limit_gb and not cuda:
         _limit_address_space(int(mem_limit_gb * _GiB))
-    t0 = time.perf_counter()
-    if cuda:
-        sync()
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        sync()
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = resident + cpu_profiled_peak(step)
-    warmup_s = [time.perf_counter() - t0]
-    for _ in range(case.warmup - 1):
+    warmup_s = []
+    for _ in range(case.warmup):
         t0 = time.perf_counter()
         step()
         sync()
@@ -164,13 +156,23 @@ def measure(case: Case, device: str = 'cpu', threads: int = 0, mem_limit_gb: flo
         sync()
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
+    # the process's peak resident size, as /usr/bin/time reports it, taken before the memory pass, whose CPU
+    # profiler keeps every event it records
+    peak_rss = proc_status_bytes('VmHWM')
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        sync()
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resident + cpu_profiled_peak(step)
     return {
         **result,
         'status': 'ok',
         'peak_bytes': peak,
         'resident_bytes': resident,
         'rss_growth_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before,
-        'peak_rss_bytes': proc_status_bytes('VmHWM'),  # the process's peak resident size, as /usr/bin/time reports
+        'peak_rss_bytes': peak_rss,
         'warmup_s': warmup_s,
         'iter_s': times,
         'iter_cpu_s': cpu_times,
