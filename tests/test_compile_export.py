@@ -124,12 +124,7 @@ _INDUCTOR = {('lesa_resnet50', False), ('lesa_resnet50_det', True), ('lit_ti', F
 # Known failures, strict (a case that starts passing fails the run, so its mark gets removed):
 _BANDED_BACKWARD = ('the banded attention backward calls torch.autograd.grad, a graph break under fullgraph=True '
                     '(dynamo traces it only with trace_autograd_ops)')
-_CHECKPOINTED_STATISTICS = ('BatchNorm running statistics differ under the LESA unary/binary checkpointing in train '
-                            'mode (not yet traced; likely eager recomputation updating them a second time, as the '
-                            'authors\' with_cp_UB_terms_only does, and the compiled graph once)')
 COMPILE_FAILURES = {
-    'lesa_resnet50-classifier-inductor': _CHECKPOINTED_STATISTICS,
-    'lesa_resnet50-features-aot_eager': _CHECKPOINTED_STATISTICS,
     'lesa_resnet50_det-classifier-aot_eager': _BANDED_BACKWARD,
     'lesa_resnet50_det-features-inductor': _BANDED_BACKWARD,
     'lit_s-classifier-aot_eager': _BANDED_BACKWARD,

@@ -190,6 +190,8 @@ def _running_stats_frozen(module: nn.Module):
 def _checkpoint_updating_stats_once(fn, x: torch.Tensor, owner: nn.Module) -> torch.Tensor:
     """``fn(x)`` recomputed in backward instead of kept; the recomputation does not update the running statistics
     of ``owner``'s BatchNorms a second time, so training with checkpointing leaves the same statistics as without."""
+    if torch.compiler.is_compiling():  # the traced recomputation applies no update (and dynamo takes no context_fn)
+        return checkpoint(fn, x, use_reentrant=False)
     return checkpoint(fn, x, use_reentrant=False, context_fn=lambda: (nullcontext(), _running_stats_frozen(owner)))
 
 
