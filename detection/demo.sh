@@ -22,12 +22,10 @@ if [[ -d "$WORK_DIR" && -n "$(ls -A "$WORK_DIR")" && ! -f "$MARKER" ]]; then
   exit 1
 fi
 mkdir -p "$WORK_DIR" && touch "$MARKER"
-# The demo's tensors are small: one thread per process is faster than OpenMP threads waiting for busy cores.
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 START=$SECONDS
 run() { printf '\n$ %s\n' "$*"; "$@"; }
 
-run "$PYTHON" "$HERE/tools/make_synthetic_coco.py" "$WORK_DIR/data" --num-train 240 --num-val 16 --num-test 0 \
+run "$PYTHON" "$HERE/tools/make_synthetic_coco.py" "$WORK_DIR/data" --num-train 240 --num-val 48 --num-test 0 \
   --no-stuff-maps --overwrite  # --overwrite: a previous demo's dataset of other settings (never a foreign folder)
 run "$HERE/train.sh" "$CONFIG" 0 --data-root "$WORK_DIR/data" --work-dir "$WORK_DIR/train"
 CHECKPOINT="$(cat "$WORK_DIR/train/last_checkpoint")"
