@@ -17,7 +17,7 @@
 _base_ = '../lit/mask-rcnn_lit-ti_fpn_1x_coco.py'
 
 image_size = 128
-epochs = 4
+epochs = 6
 batch_size = 4
 classes = ('tv', 'clock', 'kite')  # rectangles, ellipses, triangles (lesa_lit_det.synthetic.SHAPE_CATEGORIES)
 norm_cfg = dict(type='GN', num_groups=32, requires_grad=True)
