@@ -169,7 +169,6 @@ def resample_rel_table(table: torch.Tensor, length: int) -> torch.Tensor:
     return F.interpolate(table.t()[None], size=length, mode='linear', align_corners=True)[0].t()
 
 
-@register_notrace_module  # shape checks and grid-dependent tables: a leaf for FX
 @contextmanager
 def _running_stats_frozen(module: nn.Module):
     """BatchNorms of ``module`` in train mode normalise with the batch statistics, as always, but leave their
@@ -195,6 +194,7 @@ def _checkpoint_updating_stats_once(fn, x: torch.Tensor, owner: nn.Module) -> to
     return checkpoint(fn, x, use_reentrant=False, context_fn=lambda: (nullcontext(), _running_stats_frozen(owner)))
 
 
+@register_notrace_module  # shape checks and grid-dependent tables: a leaf for FX
 class Lesa(nn.Module):
     """LESA: unary conv term + binary self-attention term, coupled by a fusion gate.
 
