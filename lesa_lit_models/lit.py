@@ -633,8 +633,10 @@ class LIT(nn.Module):
         x = self.patch_embed(x)
         if self.cls_token is None:
             return self.norm(self.stages(x))
-        x = self.stages[:-1](x)
-        return self.stages[-1].merge(x)
+        *stages, last = self.stages  # the installed stage modules (a slice would be a new, untraceable Sequential)
+        for stage in stages:
+            x = stage(x)
+        return last.merge(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.cls_token is not None:  # the last stage with the class token, then the final norm
