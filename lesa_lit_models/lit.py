@@ -589,8 +589,10 @@ class LIT(nn.Module):
         intermediates = []
         x = self.patch_embed(x)
         for i, stage in enumerate(stages):
-            x = stage.merge(x)
             reads_class_token = self.cls_token is not None and i == last_index
+            if intermediates_only and reads_class_token and i not in take_indices:
+                break  # nothing more to compute: the class-token stage's input is only the final output
+            x = stage.merge(x)
             if i in take_indices or not reads_class_token:
                 feat = stage.forward_blocks(x)
                 if i in take_indices:
