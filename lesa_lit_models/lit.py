@@ -49,8 +49,8 @@ from ._checkpoint import release_loaded_weights, resolve_pretrained_weights, str
     verify_state_dict
 from .layers.deform_merge import DeformableTokenMerging
 from .layers.banded_attention import ATTN_IMPLS, banded_bias_attention, default_max_chunk_logits
-from .layers.rel_pos import bias_from_grid, bias_rows_keys_reversed, bias_table_size, relative_position_bias_grid, \
-    resample_bias_table
+from .layers.rel_pos import bias_from_grid, bias_rows_keys_reversed, bias_rows_keys_reversed_vjp, bias_table_size, \
+    relative_position_bias_grid, resample_bias_table
 
 __all__ = ['LIT', 'checkpoint_filter_fn', 'detection_output_norms']
 
@@ -70,6 +70,19 @@ def check_input_size(x: torch.Tensor, patch: int, num_stages: int):
             f'{patch * (need - 1) + 1} pixels per side (stride {patch * need}); resize or pad the image.')
 
 
+@register_notrace_function  # FX leaf: the output size is the input grid's
+def resample_grid_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int], feat_size: Tuple[int, int]):
+    """Bilinear (``align_corners=False``) resampling of a ``(1, Gh * Gw, C)`` embedding to ``feat_size``.
+
+    In the embedding's precision, at least float32: timm's ``resample_abs_pos_embed`` always rounds to float32,
+    which would make float64 results depend on the order of float32 operations.
+    """
+    grid = pos_embed.unflatten(1, grid).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.to(torch.promote_types(grid.dtype, torch.float32)), size=feat_size,
+                         mode='bilinear', align_corners=False)
+    return grid.to(pos_embed.dtype).flatten(2).transpose(1, 2)
+
+
 def _check_attn_impl(attn_impl: str) -> str:
     attn_impl = _ATTN_IMPL_ALIASES.get(attn_impl, attn_impl)
     if attn_impl not in ATTN_IMPLS:
@@ -80,6 +93,11 @@ def _check_attn_impl(attn_impl: str) -> str:
 def _bias_of_rows(query_bias, grid, start, stop, feat_size):
     width = feat_size[1]
     return bias_rows_keys_reversed(grid, feat_size, (start // width, stop // width)).unsqueeze(0)
+
+
+def _bias_of_rows_vjp(grad, grid, start, stop, feat_size):
+    width = feat_size[1]
+    return None, bias_rows_keys_reversed_vjp(grad.squeeze(0), feat_size, (start // width, stop // width))
 
 
 @register_notrace_function  # FX leaf: the number of bands depends on the input grid
@@ -102,8 +120,8 @@ def attend_in_row_bands(
     max_logits = max_logits or default_max_chunk_logits(q.device)  # here, inside the FX leaf: it reads the device
     rows_per_band = max(1, max_logits // max(1, q.shape[0] * q.shape[1] * width * k.shape[2]))
     return banded_bias_attention(
-        q, k.flip(-2), v.flip(-2), partial(_bias_of_rows, feat_size=feat_size), rows_per_band * width,
-        shared_bias=grid)
+        q, k.flip(-2), v.flip(-2), partial(_bias_of_rows, feat_size=feat_size),
+        partial(_bias_of_rows_vjp, feat_size=feat_size), rows_per_band * width, shared_bias=grid)
 
 
 class LITAttention(nn.Module):
@@ -305,16 +323,8 @@ class LITStage(nn.Module):
             for i in range(depth)])
 
     def grid_pos_embed(self, feat_size: Tuple[int, int]) -> torch.Tensor:
-        """The grid part of the position embedding, resampled to ``feat_size`` when needed."""
-        return resample_abs_pos_embed(
-            self.pos_embed[:, self.num_prefix_tokens:],
-            new_size=list(feat_size),
-            old_size=list(self.pos_embed_grid),
-            num_prefix_tokens=0,
-            interpolation='bilinear',
-            antialias=False,
-            align_corners=False,
-        )
+        """The grid part of the position embedding, resampled to ``feat_size`` (the identity at its own size)."""
+        return resample_grid_pos_embed(self.pos_embed[:, self.num_prefix_tokens:], self.pos_embed_grid, feat_size)
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """The stage's token merging (DTM) of an NHWC map, identity for the first stage."""

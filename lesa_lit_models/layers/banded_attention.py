@@ -7,7 +7,8 @@ kernel returns the gradient of a trained bias as one dense (tokens x tokens) ten
 * forward: one ``F.scaled_dot_product_attention`` call with the band's bias as float mask (outside autograd, so
   the fused kernels take it); only ``q``, ``k``, ``v`` and the output are kept, as a fused kernel keeps them;
 * backward: the band's logits once more, ``softmax``, then the textbook gradients of the band (``dS = P * (dP -
-  rowsum(dO * O))``), which reach the bias inputs through the vjp of the band's bias function.
+  rowsum(dO * O))``), which reach the bias inputs through the caller's explicit vjp of the band's bias function
+  (no ``torch.autograd.grad`` in backward, so ``torch.compile(fullgraph=True)`` traces training in one graph).
 
 See ``docs/attention.md`` for the derivation and the measurements that chose this split.
 """
@@ -30,6 +31,10 @@ def default_max_chunk_logits(device: torch.device) -> int:
 # bias_fn(query_bias_band, shared_bias, start, stop) -> bias of queries [start, stop) against every key,
 # broadcastable to (N, heads, stop - start, keys)
 BiasFn = Callable[[Optional[torch.Tensor], Optional[torch.Tensor], int, int], torch.Tensor]
+# bias_vjp(grad_bias, shared_bias, start, stop) -> (gradient of query_bias_band, gradient of shared_bias), each
+# None where that input is None; grad_bias has the shape bias_fn returned
+BiasVjp = Callable[[torch.Tensor, Optional[torch.Tensor], int, int],
+                   Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]
 
 
 def _pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -53,17 +58,21 @@ def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad.sum_to_size(shape) if grad.shape != shape else grad
 
 
+def _band_bias(bias_fn: BiasFn, query_bias, shared_bias, start: int, stop: int) -> torch.Tensor:
+    band_query_bias = query_bias[..., start:stop, :] if query_bias is not None else None
+    return bias_fn(band_query_bias, shared_bias, start, stop)
+
+
 class _BandedBiasAttention(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, bias_fn: BiasFn, bands: Sequence[Tuple[int, int]], scale: float, q, k, v, query_bias,
-                shared_bias):
+    def forward(ctx, bias_fn: BiasFn, bias_vjp: BiasVjp, bands: Sequence[Tuple[int, int]], scale: float, q, k, v,
+                query_bias, shared_bias):
         out = q.new_empty(*q.shape[:-1], v.shape[-1])
         for start, stop in bands:
-            band_bias = query_bias[..., start:stop, :] if query_bias is not None else None
-            bias = bias_fn(band_bias, shared_bias, start, stop)
+            bias = _band_bias(bias_fn, query_bias, shared_bias, start, stop)
             out[..., start:stop, :] = _band_forward(q[..., start:stop, :], k, v, bias, scale)
-        ctx.bias_fn, ctx.bands, ctx.scale = bias_fn, bands, scale
+        ctx.bias_fn, ctx.bias_vjp, ctx.bands, ctx.scale = bias_fn, bias_vjp, bands, scale
         ctx.save_for_backward(q, k, v, out, query_bias, shared_bias)
         return out
 
@@ -83,27 +92,20 @@ class _BandedBiasAttention(torch.autograd.Function):
         k_t, v_t = k.transpose(-1, -2), v.transpose(-1, -2)
         for start, stop in ctx.bands:
             q_band, grad_out_band = q[..., start:stop, :], grad_out[..., start:stop, :]
-            with torch.enable_grad():
-                leaves = [
-                    query_bias[..., start:stop, :].detach().requires_grad_() if query_bias is not None else None,
-                    shared_bias.detach().requires_grad_() if shared_bias is not None else None,
-                ]
-                bias = ctx.bias_fn(*leaves, start, stop)
-            probs = torch.matmul(q_band, k_t).mul_(scale).add_(bias.detach()).softmax(-1)
+            bias = _band_bias(ctx.bias_fn, query_bias, shared_bias, start, stop)
+            probs = torch.matmul(q_band, k_t).mul_(scale).add_(bias).softmax(-1)
             grad_v += torch.matmul(probs.transpose(-1, -2), grad_out_band)
             # dS = P * (dO v^T - rowsum(dO * O)), in place over dP
             grad_logits = torch.matmul(grad_out_band, v_t).sub_(row_dot[..., start:stop, :]).mul_(probs)
             del probs
             grad_q[..., start:stop, :] = torch.matmul(grad_logits, k).mul_(scale)
             grad_k += torch.matmul(grad_logits.transpose(-1, -2), q_band).mul_(scale)
-            inputs = [t for t in leaves if t is not None and t.requires_grad]
-            grads = torch.autograd.grad(bias, inputs, _sum_to(grad_logits, bias.shape))
-            grads = dict(zip((id(t) for t in inputs), grads))
-            if leaves[0] is not None:
-                grad_query_bias[..., start:stop, :] = grads[id(leaves[0])]
-            if leaves[1] is not None:
-                grad_shared_bias += grads[id(leaves[1])]
-        return (None, None, None, grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), grad_query_bias,
+            grad_band_bias, grad_shared = ctx.bias_vjp(_sum_to(grad_logits, bias.shape), shared_bias, start, stop)
+            if grad_query_bias is not None:
+                grad_query_bias[..., start:stop, :] = grad_band_bias
+            if grad_shared_bias is not None:
+                grad_shared_bias += grad_shared
+        return (None, None, None, None, grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), grad_query_bias,
                 grad_shared_bias.to(shared_bias.dtype) if shared_bias is not None else None)
 
 
@@ -112,6 +114,7 @@ def banded_bias_attention(
         k: torch.Tensor,
         v: torch.Tensor,
         bias_fn: BiasFn,
+        bias_vjp: BiasVjp,
         band_size: int,
         query_bias: Optional[torch.Tensor] = None,
         shared_bias: Optional[torch.Tensor] = None,
@@ -122,7 +125,9 @@ def banded_bias_attention(
     Args:
         q: (N, heads, Lq, d); k: (N, heads, L, d); v: (N, heads, L, dv).
         bias_fn: ``bias_fn(query_bias[..., start:stop, :], shared_bias, start, stop)`` returns the bias of queries
-            ``[start, stop)``, broadcastable to (N, heads, stop - start, L); differentiable in its tensor inputs.
+            ``[start, stop)``, broadcastable to (N, heads, stop - start, L).
+        bias_vjp: ``bias_vjp(grad_bias, shared_bias, start, stop)`` returns the gradients of ``bias_fn``'s two tensor
+            inputs given the gradient of the bias it returned (None for an input that is None).
         band_size: Queries per band (the caller aligns bands to its own structure, e.g. whole image rows).
         query_bias: Tensor with one row per query (dim -2), sliced to each band; or None.
         shared_bias: Tensor every band reads whole (e.g. an offset table); or None.
@@ -141,4 +146,4 @@ def banded_bias_attention(
     tensors = tuple(t.to(dtype) if t is not None else None for t in tensors)
     bands = tuple((start, min(start + band_size, q.shape[-2])) for start in range(0, q.shape[-2], band_size))
     with torch.autocast(device_type, enabled=False):
-        return _BandedBiasAttention.apply(bias_fn, bands, scale, *tensors)
+        return _BandedBiasAttention.apply(bias_fn, bias_vjp, bands, scale, *tensors)

@@ -112,6 +112,13 @@ def _relative_bias(relative: torch.Tensor, shared: None, start: int, stop: int, 
     return expand_relative_logits(relative[..., :height], relative[..., height:])
 
 
+def _relative_bias_vjp(grad: torch.Tensor, shared: None, start: int, stop: int, grid: Tuple[int, int]):
+    """Gradient of the ``[rh | rw]`` rows of :func:`_relative_bias`: the bias gradient summed over key columns
+    (for ``rh``) and key rows (for ``rw``)."""
+    grad = grad.unflatten(-1, grid)
+    return torch.cat([grad.sum(-1), grad.sum(-2)], dim=-1), None
+
+
 def detection_qr_binary(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -161,5 +168,6 @@ def detection_qr_binary(
     max_logits = max_chunk_logits or default_max_chunk_logits(q.device)
     rows_per_band = max(1, max_logits // max(1, batch * groups * width * tokens))
     return banded_bias_attention(
-        q * scale[:groups, None, None], k, v, partial(_relative_bias, height=height), rows_per_band * width,
+        q * scale[:groups, None, None], k, v, partial(_relative_bias, height=height),
+        partial(_relative_bias_vjp, grid=grid), rows_per_band * width,
         query_bias=torch.cat([rh + logit_shift, rw], dim=-1), scale=1.0)

@@ -18,10 +18,11 @@ plain strided copy), for attention computed a band at a time.
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from timm.layers import register_notrace_function, resize_rel_pos_bias_table_simple
 
 __all__ = ['bias_table_size', 'resample_bias_table', 'relative_position_bias_grid', 'bias_rows_keys_reversed',
-           'bias_from_grid', 'relative_position_bias']
+           'bias_rows_keys_reversed_vjp', 'bias_from_grid', 'relative_position_bias']
 
 
 def bias_table_size(grid_size: Tuple[int, int]) -> Tuple[int, int]:
@@ -88,6 +89,23 @@ def bias_rows_keys_reversed(
     start, stop = query_rows or (0, height)
     windows = grid[:, start:stop + height - 1].unfold(1, height, 1).unfold(2, width, 1)  # heads, rows, W, H, W
     return windows.reshape(grid.shape[0], (stop - start) * width, height * width)
+
+
+@register_notrace_function  # FX: shapes depend on the input grid
+def bias_rows_keys_reversed_vjp(
+        grad: torch.Tensor,
+        feat_size: Tuple[int, int],
+        query_rows: Optional[Tuple[int, int]] = None,
+) -> torch.Tensor:
+    """Gradient of the offset grid from that of :func:`bias_rows_keys_reversed`'s ``(heads, rows * W, H * W)`` band.
+
+    Each query's keys read an ``H x W`` window of the grid, so the windows' gradients add up where they overlap:
+    ``F.fold`` (col2im) of the band, one channel per head, into the grid rows the band read; (heads, 2H - 1, 2W - 1).
+    """
+    height, width = feat_size
+    start, stop = query_rows or (0, height)
+    rows = F.fold(grad.transpose(-1, -2), (stop - start + height - 1, 2 * width - 1), (height, width)).squeeze(1)
+    return F.pad(rows, (0, 0, start, height - stop))
 
 
 def bias_from_grid(
