@@ -276,6 +276,17 @@ def _label(case: Case) -> str:
     return case.attn_impl + (' +ckpt' if case.grad_checkpointing else '') + (' +bf16' if case.bf16 else '')
 
 
+def detection_cases(cases: List[Case]) -> Dict[tuple, Case]:
+    """Eager detection cases by ``(model, img_size, mode, frozen_stages, bf16, attn_impl, grad_checkpointing)``;
+    a backbone's plain case (fused, no freezing, fp32, no checkpointing) is ``plain_key(model, img_size, mode)``."""
+    return {(c.model, c.img_size, c.mode, c.frozen_stages, c.bf16, c.attn_impl, c.grad_checkpointing): c
+            for c in cases if c.detection and not c.compiled}
+
+
+def plain_key(model: str, img_size: Tuple[int, int], mode: str, attn_impl: Optional[str] = 'fused') -> tuple:
+    return model, img_size, mode, 0, False, attn_impl, False
+
+
 def comparisons(cases: List[Case]) -> List[Comparison]:
     """Fused vs reference detection backbones, detection backbones vs their peers, classifiers vs theirs at 224.
 
@@ -283,8 +294,7 @@ def comparisons(cases: List[Case]) -> List[Comparison]:
     checkpointing, also with the checkpointed reference (how upstream trains).
     """
     out = []
-    det = {(c.model, c.img_size, c.mode, c.frozen_stages, c.bf16, c.attn_impl, c.grad_checkpointing): c
-           for c in cases if c.detection and not c.compiled}
+    det = detection_cases(cases)
     for (model, size, mode, frozen, bf16, impl, ckpt), fast in det.items():
         if impl not in _REFERENCE_OF:
             continue
@@ -296,9 +306,9 @@ def comparisons(cases: List[Case]) -> List[Comparison]:
                          f'{_label(fast)} vs {_label(slow)}')
                 out.append(Comparison(title, fast, slow, **(targets if mode in modes else {})))
     for (model, size), peers in DETECTION_PEERS.items():
-        ours = det.get((model, size, 'fwd+bwd', 0, False, 'fused', False))
+        ours = det.get(plain_key(model, size, 'fwd+bwd'))
         for peer, targets in peers:
-            theirs = det.get((peer, size, 'fwd+bwd', 0, False, None, False))
+            theirs = det.get(plain_key(peer, size, 'fwd+bwd', attn_impl=None))
             if ours is not None and theirs is not None:
                 out.append(Comparison(f'{model} {size[0]}x{size[1]} fwd+bwd: fused vs {peer}', ours, theirs, **targets))
     cls = {(c.model, c.mode): c for c in cases if not c.detection and not c.compiled}

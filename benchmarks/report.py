@@ -3,7 +3,7 @@ import json
 from dataclasses import asdict
 from typing import Dict, List, Optional, Tuple
 
-from .cases import MODES, UPSTREAM, Case, Comparison, comparisons
+from .cases import MODES, UPSTREAM, Case, Comparison, comparisons, detection_cases, plain_key
 
 __all__ = ['ratios', 'upstream_rows', 'write_json', 'read_json', 'write_markdown', 'write_chart', 'CHART']
 
@@ -129,9 +129,10 @@ def _met_cell(r: Dict, cpu_time: bool) -> str:
 def upstream_rows(cases: List[Case], results: Dict[str, Dict]) -> List[Dict]:
     """Our fused detection backbones of this run next to the authors' figures (``cases.UPSTREAM``): times in
     seconds, peak RSS in GB, and whether each bound is met (None: no bound, or not measured)."""
+    det = detection_cases(cases)
+
     def ours(model, size, mode):
-        case = next((c for c in cases if (c.model, c.img_size, c.mode, c.attn_impl) == (model, size, mode, 'fused')
-                     and c.detection and not (c.grad_checkpointing or c.frozen_stages or c.bf16 or c.compiled)), None)
+        case = det.get(plain_key(model, size, mode))
         r = results.get(case.key, {}) if case else {}
         return r if r.get('status') == 'ok' else None
 
