@@ -320,14 +320,18 @@ def test_architecture_details_of_each_flavour():
     assert rates == pytest.approx(torch.linspace(0, 0.1, 16).tolist())
 
 
-def test_lit_ti_position_embedding_resampling():
-    stage = _create('lit_ti', **TINY).stages[1]  # stored for a 28x28 grid
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_lit_ti_position_embedding_resampling(dtype):
+    """Bilinear to the stage grid, in the embedding's precision (float64 is not rounded through float32)."""
+    stage = _create('lit_ti', **TINY, dtype=dtype).stages[1]  # stored for a 28x28 grid
+    tolerance = dict(rtol=1e-15, atol=1e-15) if dtype == torch.float64 else {}
     assert torch.equal(stage.grid_pos_embed((28, 28)), stage.pos_embed)
     # 56x56 has the stage-1 token count of a 224 input: the authors' size check skipped resampling here
     for size in [(56, 56), (12, 20)]:
         expected = F.interpolate(stage.pos_embed.reshape(1, 28, 28, -1).permute(0, 3, 1, 2), size=size,
                                  mode='bilinear', align_corners=False).flatten(2).transpose(1, 2)
-        torch.testing.assert_close(stage.grid_pos_embed(size), expected)
+        assert stage.grid_pos_embed(size).dtype == dtype
+        torch.testing.assert_close(stage.grid_pos_embed(size), expected, **tolerance)
 
 
 # ---------------------------------------------------------------------------------------------------------------
