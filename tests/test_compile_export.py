@@ -121,12 +121,15 @@ def _set_model_checkpointing(model: nn.Module, enable: bool):
 # cores) the way its detectors use the detection backbones, with aot_eager (dynamo + AOTAutograd: the graphs
 # inductor would compile, run by eager kernels) otherwise
 _INDUCTOR = {('lesa_resnet50', False), ('lesa_resnet50_det', True), ('lit_ti', False), ('lit_s', True)}
-COMPILE_CASES = [
-    pytest.param(name, features_only, backend, id=f'{name}-{"features" if features_only else "classifier"}-{backend}',
-                 marks=pytest.mark.slow)
-    for name in SMALL for features_only in (False, True)
-    for backend in ['inductor' if (name, features_only) in _INDUCTOR else 'aot_eager']
-]
+
+
+def _compile_case(name: str, features_only: bool):
+    backend = 'inductor' if (name, features_only) in _INDUCTOR else 'aot_eager'
+    return pytest.param(name, features_only, backend, marks=pytest.mark.slow,
+                        id=f'{name}-{"features" if features_only else "classifier"}-{backend}')
+
+
+COMPILE_CASES = [_compile_case(name, features_only) for name in SMALL for features_only in (False, True)]
 
 
 @pytest.mark.parametrize('name, features_only, backend', COMPILE_CASES)
@@ -136,8 +139,7 @@ def test_compiled_model_matches_eager(name, features_only, backend):
     eval step equal eager's; with aot_eager, a second input size recompiles (dynamic shapes where the model takes any
     size). Inductor compiles each graph, and each band's kernels, apart (minutes each on 2 cores): there, one band
     and one size."""
-    model = _small(name, features_only=features_only, **(dict(max_chunk_logits=None) if backend == 'inductor' and
-                                                          'max_chunk_logits' in SMALL[name] else {}))
+    model = _small(name, features_only=features_only, **(dict(max_chunk_logits=None) if backend == 'inductor' else {}))
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     for training in (True, False):
