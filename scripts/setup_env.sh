@@ -46,7 +46,8 @@ step "mmcv $MMCV_VERSION with compiled ops" mmcv
 MMCV_WHEEL="$(ls "$WHEELS"/mmcv-$MMCV_VERSION-*.whl 2>/dev/null | head -n 1 || true)"
 if [ -z "$MMCV_WHEEL" ]; then
   echo "    no cached wheel in $WHEELS: compiling mmcv ops from source."
-  echo "    This takes 13 (AVX-512) to 35 (AVX2 only) minutes on 2 cores (77 compile units); later set-ups reuse the wheel."
+  echo "    This takes 13 (AVX-512) to 35 (AVX2 only) minutes on 2 cores (77 compile units);"
+  echo "    later set-ups reuse the wheel."
   SRC="$(mktemp -d)"
   run "$PY" -m pip download --disable-pip-version-check --no-deps --no-binary :all: -d "$SRC" "mmcv==$MMCV_VERSION"
   tar -xzf "$SRC"/mmcv-$MMCV_VERSION.tar.gz -C "$SRC"

@@ -63,6 +63,9 @@ param_scheduler = [
     dict(type='CosineAnnealingLR', by_epoch=True, begin=0, end=epochs, T_max=epochs, eta_min_ratio=0.01,
          convert_to_iter_based=True),
 ]
-optim_wrapper = dict(optimizer=dict(lr=0.001, fused=True), clip_grad=dict(max_norm=10))
+# the backbone at the paper's lr (2e-4), the from-scratch heads at 5x: at 6 epochs box / mask AP 0.254 / 0.317 against
+# 0.151 / 0.220 with everything at 1e-3 (a shape classifier LIT-Ti does not learn at all at 1e-3 from scratch)
+optim_wrapper = dict(optimizer=dict(lr=0.001, fused=True), clip_grad=dict(max_norm=10),
+                     paramwise_cfg=dict(custom_keys={'backbone': dict(lr_mult=0.2)}))
 default_hooks = dict(logger=dict(interval=5), checkpoint=dict(interval=epochs))
 randomness = dict(seed=0)
