@@ -1,9 +1,18 @@
-"""Shared fixtures: a loopback HTTP server that plays a release site, with the download caches in a temp dir."""
+"""Shared fixtures: a loopback HTTP server that plays a release site, with the download caches in a temp dir.
+
+torch.compile's C++ kernels (tests/test_compile_export.py) take minutes to build on 2 cores: they are kept across
+runs and clones in the project's cache outside the repository, beside the mmcv wheel (``LESA_LIT_CACHE``, default
+``~/.cache/lesa-lit-models``), unless ``TORCHINDUCTOR_CACHE_DIR`` names another place.
+"""
 import http.server
+import os
 import threading
 from pathlib import Path
 
 import pytest
+
+os.environ.setdefault('TORCHINDUCTOR_CACHE_DIR', os.path.join(
+    os.environ.get('LESA_LIT_CACHE', os.path.expanduser('~/.cache/lesa-lit-models')), 'torchinductor'))
 
 
 class ReleaseServer:
