@@ -422,6 +422,55 @@ def test_grad_checkpointing_leaves_outputs_and_grads_unchanged(name):
         torch.testing.assert_close(p.grad, p_ref.grad, msg=n)
 
 
+def _saved_tensor_sizes(fn):
+    """Run ``fn`` and return the element counts of the tensors autograd keeps for its backward."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sizes
+
+
+def test_mlp_block_recomputes_its_activation_exactly_and_keeps_one_wide_tensor():
+    tokens, dim, hidden = 2 * 40, 16, 16 * 8
+    block = MLPBlock(dim, mlp_ratio=8., proj_drop=0.1, dtype=torch.float64).train()
+    keeping = copy.deepcopy(block)
+    keeping.recompute_act = False
+    x = torch.randn(2, 40, dim, dtype=torch.float64, requires_grad=True)
+    x_keeping = x.detach().clone().requires_grad_()
+    torch.manual_seed(1)  # same dropout masks in both, and again inside the recomputation
+    out = block(x, (5, 8))
+    torch.manual_seed(1)
+    out_keeping = keeping(x_keeping, (5, 8))
+    torch.testing.assert_close(out, out_keeping, rtol=0, atol=0)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    out_keeping.backward(grad_out)
+    torch.testing.assert_close(x.grad, x_keeping.grad, rtol=0, atol=0)
+    for (n, p), p_keeping in zip(block.named_parameters(), keeping.parameters()):
+        torch.testing.assert_close(p.grad, p_keeping.grad, rtol=0, atol=0, msg=n)
+
+    def wide(sizes):
+        return sum(size == tokens * hidden for size in sizes)
+    assert wide(_saved_tensor_sizes(lambda: keeping(x, (5, 8)))) >= 2  # GELU input and fc2 input (+ dropout mask)
+    assert wide(_saved_tensor_sizes(lambda: block(x, (5, 8)))) == 1  # fc1's output only
+    with torch.no_grad():  # eval / inference: nothing to recompute
+        torch.testing.assert_close(block.eval()(x, (5, 8)), keeping.eval()(x, (5, 8)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('name', ['lit_ti', 'lit_s'])
+def test_recomputed_mlp_activations_leave_a_whole_model_unchanged(name):
+    model = _tiny(name, num_classes=4).double().train()
+    keeping = _tiny(name, num_classes=4, recompute_mlp_act=False).double().train()
+    keeping.load_state_dict(model.state_dict())
+    assert {m.recompute_act for m in model.modules() if isinstance(m, MLPBlock)} == {True}
+    assert {m.recompute_act for m in keeping.modules() if isinstance(m, MLPBlock)} == {False}
+    _assert_same_outputs_and_grads(model, keeping, torch.randn(2, 3, 64, 64, dtype=torch.float64))
+
+
 def test_odd_batch_size():
     model = _tiny('lit_ti').eval()
     x = torch.randn(5, 3, 64, 64)
