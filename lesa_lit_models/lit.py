@@ -203,8 +203,8 @@ class MLPBlock(nn.Module):
 
     With ``recompute_act`` (the default), training keeps only ``fc1``'s output for backward and recomputes the
     GELU and ``fc2`` from it: the MLP's widest tensors (``mlp_ratio`` x the width, at strides 4 and 8) are then
-    held once instead of twice. Same values and gradients; at 800x1344 LIT-Ti's training step needs about 0.6 GB
-    less for a few percent more time (``benchmarks/``).
+    held once instead of twice. Same values and gradients, for one more GELU and ``fc2`` in backward; at 800x1344
+    LIT-Ti's training step peaks about 0.5 GiB lower (README, Performance).
     """
 
     def __init__(
@@ -403,8 +403,8 @@ class LIT(nn.Module):
         max_chunk_logits: Logits per band of the fused biased attention (default: per device, see
             :func:`~lesa_lit_models.layers.banded_attention.default_max_chunk_logits`).
         recompute_mlp_act: In training, recompute the GELU and ``fc2`` of the stage 1-2 MLPs in backward instead of
-            keeping their widest activations (see :class:`MLPBlock`); ``False`` keeps them (a little faster, more
-            memory). Independent of :meth:`set_grad_checkpointing` (whole blocks).
+            keeping their widest activations (see :class:`MLPBlock`); ``False`` keeps them (more memory, no
+            measurable gain in time on a CPU). Independent of :meth:`set_grad_checkpointing` (whole blocks).
 
     Deliberate deviations from the authors' code:
         * Any input size. The stem pads the input right/bottom to a multiple of the patch size (as the

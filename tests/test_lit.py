@@ -247,16 +247,22 @@ def test_bias_of_a_band_of_query_rows_is_that_slice_of_the_dense_bias(feat_size,
     assert torch.equal(band, dense[:, rows[0] * w:rows[1] * w])
 
 
-def _largest_saved_tensor(fn):
-    """Run ``fn`` and return the element count of the largest tensor autograd keeps for backward."""
-    sizes = [0]
+def _saved_tensor_sizes(fn):
+    """Run ``fn`` and return its output and the element counts of the tensors autograd keeps for backward."""
+    sizes = []
 
     def pack(t):
         sizes.append(t.numel())
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
-    return out, max(sizes)
+    return out, sizes
+
+
+def _largest_saved_tensor(fn):
+    """Run ``fn`` and return its output and the element count of the largest tensor autograd keeps for backward."""
+    out, sizes = _saved_tensor_sizes(fn)
+    return out, max(sizes, default=0)
 
 
 @pytest.mark.parametrize('feat_size', [(9, 8), (11, 5)])
@@ -422,18 +428,6 @@ def test_grad_checkpointing_leaves_outputs_and_grads_unchanged(name):
         torch.testing.assert_close(p.grad, p_ref.grad, msg=n)
 
 
-def _saved_tensor_sizes(fn):
-    """Run ``fn`` and return the element counts of the tensors autograd keeps for its backward."""
-    sizes = []
-
-    def pack(t):
-        sizes.append(t.numel())
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sizes
-
-
 def test_mlp_block_recomputes_its_activation_exactly_and_keeps_one_wide_tensor():
     tokens, dim, hidden = 2 * 40, 16, 16 * 8
     block = MLPBlock(dim, mlp_ratio=8., proj_drop=0.1, dtype=torch.float64).train()
@@ -453,10 +447,10 @@ def test_mlp_block_recomputes_its_activation_exactly_and_keeps_one_wide_tensor()
     for (n, p), p_keeping in zip(block.named_parameters(), keeping.parameters()):
         torch.testing.assert_close(p.grad, p_keeping.grad, rtol=0, atol=0, msg=n)
 
-    def wide(sizes):
-        return sum(size == tokens * hidden for size in sizes)
-    assert wide(_saved_tensor_sizes(lambda: keeping(x, (5, 8)))) >= 2  # GELU input and fc2 input (+ dropout mask)
-    assert wide(_saved_tensor_sizes(lambda: block(x, (5, 8)))) == 1  # fc1's output only
+    def wide(fn):
+        return sum(size == tokens * hidden for size in _saved_tensor_sizes(fn)[1])
+    assert wide(lambda: keeping(x, (5, 8))) >= 2  # GELU input and fc2 input (+ dropout mask)
+    assert wide(lambda: block(x, (5, 8))) == 1  # fc1's output only
     with torch.no_grad():  # eval / inference: nothing to recompute
         torch.testing.assert_close(block.eval()(x, (5, 8)), keeping.eval()(x, (5, 8)), rtol=0, atol=0)
 
