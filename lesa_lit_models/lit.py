@@ -48,7 +48,7 @@ except ImportError:  # older timm only exports the model_args passed to it
 from ._checkpoint import release_loaded_weights, resolve_pretrained_weights, strip_prefix, unwrap_state_dict, \
     verify_state_dict
 from .layers.deform_merge import DeformableTokenMerging
-from .layers.banded_attention import ATTN_IMPLS, banded_bias_attention, default_max_chunk_logits
+from .layers.banded_attention import ATTN_IMPLS, banded_bias_attention, row_band_size
 from .layers.rel_pos import bias_from_grid, bias_rows_keys_reversed, bias_rows_keys_reversed_vjp, bias_table_size, \
     relative_position_bias_grid, resample_bias_table
 
@@ -116,12 +116,10 @@ def attend_in_row_bands(
     is a plain strided copy of the grid); see :func:`~lesa_lit_models.layers.banded_attention.banded_bias_attention`.
     Nothing of size ``(heads, N, N)`` is kept for backward.
     """
-    height, width = feat_size
-    max_logits = max_logits or default_max_chunk_logits(q.device)  # here, inside the FX leaf: it reads the device
-    rows_per_band = max(1, max_logits // max(1, q.shape[0] * q.shape[1] * width * k.shape[2]))
+    band_size = row_band_size(q, k.shape[2], feat_size[1], max_logits)  # inside the FX leaf: it reads the device
     return banded_bias_attention(
         q, k.flip(-2), v.flip(-2), partial(_bias_of_rows, feat_size=feat_size),
-        partial(_bias_of_rows_vjp, feat_size=feat_size), rows_per_band * width, shared_bias=grid)
+        partial(_bias_of_rows_vjp, feat_size=feat_size), band_size, shared_bias=grid)
 
 
 class LITAttention(nn.Module):

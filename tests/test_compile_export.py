@@ -157,24 +157,18 @@ def test_compiled_model_matches_eager(name, features_only, backend):
 
 # -------------------------------------------------------------------------------------------------- torch.export
 
-_EXPORT_GRID_FIXED = pytest.mark.xfail(
-    reason='the banded attention of the LESA detection backbone fixes the token grid: the exported program '
-           'refuses a second size (guard on the number of tokens)', strict=True)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize('features_only', [False, True], ids=['classifier', 'features'])
-@pytest.mark.parametrize('name', [pytest.param(n, marks=_EXPORT_GRID_FIXED) if n == 'lesa_resnet50_det' else n
-                                  for n in SMALL])
+@pytest.mark.parametrize('name', SMALL)
 def test_exported_program_matches_eager(name, features_only):
-    """``torch.export.export`` in eval mode; the LESA detection backbone and LIT-Ti with a dynamic spatial size in
-    multiples of 32, run at a second, non-square size; the LESA classifier at its one size, LIT-S at a static one
-    (the expansion of its relative bias still fixes the grid when exporting). LIT attends in one band (the default
-    band size): the number of bands is a Python loop over the grid, fixed when exporting."""
-    model = _small(name, features_only=features_only, max_chunk_logits=2 ** 26).eval()
+    """``torch.export.export`` in eval mode; every model but the LESA classifier (whose table takes one grid) with a
+    dynamic spatial size in multiples of 32, run at a second, non-square size. The banded attention of the LESA
+    detection backbone and LIT-S attends in one band while exporting (the number of bands would fix the grid),
+    whatever ``max_chunk_logits`` says; eager, these small models attend one query row per band."""
+    model = _small(name, features_only=features_only).eval()
     inputs = [_images()]
     dynamic_shapes = None
-    if name in ('lesa_resnet50_det', 'lit_ti'):
+    if name != 'lesa_resnet50':
         height, width = Dim('height', min=2, max=64), Dim('width', min=2, max=64)
         dynamic_shapes = ({2: 32 * height, 3: 32 * width},)
         inputs.append(torch.randn(2, 3, 96, 128, dtype=torch.float64))

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['ATTN_IMPLS', 'banded_bias_attention', 'default_max_chunk_logits']
+__all__ = ['ATTN_IMPLS', 'banded_bias_attention', 'default_max_chunk_logits', 'row_band_size']
 
 # the attention switch of both families: 'fused' (exact, no tokens x tokens tensor kept) or 'reference'
 ATTN_IMPLS = ('fused', 'reference')
@@ -27,6 +27,19 @@ def default_max_chunk_logits(device: torch.device) -> int:
     """Logits per band when none is set: bands that stay in a CPU's caches (2^22, 16 MB in float32; on 2 cores
     LIT-S's stage-3 attention is ~3x faster than with 2^26), larger on CUDA, where each band is a kernel launch."""
     return 2 ** 26 if device.type == 'cuda' else 2 ** 22
+
+
+def row_band_size(q: torch.Tensor, num_keys: int, width: int, max_logits: Optional[int] = None) -> Optional[int]:
+    """Queries per band for queries in raster order over rows of ``width``: whole rows, as many as fit ``max_logits``
+    logits (batch x heads x queries x keys; at least one row).
+
+    None (one band of all queries) while ``torch.export`` traces: the number of bands is a Python loop over the
+    grid, so bands would fix the input size of the exported program.
+    """
+    if torch.compiler.is_exporting():
+        return None
+    max_logits = max_logits or default_max_chunk_logits(q.device)
+    return max(1, max_logits // max(1, q.shape[0] * q.shape[1] * width * num_keys)) * width
 
 # bias_fn(query_bias_band, shared_bias, start, stop) -> bias of queries [start, stop) against every key,
 # broadcastable to (N, heads, stop - start, keys)
@@ -115,7 +128,7 @@ def banded_bias_attention(
         v: torch.Tensor,
         bias_fn: BiasFn,
         bias_vjp: BiasVjp,
-        band_size: int,
+        band_size: Optional[int],
         query_bias: Optional[torch.Tensor] = None,
         shared_bias: Optional[torch.Tensor] = None,
         scale: Optional[float] = None,
@@ -128,7 +141,8 @@ def banded_bias_attention(
             ``[start, stop)``, broadcastable to (N, heads, stop - start, L).
         bias_vjp: ``bias_vjp(grad_bias, shared_bias, start, stop)`` returns the gradients of ``bias_fn``'s two tensor
             inputs given the gradient of the bias it returned (None for an input that is None).
-        band_size: Queries per band (the caller aligns bands to its own structure, e.g. whole image rows).
+        band_size: Queries per band (the caller aligns bands to its own structure, e.g. whole image rows, see
+            :func:`row_band_size`); None: one band of all queries.
         query_bias: Tensor with one row per query (dim -2), sliced to each band; or None.
         shared_bias: Tensor every band reads whole (e.g. an offset table); or None.
         scale: Logit scale (default ``d ** -0.5``).
@@ -144,6 +158,10 @@ def banded_bias_attention(
     else:
         dtype = q.dtype
     tensors = tuple(t.to(dtype) if t is not None else None for t in tensors)
-    bands = tuple((start, min(start + band_size, q.shape[-2])) for start in range(0, q.shape[-2], band_size))
+    length = q.shape[-2]
+    if band_size is None:
+        bands = ((0, length),)
+    else:
+        bands = tuple((start, min(start + band_size, length)) for start in range(0, length, band_size))
     with torch.autocast(device_type, enabled=False):
         return _BandedBiasAttention.apply(bias_fn, bias_vjp, bands, scale, *tensors)

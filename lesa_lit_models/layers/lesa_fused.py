@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .banded_attention import banded_bias_attention, default_max_chunk_logits
+from .banded_attention import banded_bias_attention, row_band_size
 from .lesa_attention import expand_relative_logits, relative_logits_2d
 
 __all__ = ['detection_qr_binary']
@@ -143,7 +143,7 @@ def detection_qr_binary(
         ``softmax(bn_similarity([qk, qr]) summed over the two terms) @ v``, shape (N, G, L, dv).
     """
     height, width = grid
-    batch, groups, tokens, dim = q.shape
+    _, groups, tokens, dim = q.shape
     if tokens != height * width:
         raise ValueError(f'q has {tokens} tokens but grid {tuple(grid)} has {height * width}; pass grid=(H, W) of '
                          f'the feature map the tokens were flattened from.')
@@ -165,9 +165,7 @@ def detection_qr_binary(
     # b * qr = the relative logits of b * q (train mode also computes the unscaled ones, for the batch statistics:
     # a small O(L (H + W) dqk) einsum twice)
     rh, rw = relative_logits_2d(q * scale[groups:, None, None], rel_height, rel_width, grid)
-    max_logits = max_chunk_logits or default_max_chunk_logits(q.device)
-    rows_per_band = max(1, max_logits // max(1, batch * groups * width * tokens))
     return banded_bias_attention(
         q * scale[:groups, None, None], k, v, partial(_relative_bias, height=height),
-        partial(_relative_bias_vjp, grid=grid), rows_per_band * width,
+        partial(_relative_bias_vjp, grid=grid), row_band_size(q, tokens, width, max_chunk_logits),
         query_bias=torch.cat([rh + logit_shift, rw], dim=-1), scale=1.0)

@@ -15,6 +15,7 @@ index tensor or cache (the index alone is 141 MB at an 800x1344 input), so nothi
 :func:`bias_rows_keys_reversed` expands only the rows of a band of queries, against the keys in reverse order (a
 plain strided copy), for attention computed a band at a time.
 """
+from functools import partial
 from typing import Optional, Tuple
 
 import torch
@@ -87,7 +88,12 @@ def bias_rows_keys_reversed(
     """
     height, width = feat_size
     start, stop = query_rows or (0, height)
-    windows = grid[:, start:stop + height - 1].unfold(1, height, 1).unfold(2, width, 1)  # heads, rows, W, H, W
+    if torch.compiler.is_exporting():  # unfold's window sizes would fix the grid of the exported program
+        arange = partial(torch.arange, device=grid.device)
+        rows, cols = arange(start, stop)[:, None] + arange(height), arange(width)[:, None] + arange(width)
+        windows = grid[:, rows[:, None, :, None], cols[None, :, None, :]]
+    else:
+        windows = grid[:, start:stop + height - 1].unfold(1, height, 1).unfold(2, width, 1)  # heads, rows, W, H, W
     return windows.reshape(grid.shape[0], (stop - start) * width, height * width)
 
 
