@@ -41,6 +41,7 @@ def row_band_size(q: torch.Tensor, num_keys: int, width: int, max_logits: Option
     max_logits = max_logits or default_max_chunk_logits(q.device)
     return max(1, max_logits // max(1, q.shape[0] * q.shape[1] * width * num_keys)) * width
 
+
 # bias_fn(query_bias_band, shared_bias, start, stop) -> bias of queries [start, stop) against every key,
 # broadcastable to (N, heads, stop - start, keys)
 BiasFn = Callable[[Optional[torch.Tensor], Optional[torch.Tensor], int, int], torch.Tensor]
