@@ -20,20 +20,26 @@ PEERS: Dict[str, Tuple[str, ...]] = {
 NATIVE_SIZE = {'botnet26t_256': 256}
 
 # mmdet backbones measured next to ours, as mmdet's DCN configs build them (frozen_stages, norm_eval, with_cp per case)
+_MMDET_RESNET50_DCN = dict(
+    type='ResNet', depth=50, num_stages=4, out_indices=(0, 1, 2, 3), norm_cfg=dict(type='BN', requires_grad=True),
+    style='pytorch', dcn=dict(type='DCN', deform_groups=1, fallback_on_stride=False),
+    stage_with_dcn=(False, True, True, True))
+# name: (mmdet ResNet config, width factor of the bottlenecks' 1x1-3x3-1x1 inner channels). mmdet has no wide
+# ResNet (its ResNeXt widens grouped convolutions only): the wide peer is its ResNet-50 + DCN with the inner width
+# doubled, as torchvision's wide_resnet50_2 doubles it
 MMDET_PEERS = {
-    'mmdet_resnet50_dcn': dict(
-        type='ResNet', depth=50, num_stages=4, out_indices=(0, 1, 2, 3), norm_cfg=dict(type='BN', requires_grad=True),
-        style='pytorch', dcn=dict(type='DCN', deform_groups=1, fallback_on_stride=False),
-        stage_with_dcn=(False, True, True, True)),
+    'mmdet_resnet50_dcn': (_MMDET_RESNET50_DCN, 1),
+    'mmdet_wide_resnet50_dcn': (_MMDET_RESNET50_DCN, 2),
 }
 # each detection backbone of the package, the same-size peers it is compared with (training step), and the targets:
 # (minimum memory ratio peer/ours, minimum speed ratio ours/peer); a 1.25x time bound is a speed ratio of 0.8
 DETECTION_PEERS = {
     ('lesa_resnet50_det', (1024, 1024)): (
         ('mmdet_resnet50_dcn', dict(min_memory_ratio=1 / 1.15, min_speed_ratio=0.8)),),
-    # mmdet has no wide ResNet-50 (its ResNeXt widens grouped convolutions only): timm's, without DCN, a lower floor
+    # the wide peer of the HTC config, and timm's wide ResNet-50 without DCN: the conv-only floor
     ('lesa_wrn50_det', (1280, 1280)): (
-        ('wide_resnet50_2', dict(min_memory_ratio=1 / 1.15, min_speed_ratio=0.8)),),
+        ('mmdet_wide_resnet50_dcn', dict(min_memory_ratio=1 / 1.15, min_speed_ratio=0.8)),
+        ('wide_resnet50_2', {})),
     ('lit_ti', (800, 1344)): (('pvt_v2_b1', {}),),
     ('lit_s', (800, 1344)): (('pvt_v2_b2', {}),),
 }

@@ -11,6 +11,7 @@ resident size.
 torch and timm are imported inside the functions: the harness process stays light, and the fork server that
 starts each case has them preloaded.
 """
+import copy
 import os
 import resource
 import statistics
@@ -59,6 +60,23 @@ def cpu_profiled_peak(step: Callable[[], None]) -> int:
     return peak
 
 
+def _widen_bottlenecks(resnet, factor: int) -> None:
+    """Multiply the inner width (conv1, conv2 and their norms) of every bottleneck of an mmdet ResNet by ``factor``,
+    keeping its convolution types (DCN where configured) and strides: torchvision's wide ResNet from mmdet's."""
+    from mmcv.cnn import build_conv_layer, build_norm_layer
+    for layer_name in resnet.res_layers:
+        for block in getattr(resnet, layer_name):
+            width = block.planes * factor
+            block.conv1 = build_conv_layer(None, block.inplanes, width, 1, stride=block.conv1_stride, bias=False)
+            block.conv2 = build_conv_layer(block.dcn if block.with_dcn else None, width, width, 3,
+                                           stride=block.conv2_stride, padding=block.dilation,
+                                           dilation=block.dilation, bias=False)
+            block.conv3 = build_conv_layer(None, width, block.planes * block.expansion, 1, bias=False)
+            for name in (block.norm1_name, block.norm2_name):
+                setattr(block, name, build_norm_layer(block.norm_cfg, width)[1])
+    resnet.train(resnet.training)  # frozen stages and norm_eval for the new layers too
+
+
 def _detection_backbone(case: Case):
     """The backbone as a detector trains it: the mmdet adapter (LESA/LIT/timm models) or mmdet's own ResNet peers,
     BatchNorm frozen (``norm_eval=True``), ``frozen_stages`` and gradient checkpointing (``with_cp``) as configured."""
@@ -74,13 +92,17 @@ def _detection_backbone(case: Case):
     register_all_modules(init_default_scope=True)
     frozen_stages = case.frozen_stages or -1
     if case.model in MMDET_PEERS:
-        cfg = dict(MMDET_PEERS[case.model], frozen_stages=frozen_stages, norm_eval=True,
-                   with_cp=case.grad_checkpointing)
-    else:
-        cfg = dict(type='TimmBackbone', model_name=case.model, frozen_stages=frozen_stages, norm_eval=True,
-                   with_cp=case.grad_checkpointing, **dict(case.model_kwargs))
-        if case.attn_impl:
-            cfg['attn_impl'] = case.attn_impl
+        resnet_cfg, width_factor = MMDET_PEERS[case.model]
+        # deep copy: mmdet's Bottleneck pops keys from the dcn dict it is given
+        backbone = MODELS.build(dict(copy.deepcopy(resnet_cfg), frozen_stages=frozen_stages, norm_eval=True,
+                                     with_cp=case.grad_checkpointing))
+        if width_factor != 1:
+            _widen_bottlenecks(backbone, width_factor)
+        return backbone
+    cfg = dict(type='TimmBackbone', model_name=case.model, frozen_stages=frozen_stages, norm_eval=True,
+               with_cp=case.grad_checkpointing, **dict(case.model_kwargs))
+    if case.attn_impl:
+        cfg['attn_impl'] = case.attn_impl
     return MODELS.build(cfg)
 
 

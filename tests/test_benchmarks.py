@@ -49,8 +49,8 @@ def test_full_suite_covers_every_model_peer_mode_and_target():
         (impl, ckpt, frozen) for impl in ('fused', 'reference') for ckpt in (False, True) for frozen in (0, 1)}
     assert {c.attn_impl for c in cases if c.model == 'lit_s' and c.img_size == (800, 1344)} == {'fused', 'reference'}
     peers = {(c.model, c.img_size) for c in cases if c.detection and c.attn_impl is None}
-    assert peers == {('mmdet_resnet50_dcn', (1024, 1024)), ('wide_resnet50_2', (1280, 1280)),
-                     ('pvt_v2_b1', (800, 1344)), ('pvt_v2_b2', (800, 1344))}
+    assert peers == {('mmdet_resnet50_dcn', (1024, 1024)), ('mmdet_wide_resnet50_dcn', (1280, 1280)),
+                     ('wide_resnet50_2', (1280, 1280)), ('pvt_v2_b1', (800, 1344)), ('pvt_v2_b2', (800, 1344))}
     wide = {c.attn_impl for c in cases if c.model == 'lesa_wrn50_det' and c.mode == 'fwd+bwd'}
     assert wide == {'fused'}  # the reference's 1280x1280 training step is far over the memory cap
     assert {c.img_size for c in cases if c.model == 'botnet26t_256'} == {(256, 256)}
@@ -62,8 +62,9 @@ def test_full_suite_covers_every_model_peer_mode_and_target():
     assert targets['lit_s 800x1344 fwd+bwd: fused vs reference'].min_memory_ratio == 2.
     vs_mmdet = targets['lesa_resnet50_det 1024x1024 fwd+bwd: fused vs mmdet_resnet50_dcn']
     assert (vs_mmdet.min_memory_ratio, vs_mmdet.min_speed_ratio) == pytest.approx((1 / 1.15, 0.8))
-    vs_wide = targets['lesa_wrn50_det 1280x1280 fwd+bwd: fused vs wide_resnet50_2']
+    vs_wide = targets['lesa_wrn50_det 1280x1280 fwd+bwd: fused vs mmdet_wide_resnet50_dcn']
     assert (vs_wide.min_memory_ratio, vs_wide.min_speed_ratio) == pytest.approx((1 / 1.15, 0.8))
+    assert 'lesa_wrn50_det 1280x1280 fwd+bwd: fused vs wide_resnet50_2' not in targets  # the floor, no target
     wide_peer = next(c for c in cases if c.model == 'wide_resnet50_2' and c.detection)
     assert dict(wide_peer.model_kwargs) == {'out_indices': (1, 2, 3, 4)}  # C2-C5, as the LESA backbone's
     assert 'lit_s 800x1344 fwd+bwd: fused vs pvt_v2_b2' in {c.title for c in comparisons(cases)}
@@ -93,6 +94,25 @@ def test_detection_backbones_are_built_by_the_mmdet_adapter_with_its_freezing():
     peer = measure._detection_backbone(Case('mmdet_resnet50_dcn', (128, 128), 'fwd+bwd', detection=True))
     assert type(peer).__name__ == 'ResNet' and peer.norm_eval and peer.frozen_stages == -1
     assert [f.shape[1] for f in peer(torch.randn(1, 3, 128, 128))] == [256, 512, 1024, 2048]
+
+
+def test_the_wide_mmdet_peer_is_torchvisions_wide_resnet50_with_dcn_in_stages_2_to_4():
+    pytest.importorskip('mmdet')
+    import timm
+    import torch
+    peer = measure._detection_backbone(Case('mmdet_wide_resnet50_dcn', (128, 128), 'fwd+bwd', detection=True,
+                                            frozen_stages=1))
+    wide = timm.create_model('wide_resnet50_2', features_only=True, out_indices=(1, 2, 3, 4))
+    dcn_weights = {name for name, _ in peer.named_parameters() if 'conv_offset' in name}
+    assert {name.split('.')[0] for name in dcn_weights} == {'layer2', 'layer3', 'layer4'}
+    # apart from the DCN offset convs, the same layers with the same shapes, in the same order, as timm's
+    shapes = [p.shape for name, p in peer.named_parameters() if name not in dcn_weights]
+    assert shapes == [p.shape for p in wide.parameters()]
+    peer.train()
+    assert not any(p.requires_grad for p in peer.layer1.parameters())  # frozen_stages reaches the new layers
+    assert not any(m.training for m in peer.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    x = torch.randn(1, 3, 128, 128)
+    assert [f.shape for f in peer(x)] == [f.shape for f in wide(x)]
 
 
 def test_compile_suite_pairs_every_model_eager_and_compiled_with_the_compile_time_apart(tmp_path):
