@@ -95,7 +95,7 @@ def _bias_of_rows(query_bias, grid, start, stop, feat_size):
     return bias_rows_keys_reversed(grid, feat_size, (start // width, stop // width)).unsqueeze(0)
 
 
-def _bias_of_rows_vjp(grad, grid, start, stop, feat_size):
+def _bias_of_rows_vjp(grad, query_bias, grid, start, stop, feat_size):
     width = feat_size[1]
     return None, bias_rows_keys_reversed_vjp(grad.squeeze(0), feat_size, (start // width, stop // width))
 

@@ -381,6 +381,50 @@ def test_grad_checkpointing_leaves_outputs_grads_and_running_stats_unchanged(pos
     assert all(b.conv2.grad_checkpointing for b in (*model.layer3[1:], *model.layer4))
 
 
+def _saved_storage_bytes(fn):
+    """Run ``fn``; return its output and the bytes of the distinct storages autograd keeps for backward."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+@pytest.mark.parametrize('pos_embed,attn_impl', [
+    ('classification', 'reference'), ('detection_qr', 'fused'), ('detection_qr', 'reference')])
+def test_recomputed_gate_changes_nothing_and_keeps_less_for_backward(pos_embed, attn_impl):
+    """recompute_gate (the default) recomputes the terms' norms and the fusion gate in backward: the same outputs,
+    gradients and BatchNorm statistics in train mode (float64) as keeping them, and fewer bytes kept."""
+    torch.manual_seed(0)
+    initial = _randomise(Lesa(32, 4, groups=4, pos_embed=pos_embed, attn_impl=attn_impl)).double()
+    assert initial.recompute_gate
+    x = torch.randn(2, 32, 4, 4, dtype=torch.float64, requires_grad=True)
+    results = []
+    for recompute in (False, True):
+        m = copy.deepcopy(initial).train()
+        m.recompute_gate = recompute
+        x.grad = None
+        out, saved = _saved_storage_bytes(lambda: m(x))
+        (out * torch.cos(out)).sum().backward()
+        results.append((out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in m.named_parameters()},
+                        {n: b.clone() for n, b in m.named_buffers()}, saved))
+    (out, grad_x, grads, buffers, saved), (out_re, grad_x_re, grads_re, buffers_re, saved_re) = results
+    torch.testing.assert_close(out_re, out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_x_re, grad_x, rtol=1e-12, atol=1e-12)
+    for n, grad in grads.items():
+        torch.testing.assert_close(grads_re[n], grad, rtol=1e-12, atol=1e-12, msg=lambda msg: f'{n}: {msg}')
+    for n, buffer in buffers.items():  # updated once, in forward
+        torch.testing.assert_close(buffers_re[n], buffer, rtol=0, atol=0, msg=lambda msg: f'{n}: {msg}')
+    assert any(not torch.equal(b, dict(initial.named_buffers())[n]) for n, b in buffers_re.items())
+    # eight (N, C, H, W) activations fewer when the fused term's output is kept once (U and B before their norms
+    # are all that is kept of the fusion), at least five otherwise
+    fewer = 8 if attn_impl == 'fused' else 5
+    assert saved - saved_re >= fewer * x.numel() * x.element_size()
+
+
 def test_model_grad_checkpointing_keeps_less_for_backward_and_changes_nothing():
     """set_grad_checkpointing / the grad_checkpointing flag recompute the LESA terms: same outputs and gradients,
     fewer activation elements saved for backward (counted through autograd's saved-tensor hooks)."""

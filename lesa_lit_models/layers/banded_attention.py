@@ -45,9 +45,9 @@ def row_band_size(q: torch.Tensor, num_keys: int, width: int, max_logits: Option
 # bias_fn(query_bias_band, shared_bias, start, stop) -> bias of queries [start, stop) against every key,
 # broadcastable to (N, heads, stop - start, keys)
 BiasFn = Callable[[Optional[torch.Tensor], Optional[torch.Tensor], int, int], torch.Tensor]
-# bias_vjp(grad_bias, shared_bias, start, stop) -> (gradient of query_bias_band, gradient of shared_bias), each
-# None where that input is None; grad_bias has the shape bias_fn returned
-BiasVjp = Callable[[torch.Tensor, Optional[torch.Tensor], int, int],
+# bias_vjp(grad_bias, query_bias_band, shared_bias, start, stop) -> (gradient of query_bias_band, gradient of
+# shared_bias), each None where that input is None; grad_bias has the shape bias_fn returned
+BiasVjp = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], int, int],
                    Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]
 
 
@@ -72,19 +72,21 @@ def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad.sum_to_size(shape) if grad.shape != shape else grad
 
 
-def _band_bias(bias_fn: BiasFn, query_bias, shared_bias, start: int, stop: int) -> torch.Tensor:
-    band_query_bias = query_bias[..., start:stop, :] if query_bias is not None else None
-    return bias_fn(band_query_bias, shared_bias, start, stop)
+def _band_rows(query_bias: Optional[torch.Tensor], start: int, stop: int) -> Optional[torch.Tensor]:
+    return query_bias[..., start:stop, :] if query_bias is not None else None
 
 
 class _BandedBiasAttention(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, bias_fn: BiasFn, bias_vjp: BiasVjp, bands: Sequence[Tuple[int, int]], scale: float, q, k, v,
-                query_bias, shared_bias):
-        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    def forward(ctx, bias_fn: BiasFn, bias_vjp: BiasVjp, bands: Sequence[Tuple[int, int]], scale: float,
+                out_transposed: bool, q, k, v, query_bias, shared_bias):
+        if out_transposed:
+            out = q.new_empty(*q.shape[:-2], v.shape[-1], q.shape[-2]).transpose(-1, -2)
+        else:
+            out = q.new_empty(*q.shape[:-1], v.shape[-1])
         for start, stop in bands:
-            bias = _band_bias(bias_fn, query_bias, shared_bias, start, stop)
+            bias = bias_fn(_band_rows(query_bias, start, stop), shared_bias, start, stop)
             out[..., start:stop, :] = _band_forward(q[..., start:stop, :], k, v, bias, scale)
         ctx.bias_fn, ctx.bias_vjp, ctx.bands, ctx.scale = bias_fn, bias_vjp, bands, scale
         ctx.save_for_backward(q, k, v, out, query_bias, shared_bias)
@@ -106,7 +108,8 @@ class _BandedBiasAttention(torch.autograd.Function):
         k_t, v_t = k.transpose(-1, -2), v.transpose(-1, -2)
         for start, stop in ctx.bands:
             q_band, grad_out_band = q[..., start:stop, :], grad_out[..., start:stop, :]
-            bias = _band_bias(ctx.bias_fn, query_bias, shared_bias, start, stop)
+            band_query_bias = _band_rows(query_bias, start, stop)
+            bias = ctx.bias_fn(band_query_bias, shared_bias, start, stop)
             probs = torch.matmul(q_band, k_t).mul_(scale).add_(bias).softmax(-1)
             grad_v += torch.matmul(probs.transpose(-1, -2), grad_out_band)
             # dS = P * (dO v^T - rowsum(dO * O)), in place over dP
@@ -114,12 +117,13 @@ class _BandedBiasAttention(torch.autograd.Function):
             del probs
             grad_q[..., start:stop, :] = torch.matmul(grad_logits, k).mul_(scale)
             grad_k += torch.matmul(grad_logits.transpose(-1, -2), q_band).mul_(scale)
-            grad_band_bias, grad_shared = ctx.bias_vjp(_sum_to(grad_logits, bias.shape), shared_bias, start, stop)
+            grad_band_bias, grad_shared = ctx.bias_vjp(
+                _sum_to(grad_logits, bias.shape), band_query_bias, shared_bias, start, stop)
             if grad_query_bias is not None:
                 grad_query_bias[..., start:stop, :] = grad_band_bias
             if grad_shared_bias is not None:
                 grad_shared_bias += grad_shared
-        return (None, None, None, None, grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), grad_query_bias,
+        return (None, None, None, None, None, grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), grad_query_bias,
                 grad_shared_bias.to(shared_bias.dtype) if shared_bias is not None else None)
 
 
@@ -133,6 +137,7 @@ def banded_bias_attention(
         query_bias: Optional[torch.Tensor] = None,
         shared_bias: Optional[torch.Tensor] = None,
         scale: Optional[float] = None,
+        out_transposed: bool = False,
 ) -> torch.Tensor:
     """``softmax(q k^T * scale + bias) v``, with the bias of each band of ``band_size`` queries from ``bias_fn``.
 
@@ -140,13 +145,16 @@ def banded_bias_attention(
         q: (N, heads, Lq, d); k: (N, heads, L, d); v: (N, heads, L, dv).
         bias_fn: ``bias_fn(query_bias[..., start:stop, :], shared_bias, start, stop)`` returns the bias of queries
             ``[start, stop)``, broadcastable to (N, heads, stop - start, L).
-        bias_vjp: ``bias_vjp(grad_bias, shared_bias, start, stop)`` returns the gradients of ``bias_fn``'s two tensor
-            inputs given the gradient of the bias it returned (None for an input that is None).
+        bias_vjp: ``bias_vjp(grad_bias, query_bias[..., start:stop, :], shared_bias, start, stop)`` returns the
+            gradients of ``bias_fn``'s two tensor inputs given the gradient of the bias it returned (None for an
+            input that is None).
         band_size: Queries per band (the caller aligns bands to its own structure, e.g. whole image rows, see
             :func:`row_band_size`); None: one band of all queries.
         query_bias: Tensor with one row per query (dim -2), sliced to each band; or None.
         shared_bias: Tensor every band reads whole (e.g. an offset table); or None.
         scale: Logit scale (default ``d ** -0.5``).
+        out_transposed: Return the (N, heads, Lq, dv) output as a view of (N, heads, dv, Lq) storage, for callers
+            that go on channel-first: their ``(N, heads * dv, Lq)`` view then shares the storage kept for backward.
 
     Under autocast every operand is cast to the autocast dtype (the dtype a fused kernel would compute in);
     gradients summed over bands are accumulated in at least float32.
@@ -165,4 +173,4 @@ def banded_bias_attention(
     else:
         bands = tuple((start, min(start + band_size, length)) for start in range(0, length, band_size))
     with torch.autocast(device_type, enabled=False):
-        return _BandedBiasAttention.apply(bias_fn, bias_vjp, bands, scale, *tensors)
+        return _BandedBiasAttention.apply(bias_fn, bias_vjp, bands, scale, out_transposed, *tensors)

@@ -46,7 +46,7 @@ from .deform_conv import DeformConv2dPack
 
 __all__ = [
     'Lesa', 'classification_binary_reference', 'detection_qr_binary_reference', 'relative_logits_2d',
-    'expand_relative_logits',
+    'relative_logits_of_rows', 'relative_tables_2d', 'expand_relative_logits',
     'resample_rel_table', 'POS_EMBED_TYPES', 'ATTN_IMPLS', 'DEFAULT_ATTN_IMPL',
 ]
 
@@ -95,6 +95,16 @@ def classification_binary_reference(
     return sv, sve
 
 
+def relative_tables_2d(
+        rel_height: torch.Tensor, rel_width: torch.Tensor, grid: Tuple[int, int],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``height_table[x, x'] = rel_height[x' - x + H - 1]`` (H, H, d), the key-row offset seen from query row x, and
+    ``width_table[y, y'] = rel_width[y' - y + W - 1]`` (W, W, d)."""
+    height, width = grid
+    return tuple(rel.index_select(0, _offset_index(size, rel.device).t().flatten()).view(size, size, rel.shape[1])
+                 for rel, size in ((rel_height, height), (rel_width, width)))
+
+
 def relative_logits_2d(
         q: torch.Tensor,
         rel_height: torch.Tensor,
@@ -108,12 +118,17 @@ def relative_logits_2d(
     q: (N, G, H*W, d); rel_height: (2H-1, d); rel_width: (2W-1, d). The 2-D relative logits are
     :func:`expand_relative_logits` of the pair.
     """
-    height, width = grid
+    return relative_logits_of_rows(q, *relative_tables_2d(rel_height, rel_width, grid))
+
+
+def relative_logits_of_rows(
+        q: torch.Tensor, height_table: torch.Tensor, width_table: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`relative_logits_2d` of queries that fill whole rows of the grid, q (N, G, rows * W, d), from the rows
+    of ``height_table`` they sit on (rows, H, d) and ``width_table`` (W, W, d) (:func:`relative_tables_2d`)."""
     batch, groups, tokens, dim = q.shape
-    # table[x, x'] = rel[x' - x + H - 1]: the key-row offset seen from query row x
-    height_table = rel_height[_offset_index(height, q.device).t()]
-    width_table = rel_width[_offset_index(width, q.device).t()]
-    q_grid = q.reshape(batch, groups, height, width, dim)
+    (rows, height), width = height_table.shape[:2], width_table.shape[0]
+    q_grid = q.reshape(batch, groups, rows, width, dim)
     rh = torch.einsum('ngxyd,xad->ngxya', q_grid, height_table).reshape(batch, groups, tokens, height)
     rw = torch.einsum('ngxyd,ybd->ngxyb', q_grid, width_table).reshape(batch, groups, tokens, width)
     return rh, rw
@@ -186,12 +201,14 @@ def _running_stats_frozen(module: nn.Module):
             m.num_batches_tracked.copy_(tracked)
 
 
-def _checkpoint_updating_stats_once(fn, x: torch.Tensor, owner: nn.Module) -> torch.Tensor:
-    """``fn(x)`` recomputed in backward instead of kept; the recomputation does not update the running statistics
-    of ``owner``'s BatchNorms a second time, so training with checkpointing leaves the same statistics as without."""
+def _checkpoint_updating_stats_once(fn, *inputs: torch.Tensor, owner: nn.Module) -> torch.Tensor:
+    """``fn(*inputs)`` recomputed in backward instead of kept; the recomputation does not update the running
+    statistics of ``owner``'s BatchNorms a second time, so training with checkpointing leaves the same statistics as
+    without."""
     if torch.compiler.is_compiling():  # the traced recomputation applies no update (and dynamo takes no context_fn)
-        return checkpoint(fn, x, use_reentrant=False)
-    return checkpoint(fn, x, use_reentrant=False, context_fn=lambda: (nullcontext(), _running_stats_frozen(owner)))
+        return checkpoint(fn, *inputs, use_reentrant=False)
+    return checkpoint(fn, *inputs, use_reentrant=False,
+                      context_fn=lambda: (nullcontext(), _running_stats_frozen(owner)))
 
 
 @register_notrace_module  # shape checks and grid-dependent tables: a leaf for FX
@@ -210,6 +227,10 @@ class Lesa(nn.Module):
         max_chunk_logits: Logits per band of the fused binary term (default: per device, see
             :func:`~lesa_lit_models.layers.banded_attention.default_max_chunk_logits`).
         input_reduction: Stride of this module's input w.r.t. the image; only used to word size errors.
+        recompute_gate: In training, recompute the norms of both terms and the fusion gate (two 1x1 convs, their
+            norms and activations) in backward from the terms before their norms, instead of keeping eight
+            activations of (N, C, H, W) (exact; two 1x1 convs more per step). Independent of ``grad_checkpointing``
+            (the U and B terms).
     """
 
     def __init__(
@@ -223,6 +244,7 @@ class Lesa(nn.Module):
             attn_impl: Optional[str] = None,
             max_chunk_logits: Optional[int] = None,
             input_reduction: Optional[int] = None,
+            recompute_gate: bool = True,
             device=None,
             dtype=None,
     ):
@@ -244,6 +266,7 @@ class Lesa(nn.Module):
             raise ValueError(f'Unknown LESA attn_impl {self.attn_impl!r}; use one of {ATTN_IMPLS}.')
         self.max_chunk_logits = max_chunk_logits
         self.input_reduction = input_reduction
+        self.recompute_gate = recompute_gate
         self.grad_checkpointing = False
 
         # unary term
@@ -303,12 +326,13 @@ class Lesa(nn.Module):
                 f'A stride-{self.stride} LESA block needs a token grid divisible by {self.stride}, i.e. {need}; '
                 f'got a {H}x{W} grid. Pad or resize the input.')
 
-    def unary(self, x: torch.Tensor) -> torch.Tensor:
-        """Local term: (N, C, H, W) -> (N, C, H, W)."""
-        return self.bn_x(self.x_transform(x))
+    def unary_pre_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """Local term before its norm ``bn_x``: (N, C, H, W) -> (N, C, H, W)."""
+        return self.x_transform(x)
 
-    def binary(self, x: torch.Tensor) -> torch.Tensor:
-        """Context term: (N, C, H, W) -> (N, C, H, W)."""
+    def binary_pre_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """Context term before its norm ``bn_output``: (N, C, H, W) -> (N, C, L) (``classification``: (N, 2C, L),
+        the two terms of each channel)."""
         N, C, H, W = x.shape
         qkv = self.bn_qkv(self.qkv_transform(x.flatten(2)))
         # channels are group-major: g * (2dqk + dv) + [q | k | v]
@@ -317,31 +341,39 @@ class Lesa(nn.Module):
         if self.pos_embed == 'classification':
             sv, sve = classification_binary_reference(q, k, v, self.relative, self.bn_similarity)
             # bn_output channel 2 * (g * dv + c) + t normalises term t (sv, sve) of output channel g * dv + c
-            out = self.bn_output(rearrange(torch.stack([sv, sve], dim=-1), 'n g l c t -> n (g c t) l'))
-            out = reduce(out, 'n (c t) l -> n c l', 'sum', t=2)
+            return rearrange(torch.stack([sv, sve], dim=-1), 'n g l c t -> n (g c t) l')
+        rel_height = resample_rel_table(self.rel_height, 2 * H - 1)
+        rel_width = resample_rel_table(self.rel_width, 2 * W - 1)
+        if self.attn_impl == 'fused':
+            from .lesa_fused import detection_qr_binary  # imported lazily: it imports this file
+            sv = detection_qr_binary(q, k, v, rel_height, rel_width, (H, W), self.bn_similarity, self.max_chunk_logits)
         else:
-            rel_height = resample_rel_table(self.rel_height, 2 * H - 1)
-            rel_width = resample_rel_table(self.rel_width, 2 * W - 1)
-            if self.attn_impl == 'fused':
-                from .lesa_fused import detection_qr_binary  # imported lazily: it imports this file
-                sv = detection_qr_binary(
-                    q, k, v, rel_height, rel_width, (H, W), self.bn_similarity, self.max_chunk_logits)
-            else:
-                sv = detection_qr_binary_reference(q, k, v, rel_height, rel_width, (H, W), self.bn_similarity)
-            out = self.bn_output(rearrange(sv, 'n g l c -> n (g c) l'))
-        return out.view(N, C, H, W)
+            sv = detection_qr_binary_reference(q, k, v, rel_height, rel_width, (H, W), self.bn_similarity)
+        return rearrange(sv, 'n g l c -> n (g c) l')  # a view of the fused term's output
+
+    def fuse(self, unary: torch.Tensor, binary: torch.Tensor) -> torch.Tensor:
+        """Norms of the two terms and the fusion gate: ``U + sigmoid(projection(reasoning([U, B]))) * B`` with
+        ``U = bn_x(unary)`` and ``B = bn_output(binary)`` (its two terms per channel summed for ``classification``)."""
+        unary = self.bn_x(unary)
+        binary = self.bn_output(binary)
+        if self.pos_embed == 'classification':
+            binary = reduce(binary, 'n (c t) l -> n c l', 'sum', t=2)
+        binary = binary.reshape(unary.shape)
+        gate = torch.sigmoid(self.projection(self.reasoning(torch.cat([unary, binary], dim=1))))
+        return unary + gate * binary
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_grid(x.shape[-2], x.shape[-1])
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            # as the authors' with_cp_UB_terms_only: only the unary and binary terms are recomputed
-            unary = _checkpoint_updating_stats_once(self.unary, x, self)
-            binary = _checkpoint_updating_stats_once(self.binary, x, self)
+            # as the authors' with_cp_UB_terms_only: the unary and binary terms are recomputed
+            unary = _checkpoint_updating_stats_once(self.unary_pre_norm, x, owner=self)
+            binary = _checkpoint_updating_stats_once(self.binary_pre_norm, x, owner=self)
         else:
-            unary = self.unary(x)
-            binary = self.binary(x)
-        gate = torch.sigmoid(self.projection(self.reasoning(torch.cat([unary, binary], dim=1))))
-        return self.pool(unary + gate * binary)
+            unary = self.unary_pre_norm(x)
+            binary = self.binary_pre_norm(x)
+        if self.recompute_gate and self.training and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return self.pool(_checkpoint_updating_stats_once(self.fuse, unary, binary, owner=self))
+        return self.pool(self.fuse(unary, binary))
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, feat_size={self.feat_size}, stride={self.stride}, groups={self.groups}, '

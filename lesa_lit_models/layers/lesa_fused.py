@@ -3,8 +3,9 @@
 Same function, forward and backward, as ``detection_qr_binary_reference`` (which materialises the (N, 2G, L, L)
 similarity stack), without any (L, L) tensor: ``bn_similarity`` is a per-channel affine map, so the logits are
 ``a * qk + b * qr + t``; ``t`` cancels in the softmax, ``a`` scales the queries, and ``b * qr`` is the per-query
-relative logits ``rh`` (L x H), ``rw`` (L x W) of the scaled queries, expanded one band of queries at a time inside
-:func:`~lesa_lit_models.layers.banded_attention.banded_bias_attention`. In train mode the batch statistics of the
+relative logits ``rh`` (L x H), ``rw`` (L x W) of the scaled queries, formed and expanded one band of queries at a
+time inside :func:`~lesa_lit_models.layers.banded_attention.banded_bias_attention` (in forward and again in
+backward, so only the scaled queries are kept, not the L x (H + W) logits). In train mode the batch statistics of the
 (never formed) stack are computed exactly in closed form, and the running statistics are updated as
 ``nn.BatchNorm2d`` does. Derivation, exactness argument and why the ``classification`` embedding has no such
 form: ``docs/attention.md``.
@@ -17,7 +18,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .banded_attention import banded_bias_attention, row_band_size
-from .lesa_attention import expand_relative_logits, relative_logits_2d
+from .lesa_attention import expand_relative_logits, relative_logits_2d, relative_logits_of_rows, \
+    relative_tables_2d
 
 __all__ = ['detection_qr_binary']
 
@@ -107,16 +109,40 @@ def _similarity_affine(
     return scale, shift
 
 
-def _relative_bias(relative: torch.Tensor, shared: None, start: int, stop: int, height: int) -> torch.Tensor:
-    """Bias of a band of queries from their ``[rh | rw]`` rows (the 2-D relative logits)."""
-    return expand_relative_logits(relative[..., :height], relative[..., height:])
+def _split_tables(tables: torch.Tensor, grid: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``[height_table; width_table]`` flattened over their first two dims, back to (H, H, d) and (W, W, d)."""
+    height, width = grid
+    return tables[:height * height].unflatten(0, (height, height)), tables[height * height:].unflatten(0, (width, width))
 
 
-def _relative_bias_vjp(grad: torch.Tensor, shared: None, start: int, stop: int, grid: Tuple[int, int]):
-    """Gradient of the ``[rh | rw]`` rows of :func:`_relative_bias`: the bias gradient summed over key columns
-    (for ``rh``) and key rows (for ``rw``)."""
+def _relative_bias(query_rel: torch.Tensor, tables: torch.Tensor, start: int, stop: int,
+                   grid: Tuple[int, int]) -> torch.Tensor:
+    """Bias of the queries ``[start, stop)`` (whole rows of the grid) against every key: the 2-D relative logits of
+    their scaled queries ``query_rel[..., :-1]`` plus the logit shift ``query_rel[..., -1:]``."""
+    height_table, width_table = _split_tables(tables, grid)
+    rows = slice(start // grid[1], stop // grid[1])
+    rh, rw = relative_logits_of_rows(query_rel[..., :-1], height_table[rows], width_table)
+    return expand_relative_logits(rh + query_rel[..., -1:], rw)
+
+
+def _relative_bias_vjp(grad: torch.Tensor, query_rel: torch.Tensor, tables: torch.Tensor, start: int, stop: int,
+                       grid: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`_relative_bias`'s ``query_rel`` rows and ``tables``: the bias gradient summed over key
+    columns (for ``rh``) and key rows (for ``rw``), through the two einsums of :func:`relative_logits_of_rows`."""
+    width = grid[1]
+    height_table, width_table = _split_tables(tables, grid)
+    rows = slice(start // width, stop // width)
     grad = grad.unflatten(-1, grid)
-    return torch.cat([grad.sum(-1), grad.sum(-2)], dim=-1), None
+    grad_rh = grad.sum(-1).unflatten(-2, (-1, width))  # (N, G, rows, W, H)
+    grad_rw = grad.sum(-2).unflatten(-2, (-1, width))  # (N, G, rows, W, W)
+    q_grid = query_rel[..., :-1].unflatten(-2, (-1, width))
+    grad_q = torch.einsum('ngxya,xad->ngxyd', grad_rh, height_table[rows]) + torch.einsum(
+        'ngxyb,ybd->ngxyd', grad_rw, width_table)
+    grad_query_rel = torch.cat([grad_q, grad_rh.sum(-1, keepdim=True)], dim=-1).flatten(2, 3)
+    grad_height = torch.zeros_like(height_table)
+    grad_height[rows] = torch.einsum('ngxya,ngxyd->xad', grad_rh, q_grid)
+    grad_width = torch.einsum('ngxyb,ngxyd->ybd', grad_rw, q_grid)
+    return grad_query_rel, torch.cat([grad_height.flatten(0, 1), grad_width.flatten(0, 1)])
 
 
 def detection_qr_binary(
@@ -140,7 +166,8 @@ def detection_qr_binary(
         max_chunk_logits: Logits per band (N x G x queries x keys), at least one row of the grid per band.
 
     Returns:
-        ``softmax(bn_similarity([qk, qr]) summed over the two terms) @ v``, shape (N, G, L, dv).
+        ``softmax(bn_similarity([qk, qr]) summed over the two terms) @ v``, shape (N, G, L, dv), a view of
+        (N, G, dv, L) storage (LESA goes on channel-first).
     """
     height, width = grid
     _, groups, tokens, dim = q.shape
@@ -162,10 +189,11 @@ def detection_qr_binary(
     scale, shift = scale.to(q.dtype), shift.to(q.dtype)
     logit_shift = (shift[:groups] + shift[groups:])[:, None, None]
     logit_shift = logit_shift - logit_shift.detach()  # softmax-invariant: keep its gradient, add exact zeros
-    # b * qr = the relative logits of b * q (train mode also computes the unscaled ones, for the batch statistics:
-    # a small O(L (H + W) dqk) einsum twice)
-    rh, rw = relative_logits_2d(q * scale[groups:, None, None], rel_height, rel_width, grid)
+    # b * qr = the relative logits of b * q, formed per band from [b * q | shift] (N, G, L, dqk + 1), which is all
+    # that is kept of them for backward
+    query_rel = torch.cat([q * scale[groups:, None, None], logit_shift.expand(*q.shape[:-1], 1)], dim=-1)
+    tables = torch.cat([table.flatten(0, 1) for table in relative_tables_2d(rel_height, rel_width, grid)])
     return banded_bias_attention(
-        q * scale[:groups, None, None], k, v, partial(_relative_bias, height=height),
+        q * scale[:groups, None, None], k, v, partial(_relative_bias, grid=grid),
         partial(_relative_bias_vjp, grid=grid), row_band_size(q, tokens, width, max_chunk_logits),
-        query_bias=torch.cat([rh + logit_shift, rw], dim=-1), scale=1.0)
+        query_bias=query_rel, shared_bias=tables, scale=1.0, out_transposed=True)
