@@ -153,6 +153,7 @@ class LesaResNet(nn.Module):
             lesa_groups: int = 8,
             attn_impl: Optional[str] = None,
             max_chunk_logits: Optional[int] = None,
+            recompute_gate: bool = True,
             num_classes: int = 1000,
             in_chans: int = 3,
             global_pool: str = 'avg',
@@ -176,6 +177,8 @@ class LesaResNet(nn.Module):
             lesa_groups: Attention heads / unary conv groups.
             attn_impl: LESA ``detection_qr`` binary term, ``'fused'`` (default) or ``'reference'`` (same results).
             max_chunk_logits: Logits per band of the fused binary term (see :class:`Lesa`).
+            recompute_gate: In training, the LESA modules recompute their terms' norms and fusion gate in backward
+                instead of keeping them (exact; see :class:`Lesa`). Independent of :meth:`set_grad_checkpointing`.
             num_classes: Classifier classes (0: no classifier).
             in_chans: Input channels.
             global_pool: Global pooling type.
@@ -202,8 +205,8 @@ class LesaResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.feature_info = [dict(num_chs=64, reduction=2, module='act1')]
 
-        lesa_args = dict(
-            groups=lesa_groups, pos_embed=pos_embed, attn_impl=attn_impl, max_chunk_logits=max_chunk_logits)
+        lesa_args = dict(groups=lesa_groups, pos_embed=pos_embed, attn_impl=attn_impl,
+                         max_chunk_logits=max_chunk_logits, recompute_gate=recompute_gate)
         dpr = calculate_drop_path_rates(drop_path_rate, list(layers), stagewise=True)  # linear over all blocks
         in_chs = 64
         reduction = 4

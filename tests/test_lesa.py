@@ -423,6 +423,10 @@ def test_recomputed_gate_changes_nothing_and_keeps_less_for_backward(pos_embed, 
     # are all that is kept of the fusion), at least five otherwise
     fewer = 8 if attn_impl == 'fused' else 5
     assert saved - saved_re >= fewer * x.numel() * x.element_size()
+    with torch.device('meta'):
+        lesa_modules = [m for m in timm.create_model('lesa_resnet50_det', recompute_gate=False).modules()
+                        if isinstance(m, Lesa)]
+    assert lesa_modules and not any(m.recompute_gate for m in lesa_modules)
 
 
 def test_model_grad_checkpointing_keeps_less_for_backward_and_changes_nothing():
