@@ -112,7 +112,8 @@ def _similarity_affine(
 def _split_tables(tables: torch.Tensor, grid: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """``[height_table; width_table]`` flattened over their first two dims, back to (H, H, d) and (W, W, d)."""
     height, width = grid
-    return tables[:height * height].unflatten(0, (height, height)), tables[height * height:].unflatten(0, (width, width))
+    return (tables[:height * height].unflatten(0, (height, height)),
+            tables[height * height:].unflatten(0, (width, width)))
 
 
 def _relative_bias(query_rel: torch.Tensor, tables: torch.Tensor, start: int, stop: int,
