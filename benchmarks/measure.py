@@ -17,11 +17,11 @@ import resource
 import statistics
 import time
 import traceback
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 from .cases import MMDET_PEERS, Case
 
-__all__ = ['measure', 'describe_software', 'child_main', 'cpu_profiled_peak', 'proc_status_bytes']
+__all__ = ['measure', 'build_step', 'describe_software', 'child_main', 'cpu_profiled_peak', 'proc_status_bytes']
 
 _GiB = 2 ** 30
 
@@ -114,18 +114,15 @@ def _sum_outputs(out):
     return sum(o.float().sum() for o in out)
 
 
-def measure(case: Case, device: str = 'cpu', threads: int = 0, mem_limit_gb: float = 0.) -> Dict:
-    """Build the case's model, time its iterations after the warm-ups, then measure its peak memory."""
+def build_step(case: Case, device: str = 'cpu') -> Tuple[Callable[[], None], Callable[[], None], Dict]:
+    """The case's model on ``device`` (``torch.compile``-d if the case says so) and one iteration of it.
+
+    Returns ``(step, sync, info)``: ``step()`` runs one forward (inference mode) or forward + backward, ``sync()``
+    waits for the device, ``info`` holds ``params_m`` and ``resident_bytes`` (weights, buffers and input).
+    """
     import timm
     import torch
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(0)
     import lesa_lit_models  # noqa: F401  (registers the package's models)
-    result = {'threads': torch.get_num_threads()}
-    if case.model not in MMDET_PEERS and not timm.is_model(case.model):
-        return {**result, 'status': 'missing', 'error': f'{case.model} is not registered with timm'}
-
     if case.detection:
         model = _detection_backbone(case).to(device)
     else:
@@ -134,8 +131,8 @@ def measure(case: Case, device: str = 'cpu', threads: int = 0, mem_limit_gb: flo
     train = case.mode == 'fwd+bwd'
     model.train(train)
     tensors = [*model.parameters(), *model.buffers(), x]
-    resident = sum(t.numel() * t.element_size() for t in tensors)
-    result['params_m'] = sum(p.numel() for p in model.parameters()) / 1e6
+    info = {'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
+            'resident_bytes': sum(t.numel() * t.element_size() for t in tensors)}
     if case.compiled:
         model = torch.compile(model)
 
@@ -151,11 +148,28 @@ def measure(case: Case, device: str = 'cpu', threads: int = 0, mem_limit_gb: flo
             with torch.inference_mode():
                 forward()
 
-    cuda = torch.device(device).type == 'cuda'
-
     def sync():
-        if cuda:
+        if torch.device(device).type == 'cuda':
             torch.cuda.synchronize(device)
+
+    return step, sync, info
+
+
+def measure(case: Case, device: str = 'cpu', threads: int = 0, mem_limit_gb: float = 0.) -> Dict:
+    """Build the case's model, time its iterations after the warm-ups, then measure its peak memory."""
+    import timm
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    import lesa_lit_models  # noqa: F401  (registers the package's models)
+    result = {'threads': torch.get_num_threads()}
+    if case.model not in MMDET_PEERS and not timm.is_model(case.model):
+        return {**result, 'status': 'missing', 'error': f'{case.model} is not registered with timm'}
+    step, sync, info = build_step(case, device)
+    result['params_m'] = info['params_m']
+    resident = info['resident_bytes']
+    cuda = torch.device(device).type == 'cuda'
 
     if case.compiled:  # the compilation, outside the memory pass and the timings
         t0 = time.perf_counter()

@@ -225,3 +225,26 @@ def test_quick_run_writes_table_json_and_chart(tmp_path):
     md = (out / 'results.md').read_text()
     assert '| resnet50 | 64x64 | 25.6 |' in md and doc['commit'] in md
     assert (out / report.CHART).read_bytes().startswith(b'\x89PNG')
+
+
+def test_profile_names_one_case_of_either_suite_or_lists_the_keys_to_choose_from():
+    from benchmarks.profile import find_case
+
+    case = find_case('lesa_resnet50_det-1024x1024-b1-fwd+bwd-fused')
+    assert (case.model, case.img_size, case.mode, case.attn_impl, case.compiled) == (
+        'lesa_resnet50_det', (1024, 1024), 'fwd+bwd', 'fused', False)
+    assert find_case('lit_ti-800x1344-*-fwd+bwd-compiled').compiled
+    with pytest.raises(ValueError, match=r'(?s)cases match .*-ckpt.*-ckpt'):
+        find_case('lesa_resnet50_det-1024x1024-b1-fwd+bwd-*-ckpt*')
+    with pytest.raises(ValueError, match=r'(?s)no case matches .*lit_s-800x1344-b1-fwd-fused'):
+        find_case('lit_s-800x1344-b1-fwd-flash')
+
+
+def test_profile_times_one_step_and_lists_its_operators_by_self_time():
+    from benchmarks.profile import profile_case
+
+    report_ = profile_case(Case('resnet18', (64, 64), 'fwd+bwd', warmup=1, iters=1), threads=1, rows=5)
+    first, table = report_.split('\n', 1)
+    assert first.startswith('resnet18-64x64-b1-fwd+bwd: one step ') and '(threads=1;' in first
+    operators = [line.split()[0] for line in table.splitlines() if line.strip().startswith('aten::')]
+    assert len(operators) == 5 and any('conv' in op for op in operators), table
