@@ -7,6 +7,7 @@ Usage (``make bench`` runs the first line)::
     python -m benchmarks.run --quick --out /tmp/b   # tiny sizes, 1 thread, under a minute: a smoke test
     python -m benchmarks.run --device cuda --out benchmarks/results/cuda
     python -m benchmarks.run --models 'lesa_resnet50_det,lit_s'   # only the cases of these models (fnmatch)
+    python -m benchmarks.run --compile --cases '*-1024x1024-*-fwd+bwd*'   # only these case keys (fnmatch)
     python -m benchmarks.run --render benchmarks/results/results.json   # table and chart again, no measuring
     python -m benchmarks.run --compile --out benchmarks/results/compile   # torch.compile vs eager (own suite)
 
@@ -115,9 +116,13 @@ def _load() -> str:
     return ' / '.join(f'{x:.1f}' for x in os.getloadavg())
 
 
-def select(cases: List[Case], patterns: str) -> List[Case]:
-    pats = [p.strip() for p in patterns.split(',') if p.strip()]
-    return [c for c in cases if any(fnmatch.fnmatchcase(c.model, p) for p in pats)]
+def _matches(name: str, patterns: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, p.strip()) for p in patterns.split(',') if p.strip())
+
+
+def select(cases: List[Case], models: str = '*', keys: str = '*') -> List[Case]:
+    """The cases whose model matches one of the comma-separated ``models`` patterns and whose key one of ``keys``."""
+    return [c for c in cases if _matches(c.model, models) and _matches(c.key, keys)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -133,6 +138,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='lower the cap of a case to the available memory minus this (a shared machine)')
     parser.add_argument('--case-timeout', type=float, default=900., help='seconds before a case is stopped')
     parser.add_argument('--models', default='*', help='comma-separated fnmatch patterns of models to run')
+    parser.add_argument('--cases', default='*',
+                        help="comma-separated fnmatch patterns of case keys (as the log names them), e.g. '*-fwd+bwd*'")
     parser.add_argument('--compile', action='store_true',
                         help='measure torch.compile vs eager (cases.compile_suite) instead of the main suite')
     parser.add_argument('--render', metavar='RESULTS_JSON',
@@ -161,9 +168,10 @@ def main(argv=None) -> int:
         write_outputs(args.out, meta, cases, results, json_too=not same_file)
         print(f'Rendered {args.render} into {args.out}')
         return 0
-    cases = select((compile_suite if args.compile else suite)(quick=args.quick, device=args.device), args.models)
+    cases = select((compile_suite if args.compile else suite)(quick=args.quick, device=args.device), args.models,
+                   args.cases)
     if not cases:
-        print(f'No case matches --models {args.models!r}.', file=sys.stderr)
+        print(f'No case matches --models {args.models!r} and --cases {args.cases!r}.', file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
     ctx = mp.get_context('forkserver')

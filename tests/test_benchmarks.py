@@ -248,3 +248,16 @@ def test_profile_times_one_step_and_lists_its_operators_by_self_time():
     assert first.startswith('resnet18-64x64-b1-fwd+bwd: one step ') and '(threads=1;' in first
     operators = [line.split()[0] for line in table.splitlines() if line.strip().startswith('aten::')]
     assert len(operators) == 5 and any('conv' in op for op in operators), table
+
+
+def test_runs_select_cases_by_model_and_by_case_key():
+    from benchmarks.run import select
+
+    picked = select(compile_suite(), 'lit_ti,lesa_resnet50_det', '*-fwd+bwd*')
+    assert {(c.model, c.img_size, c.mode, c.compiled) for c in picked} == {
+        (m, size, 'fwd+bwd', compiled) for m, size in (('lit_ti', (224, 224)), ('lit_ti', (800, 1344)),
+                                                       ('lesa_resnet50_det', (1024, 1024)))
+        for compiled in (False, True)}
+    assert select(compile_suite(), keys='*-800x1344-*-compiled, *-1024x1024-*-compiled') == [
+        c for c in compile_suite() if c.compiled and c.detection and c.img_size != (1280, 1280)]
+    assert select(suite(), 'lit_*', 'resnet*') == []
