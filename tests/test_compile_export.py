@@ -20,7 +20,9 @@ import torch.nn as nn
 from torch.export import Dim
 
 from lesa_lit_models.hub import package_models
+from lesa_lit_models.layers.banded_attention import MAX_COMPILED_BANDS
 from lesa_lit_models.layers.lesa_attention import Lesa
+from lesa_lit_models.layers.lesa_fused import detection_qr_binary
 from lesa_lit_models.lit import LITStage
 
 MODELS = package_models()
@@ -153,6 +155,40 @@ def test_compiled_model_matches_eager(name, features_only, backend):
         with torch.no_grad():
             for got, want in zip(_as_list(compiled(x)), _as_list(eager(x))):
                 torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+
+
+def _count_sdpa_calls(graph_module: torch.fx.GraphModule) -> int:
+    return sum(node.target is torch.nn.functional.scaled_dot_product_attention
+               for gm in graph_module.modules() if isinstance(gm, torch.fx.GraphModule) for node in gm.graph.nodes)
+
+
+def test_compiled_banded_attention_keeps_few_bands_and_matches_eager():
+    """Dynamo unrolls the loop over bands into the graph: while it traces, a grid of 20 rows that eagerly attends one
+    row per band attends in at most MAX_COMPILED_BANDS bands, with the eager outputs and gradients (float64)."""
+    grid, groups, dim = (20, 3), 2, 4
+    tokens = grid[0] * grid[1]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, groups, tokens, dim, dtype=torch.float64, generator=gen, requires_grad=True)
+               for _ in range(3))
+    tables = [torch.randn(2 * n - 1, dim, dtype=torch.float64, generator=gen, requires_grad=True) for n in grid]
+    bn = nn.BatchNorm2d(2 * groups, dtype=torch.float64).eval()
+    one_row = groups * grid[1] * tokens  # logits of one query row: one band per row eagerly
+
+    def attend(*tensors):
+        return detection_qr_binary(*tensors, grid, bn, max_chunk_logits=one_row)
+
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    inputs = (q, k, v, *tables)
+    got, want = torch.compile(attend, backend=backend, fullgraph=True)(*inputs), attend(*inputs)
+    assert 1 < _count_sdpa_calls(graphs[0]) <= MAX_COMPILED_BANDS < grid[0]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    for g, w in zip(torch.autograd.grad(got.sin().sum(), inputs), torch.autograd.grad(want.sin().sum(), inputs)):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
 
 
 # -------------------------------------------------------------------------------------------------- torch.export

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['ATTN_IMPLS', 'banded_bias_attention', 'default_max_chunk_logits', 'row_band_size']
+__all__ = ['ATTN_IMPLS', 'MAX_COMPILED_BANDS', 'banded_bias_attention', 'default_max_chunk_logits', 'row_band_size']
 
 # the attention switch of both families: 'fused' (exact, no tokens x tokens tensor kept) or 'reference'
 ATTN_IMPLS = ('fused', 'reference')
@@ -29,17 +29,27 @@ def default_max_chunk_logits(device: torch.device) -> int:
     return 2 ** 26 if device.type == 'cuda' else 2 ** 22
 
 
+# bands per attention at most while torch.compile traces (see row_band_size)
+MAX_COMPILED_BANDS = 8
+
+
 def row_band_size(q: torch.Tensor, num_keys: int, width: int, max_logits: Optional[int] = None) -> Optional[int]:
     """Queries per band for queries in raster order over rows of ``width``: whole rows, as many as fit ``max_logits``
     logits (batch x heads x queries x keys; at least one row).
 
     None (one band of all queries) while ``torch.export`` traces: the number of bands is a Python loop over the
-    grid, so bands would fix the input size of the exported program.
+    grid, so bands would fix the input size of the exported program. While ``torch.compile`` traces, at most
+    :data:`MAX_COMPILED_BANDS` bands: dynamo unrolls the loop, forward and backward, into the graph, whose size and
+    compile time would otherwise grow with the grid (at 1024x1024 the LESA backbone's 64 rows of stride 16 make
+    32 bands per block with the CPU default).
     """
     if torch.compiler.is_exporting():
         return None
     max_logits = max_logits or default_max_chunk_logits(q.device)
-    return max(1, max_logits // max(1, q.shape[0] * q.shape[1] * width * num_keys)) * width
+    rows = max(1, max_logits // max(1, q.shape[0] * q.shape[1] * width * num_keys))
+    if torch.compiler.is_compiling():
+        rows = max(rows, -(-q.shape[-2] // (width * MAX_COMPILED_BANDS)))
+    return rows * width
 
 
 # bias_fn(query_bias_band, shared_bias, start, stop) -> bias of queries [start, stop) against every key,
