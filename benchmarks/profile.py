@@ -9,17 +9,25 @@ The case is built as :mod:`benchmarks.run` builds it (the detection backbones by
 frozen), in this process; its warm-up steps run first (after the compilation of a compiled case), then one step is
 timed and one more runs under the profiler. A compiled case's generated C++ kernels are recorded by name
 (``torch._inductor.config.cpp.enable_kernel_profile``).
+
+The report also gives the share of the step's self time spent in library kernels, which ``torch.compile`` calls as
+they are (convolutions and matmuls of oneDNN / BLAS, attention, torchvision's deformable convolution): only the rest
+(elementwise work, reductions, copies) is what inductor fuses, so ``1 / share`` bounds what compiling can gain.
 """
 import argparse
 import fnmatch
+import re
 import sys
 import time
-from typing import List
+from typing import Iterable, List
 
 from .cases import Case, compile_suite, suite
 from .measure import build_step
 
-__all__ = ['find_case', 'profile_case']
+__all__ = ['find_case', 'library_kernel_share', 'profile_case']
+
+# operators (ATen / torchvision names) inductor leaves to their libraries instead of generating code for them
+LIBRARY_KERNEL = re.compile(r'^(aten|torchvision|mkldnn)::(.*conv.*|mm|addmm|bmm|baddbmm|.*scaled_dot_product.*)$')
 
 
 def find_case(pattern: str, device: str = 'cpu') -> Case:
@@ -31,6 +39,14 @@ def find_case(pattern: str, device: str = 'cpu') -> Case:
         what = f'{len(matches)} cases match' if matches else 'no case matches'
         raise ValueError(f'{what} {pattern!r}; name one of:\n  {listed}')
     return matches[0]
+
+
+def library_kernel_share(events: Iterable) -> float:
+    """Fraction of the self CPU time of profiler ``events`` (``prof.key_averages()``) spent in library kernels."""
+    events = list(events)
+    total = sum(e.self_cpu_time_total for e in events)
+    library = sum(e.self_cpu_time_total for e in events if LIBRARY_KERNEL.match(e.key))
+    return library / total if total else 0.
 
 
 def profile_case(case: Case, device: str = 'cpu', threads: int = 0, rows: int = 30) -> str:
@@ -55,10 +71,14 @@ def profile_case(case: Case, device: str = 'cpu', threads: int = 0, rows: int = 
     with profile(activities=activities) as prof:
         step()
         sync()
-    table = prof.key_averages().table(sort_by='self_cuda_time_total' if cuda else 'self_cpu_time_total',
-                                      row_limit=rows, max_name_column_width=60)
+    events = prof.key_averages()
+    table = events.table(sort_by='self_cuda_time_total' if cuda else 'self_cpu_time_total', row_limit=rows,
+                         max_name_column_width=60)
+    share = library_kernel_share(events)
     return (f'{case.key}: one step {step_s:.2f} s on {device} (threads={torch.get_num_threads()}; unprofiled, the '
-            f'profiled step below runs slower)\n{table}')
+            f'profiled step below runs slower)\nlibrary kernels (convolutions, matmuls, attention, deformable '
+            f'convolution): {share:.0%} of the CPU self time; compiling can make the step at most '
+            f'{1 / max(share, 1e-9):.2f}x faster\n{table}')
 
 
 def main(argv=None) -> int:

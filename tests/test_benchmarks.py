@@ -4,9 +4,11 @@ No timing assertions: the figures depend on the machine and its load.
 """
 import json
 import multiprocessing as mp
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -240,12 +242,27 @@ def test_profile_names_one_case_of_either_suite_or_lists_the_keys_to_choose_from
         find_case('lit_s-800x1344-b1-fwd-flash')
 
 
+def test_library_kernel_share_counts_what_inductor_leaves_to_libraries():
+    from benchmarks.profile import library_kernel_share
+
+    times = {'aten::mkldnn_convolution': 40, 'aten::convolution_backward': 20, 'aten::addmm': 5, 'aten::mm': 5,
+             'aten::bmm': 2, 'aten::_scaled_dot_product_flash_attention_for_cpu': 4, 'torchvision::deform_conv2d': 4,
+             # fused by inductor, or generated kernels named after what they fuse
+             'aten::add_': 6, 'aten::native_batch_norm': 8, 'aten::gelu': 3, 'cpp_fused_convolution_backward_0': 3}
+    events = [SimpleNamespace(key=k, self_cpu_time_total=t) for k, t in times.items()]
+    assert library_kernel_share(events) == pytest.approx(80 / 100)
+    assert library_kernel_share([]) == 0.
+
+
 def test_profile_times_one_step_and_lists_its_operators_by_self_time():
     from benchmarks.profile import profile_case
 
     report_ = profile_case(Case('resnet18', (64, 64), 'fwd+bwd', warmup=1, iters=1), threads=1, rows=5)
-    first, table = report_.split('\n', 1)
+    first, share, table = report_.split('\n', 2)
     assert first.startswith('resnet18-64x64-b1-fwd+bwd: one step ') and '(threads=1;' in first
+    percent, bound = re.fullmatch(r'library kernels .*: (\d+)% of the CPU self time; compiling can make the step at '
+                                  r'most (\d+\.\d\d)x faster', share).groups()
+    assert 30 < int(percent) < 100 and float(bound) == pytest.approx(100 / int(percent), rel=0.02), share
     operators = [line.split()[0] for line in table.splitlines() if line.strip().startswith('aten::')]
     assert len(operators) == 5 and any('conv' in op for op in operators), table
 
