@@ -252,7 +252,8 @@ def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, 
         for case, by_mode in cls:
             h, w = case.img_size
             cells = [*_cells(by_mode['fwd'], results, mem), *_cells(by_mode['fwd+bwd'], results, mem)]
-            lines.append(f'| {case.model} | {h}x{w} | {_params(by_mode, results)} | {" | ".join(cells)} |')
+            lines.append(f'| {case.model}{case.variant_label} | {h}x{w} | {_params(by_mode, results)} | '
+                         f'{" | ".join(cells)} |')
     if cls_comps:
         lines += ['', '## Classifiers vs timm peers', '', ratio_head, '|---' * (ratio_head.count('|') - 1) + '|']
         lines += [ratio_cells(r) for r in cls_comps]
