@@ -10,7 +10,7 @@ frozen), in this process; its warm-up steps run first (after the compilation of 
 timed and one more runs under the profiler. A compiled case's generated C++ kernels are recorded by name
 (``torch._inductor.config.cpp.enable_kernel_profile``).
 
-The report also gives the share of the step's self time spent in library kernels, which ``torch.compile`` calls as
+On the CPU the report also gives the share of the step's self time spent in library kernels, which ``torch.compile`` calls as
 they are (convolutions and matmuls of oneDNN / BLAS, attention, torchvision's deformable convolution): only the rest
 (elementwise work, reductions, copies) is what inductor fuses, so ``1 / share`` bounds what compiling can gain.
 """
@@ -74,11 +74,13 @@ def profile_case(case: Case, device: str = 'cpu', threads: int = 0, rows: int = 
     events = prof.key_averages()
     table = events.table(sort_by='self_cuda_time_total' if cuda else 'self_cpu_time_total', row_limit=rows,
                          max_name_column_width=60)
-    share = library_kernel_share(events)
-    return (f'{case.key}: one step {step_s:.2f} s on {device} (threads={torch.get_num_threads()}; unprofiled, the '
-            f'profiled step below runs slower)\nlibrary kernels (convolutions, matmuls, attention, deformable '
-            f'convolution): {share:.0%} of the CPU self time; compiling can make the step at most '
-            f'{1 / max(share, 1e-9):.2f}x faster\n{table}')
+    head = (f'{case.key}: one step {step_s:.2f} s on {device} (threads={torch.get_num_threads()}; unprofiled, the '
+            f'profiled step below runs slower)')
+    if not cuda:  # on a GPU the CPU's self time is launch overhead, not the kernels
+        share = library_kernel_share(events)
+        head += (f'\nlibrary kernels (convolutions, matmuls, attention, deformable convolution): {share:.0%} of the '
+                 f'CPU self time; compiling can make the step at most {1 / max(share, 1e-9):.2f}x faster')
+    return f'{head}\n{table}'
 
 
 def main(argv=None) -> int:
