@@ -192,8 +192,9 @@ def test_compiled_banded_attention_keeps_few_bands_and_matches_eager():
 
 
 @pytest.mark.xfail(strict=True, reason='AOTAutograd merges the backward\'s rebuilt band bias with the forward\'s '
-                   '(CSE of the joint graph) and keeps every band\'s bias for backward: a compiled LIT-S training step '
-                   'peaks at 4x the eager memory; the fix is an opaque custom op per bias family')
+                   '(CSE of the joint graph), then computes every band\'s probabilities in the forward and keeps them '
+                   'for backward: a compiled LIT-S training step peaks at 4x the eager memory; the fix is an opaque '
+                   'custom op per bias family')
 def test_compiled_banded_attention_keeps_no_dense_bias_for_backward():
     """Eagerly the LIT attention keeps q, k, v, its output and the offset grid for backward, never the (heads, N, N)
     bias; compiled it should keep no more."""
