@@ -10,9 +10,10 @@ frozen), in this process; its warm-up steps run first (after the compilation of 
 timed and one more runs under the profiler. A compiled case's generated C++ kernels are recorded by name
 (``torch._inductor.config.cpp.enable_kernel_profile``).
 
-On the CPU the report also gives the share of the step's self time spent in library kernels, which ``torch.compile`` calls as
-they are (convolutions and matmuls of oneDNN / BLAS, attention, torchvision's deformable convolution): only the rest
-(elementwise work, reductions, copies) is what inductor fuses, so ``1 / share`` bounds what compiling can gain.
+On the CPU the report also gives the share of the step's self time spent in library kernels, which
+``torch.compile`` calls as they are (convolutions and matmuls of oneDNN / BLAS, attention, torchvision's deformable
+convolution): only the rest (elementwise work, reductions, copies) is what inductor fuses, so ``1 / share`` bounds
+what compiling can gain.
 """
 import argparse
 import fnmatch

@@ -195,9 +195,9 @@ def test_compiled_banded_attention_keeps_few_bands_and_matches_eager():
                    '(CSE of the joint graph), then computes every band\'s probabilities in the forward and keeps them '
                    'for backward: a compiled LIT-S training step peaks at 4x the eager memory; the fix is an opaque '
                    'custom op per bias family')
-def test_compiled_banded_attention_keeps_no_dense_bias_for_backward():
-    """Eagerly the LIT attention keeps q, k, v, its output and the offset grid for backward, never the (heads, N, N)
-    bias; compiled it should keep no more."""
+def test_compiled_banded_attention_keeps_no_tokens_by_tokens_tensor_for_backward():
+    """Eagerly the LIT attention keeps q, k, v, its output and the offset grid for backward, never a (heads, N, N)
+    bias or probabilities; compiled it should keep no more."""
     feat_size, heads, dim = (40, 40), 2, 32
     tokens = feat_size[0] * feat_size[1]
     gen = torch.Generator().manual_seed(0)
@@ -219,9 +219,9 @@ def test_compiled_banded_attention_keeps_no_dense_bias_for_backward():
         out.sum().backward()
         return sum(sizes)
 
-    dense_bias = heads * tokens * tokens * 4
-    assert saved_bytes(attend) < dense_bias / 4  # the eager path, as its own tests check
-    assert saved_bytes(torch.compile(attend, backend='aot_eager', fullgraph=True)) < dense_bias / 4
+    tokens_by_tokens = heads * tokens * tokens * 4  # bytes
+    assert saved_bytes(attend) < tokens_by_tokens / 4  # the eager path, as its own tests check
+    assert saved_bytes(torch.compile(attend, backend='aot_eager', fullgraph=True)) < tokens_by_tokens / 4
 
 
 # -------------------------------------------------------------------------------------------------- torch.export
