@@ -48,7 +48,7 @@ except ImportError:  # older timm only exports the model_args passed to it
 from ._checkpoint import release_loaded_weights, resolve_pretrained_weights, strip_prefix, unwrap_state_dict, \
     verify_state_dict
 from .layers.deform_merge import DeformableTokenMerging
-from .layers.banded_attention import ATTN_IMPLS, banded_bias_attention, row_band_size
+from .layers.banded_attention import ATTN_IMPLS, banded_bias_attention, banded_bias_attention_op
 from .layers.rel_pos import bias_from_grid, bias_rows_keys_reversed, bias_rows_keys_reversed_vjp, bias_table_size, \
     relative_position_bias_grid, resample_bias_table
 
@@ -100,6 +100,9 @@ def _bias_of_rows_vjp(grad, query_bias, grid, start, stop, feat_size):
     return None, bias_rows_keys_reversed_vjp(grad.squeeze(0), feat_size, (start // width, stop // width))
 
 
+_offset_bias_attention = banded_bias_attention_op('lit_offset_bias_attention', _bias_of_rows, _bias_of_rows_vjp)
+
+
 @register_notrace_function  # FX leaf: the number of bands depends on the input grid
 def attend_in_row_bands(
         q: torch.Tensor,
@@ -116,10 +119,8 @@ def attend_in_row_bands(
     is a plain strided copy of the grid); see :func:`~lesa_lit_models.layers.banded_attention.banded_bias_attention`.
     Nothing of size ``(heads, N, N)`` is kept for backward.
     """
-    band_size = row_band_size(q, k.shape[2], feat_size[1], max_logits)  # inside the FX leaf: it reads the device
     return banded_bias_attention(
-        q, k.flip(-2), v.flip(-2), partial(_bias_of_rows, feat_size=feat_size),
-        partial(_bias_of_rows_vjp, feat_size=feat_size), band_size, shared_bias=grid)
+        _offset_bias_attention, q, k.flip(-2), v.flip(-2), feat_size, shared_bias=grid, max_logits=max_logits)
 
 
 class LITAttention(nn.Module):

@@ -20,7 +20,6 @@ import torch.nn as nn
 from torch.export import Dim
 
 from lesa_lit_models.hub import package_models
-from lesa_lit_models.layers.banded_attention import MAX_COMPILED_BANDS
 from lesa_lit_models.layers.lesa_attention import Lesa
 from lesa_lit_models.layers.lesa_fused import detection_qr_binary
 from lesa_lit_models.lit import LITStage, attend_in_row_bands
@@ -157,47 +156,66 @@ def test_compiled_model_matches_eager(name, features_only, backend):
                 torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
 
 
-def _count_sdpa_calls(graph_module: torch.fx.GraphModule) -> int:
-    return sum(node.target is torch.nn.functional.scaled_dot_product_attention
-               for gm in graph_module.modules() if isinstance(gm, torch.fx.GraphModule) for node in gm.graph.nodes)
+def _called(graph_module: torch.fx.GraphModule) -> List:
+    return [node.target for gm in graph_module.modules() if isinstance(gm, torch.fx.GraphModule)
+            for node in gm.graph.nodes if node.op == 'call_function']
 
 
-def test_compiled_banded_attention_keeps_few_bands_and_matches_eager():
-    """Dynamo unrolls the loop over bands into the graph: while it traces, a grid of 20 rows that eagerly attends one
-    row per band attends in at most MAX_COMPILED_BANDS bands, with the eager outputs and gradients (float64)."""
-    grid, groups, dim = (20, 3), 2, 4
+def _lesa_binary_inputs(grid, groups=2, dim=4, batch=1):
     tokens = grid[0] * grid[1]
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, groups, tokens, dim, dtype=torch.float64, generator=gen, requires_grad=True)
+    q, k, v = (torch.randn(batch, groups, tokens, dim, dtype=torch.float64, generator=gen, requires_grad=True)
                for _ in range(3))
     tables = [torch.randn(2 * n - 1, dim, dtype=torch.float64, generator=gen, requires_grad=True) for n in grid]
+    return q, k, v, *tables
+
+
+def test_compiled_banded_attention_is_one_operator_and_matches_eager():
+    """The banded attention is one opaque operator in the traced graph, whatever the number of bands (a grid of 20
+    rows attends one row per band here), with the eager outputs and gradients (float64); a second grid size runs
+    in the bands of that size."""
+    groups = 2
     bn = nn.BatchNorm2d(2 * groups, dtype=torch.float64).eval()
-    one_row = groups * grid[1] * tokens  # logits of one query row: one band per row eagerly
-
-    def attend(*tensors):
-        return detection_qr_binary(*tensors, grid, bn, max_chunk_logits=one_row)
-
     graphs = []
 
     def backend(graph_module, example_inputs):
         graphs.append(graph_module)
         return graph_module.forward
 
-    inputs = (q, k, v, *tables)
-    got, want = torch.compile(attend, backend=backend, fullgraph=True)(*inputs), attend(*inputs)
-    assert 1 < _count_sdpa_calls(graphs[0]) <= MAX_COMPILED_BANDS < grid[0]
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
-    for g, w in zip(torch.autograd.grad(got.sin().sum(), inputs), torch.autograd.grad(want.sin().sum(), inputs)):
-        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+    def attend(grid, *tensors):
+        return detection_qr_binary(*tensors, grid, bn, max_chunk_logits=groups * grid[1] * grid[0] * grid[1])
+
+    compiled = torch.compile(attend, backend=backend, fullgraph=True)
+    for grid in ((20, 3), (9, 5)):
+        inputs = _lesa_binary_inputs(grid, groups)
+        got, want = compiled(grid, *inputs), attend(grid, *inputs)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+        for g, w in zip(torch.autograd.grad(got.sin().sum(), inputs), torch.autograd.grad(want.sin().sum(), inputs)):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+    called = _called(graphs[0])
+    assert called.count(torch.ops.lesa_lit_models.lesa_relative_bias_attention.default) == 1
+    assert torch.nn.functional.scaled_dot_product_attention not in called
 
 
-@pytest.mark.xfail(strict=True, reason='AOTAutograd merges the backward\'s rebuilt band bias with the forward\'s '
-                   '(CSE of the joint graph), then computes every band\'s probabilities in the forward and keeps them '
-                   'for backward: a compiled LIT-S training step peaks at 4x the eager memory; the fix is an opaque '
-                   'custom op per bias family')
+def test_banded_attention_operators_pass_opcheck():
+    """``torch.library.opcheck`` of both bias families' operators (schema, fake tensors, autograd registration,
+    AOTAutograd with dynamic shapes), several bands each."""
+    grid = (5, 3)
+    q, k, v, _, _ = _lesa_binary_inputs(grid)
+    query_rel = torch.randn(*q.shape[:-1], q.shape[-1] + 1, dtype=torch.float64, requires_grad=True)
+    tables = torch.randn(grid[0] ** 2 + grid[1] ** 2, q.shape[-1], dtype=torch.float64, requires_grad=True)
+    one_row = q.shape[1] * grid[1] * q.shape[2]
+    torch.library.opcheck(torch.ops.lesa_lit_models.lesa_relative_bias_attention.default,
+                          (q, k, v, query_rel, tables, list(grid), one_row, 1.0, True))
+    offsets = torch.randn(q.shape[1], 2 * grid[0] - 1, 2 * grid[1] - 1, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.lesa_lit_models.lit_offset_bias_attention.default,
+                          (q, k, v, None, offsets, list(grid), one_row, 0.5, False))
+
+
 def test_compiled_banded_attention_keeps_no_tokens_by_tokens_tensor_for_backward():
     """Eagerly the LIT attention keeps q, k, v, its output and the offset grid for backward, never a (heads, N, N)
-    bias or probabilities; compiled it should keep no more."""
+    bias or probabilities; compiled it keeps no more (with the bands traced into the graph, AOTAutograd merged the
+    backward's rebuilt bias with the forward's and kept every band's probabilities)."""
     feat_size, heads, dim = (40, 40), 2, 32
     tokens = feat_size[0] * feat_size[1]
     gen = torch.Generator().manual_seed(0)
@@ -232,8 +250,8 @@ def test_compiled_banded_attention_keeps_no_tokens_by_tokens_tensor_for_backward
 def test_exported_program_matches_eager(name, features_only):
     """``torch.export.export`` in eval mode; every model but the LESA classifier (whose table takes one grid) with a
     dynamic spatial size in multiples of 32, run at a second, non-square size. The banded attention of the LESA
-    detection backbone and LIT-S attends in one band while exporting (the number of bands would fix the grid),
-    whatever ``max_chunk_logits`` says; eager, these small models attend one query row per band."""
+    detection backbone and LIT-S is one operator of the program, which attends in the bands of the size it is run
+    at (one query row per band in these small models)."""
     model = _small(name, features_only=features_only).eval()
     inputs = [_images()]
     dynamic_shapes = None
@@ -242,6 +260,8 @@ def test_exported_program_matches_eager(name, features_only):
         dynamic_shapes = ({2: 32 * height, 3: 32 * width},)
         inputs.append(torch.randn(2, 3, 96, 128, dtype=torch.float64))
     program = torch.export.export(model, (inputs[0],), dynamic_shapes=dynamic_shapes)
+    banded = [t for t in _called(program.graph_module) if getattr(t, 'namespace', None) == 'lesa_lit_models']
+    assert bool(banded) == ('max_chunk_logits' in SMALL[name])
     with torch.no_grad():
         for x in inputs:
             for got, want in zip(_as_list(program.module()(x)), _as_list(model(x))):

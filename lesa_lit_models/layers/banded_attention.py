@@ -7,17 +7,18 @@ kernel returns the gradient of a trained bias as one dense (tokens x tokens) ten
 * forward: one ``F.scaled_dot_product_attention`` call with the band's bias as float mask (outside autograd, so
   the fused kernels take it); only ``q``, ``k``, ``v`` and the output are kept, as a fused kernel keeps them;
 * backward: the band's logits once more, ``softmax``, then the textbook gradients of the band (``dS = P * (dP -
-  rowsum(dO * O))``), which reach the bias inputs through the caller's explicit vjp of the band's bias function
-  (no ``torch.autograd.grad`` in backward, so ``torch.compile(fullgraph=True)`` traces training in one graph).
+  rowsum(dO * O))``), which reach the bias inputs through the family's explicit vjp of its bias function.
 
+Each bias family is one custom operator (:func:`banded_bias_attention_op`), forward and backward, so
+``torch.compile`` and ``torch.export`` see one node per attention and the bands follow the actual input size.
 See ``docs/attention.md`` for the derivation and the measurements that chose this split.
 """
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['ATTN_IMPLS', 'MAX_COMPILED_BANDS', 'banded_bias_attention', 'default_max_chunk_logits', 'row_band_size']
+__all__ = ['ATTN_IMPLS', 'banded_bias_attention', 'banded_bias_attention_op', 'default_max_chunk_logits', 'row_band_size']
 
 # the attention switch of both families: 'fused' (exact, no tokens x tokens tensor kept) or 'reference'
 ATTN_IMPLS = ('fused', 'reference')
@@ -29,35 +30,25 @@ def default_max_chunk_logits(device: torch.device) -> int:
     return 2 ** 26 if device.type == 'cuda' else 2 ** 22
 
 
-# bands per attention at most while torch.compile traces (see row_band_size)
-MAX_COMPILED_BANDS = 8
-
-
-def row_band_size(q: torch.Tensor, num_keys: int, width: int, max_logits: Optional[int] = None) -> Optional[int]:
+def row_band_size(q: torch.Tensor, num_keys: int, width: int, max_logits: Optional[int] = None) -> int:
     """Queries per band for queries in raster order over rows of ``width``: whole rows, as many as fit ``max_logits``
-    logits (batch x heads x queries x keys; at least one row).
-
-    None (one band of all queries) while ``torch.export`` traces: the number of bands is a Python loop over the
-    grid, so bands would fix the input size of the exported program. While ``torch.compile`` traces, at most
-    :data:`MAX_COMPILED_BANDS` bands: dynamo unrolls the loop, forward and backward, into the graph, whose size and
-    compile time would otherwise grow with the grid (at 1024x1024 the LESA backbone's 64 rows of stride 16 make
-    32 bands per block with the CPU default).
-    """
-    if torch.compiler.is_exporting():
-        return None
+    logits (batch x heads x queries x keys; at least one row)."""
     max_logits = max_logits or default_max_chunk_logits(q.device)
-    rows = max(1, max_logits // max(1, q.shape[0] * q.shape[1] * width * num_keys))
-    if torch.compiler.is_compiling():
-        rows = max(rows, -(-q.shape[-2] // (width * MAX_COMPILED_BANDS)))
-    return rows * width
+    return max(1, max_logits // max(1, q.shape[0] * q.shape[1] * width * num_keys)) * width
 
 
-# bias_fn(query_bias_band, shared_bias, start, stop) -> bias of queries [start, stop) against every key,
+def _bands(q: torch.Tensor, k: torch.Tensor, grid: Sequence[int], max_logits: Optional[int]) -> List[Tuple[int, int]]:
+    length = q.shape[-2]
+    band_size = row_band_size(q, k.shape[-2], grid[1], max_logits)
+    return [(start, min(start + band_size, length)) for start in range(0, length, band_size)]
+
+
+# bias_fn(query_bias_band, shared_bias, start, stop, grid) -> bias of queries [start, stop) against every key,
 # broadcastable to (N, heads, stop - start, keys)
-BiasFn = Callable[[Optional[torch.Tensor], Optional[torch.Tensor], int, int], torch.Tensor]
-# bias_vjp(grad_bias, query_bias_band, shared_bias, start, stop) -> (gradient of query_bias_band, gradient of
-# shared_bias), each None where that input is None; grad_bias has the shape bias_fn returned
-BiasVjp = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], int, int],
+BiasFn = Callable[[Optional[torch.Tensor], Optional[torch.Tensor], int, int, Sequence[int]], torch.Tensor]
+# bias_vjp(grad_bias, query_bias_band, shared_bias, start, stop, grid) -> (gradient of query_bias_band, gradient
+# of shared_bias), each None where that input is None; grad_bias has the shape bias_fn returned
+BiasVjp = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], int, int, Sequence[int]],
                    Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]
 
 
@@ -86,82 +77,131 @@ def _band_rows(query_bias: Optional[torch.Tensor], start: int, stop: int) -> Opt
     return query_bias[..., start:stop, :] if query_bias is not None else None
 
 
-class _BandedBiasAttention(torch.autograd.Function):
+def _new_output(q: torch.Tensor, v: torch.Tensor, out_transposed: bool) -> torch.Tensor:
+    if out_transposed:
+        return q.new_empty(*q.shape[:-2], v.shape[-1], q.shape[-2]).transpose(-1, -2)
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
 
-    @staticmethod
-    def forward(ctx, bias_fn: BiasFn, bias_vjp: BiasVjp, bands: Sequence[Tuple[int, int]], scale: float,
-                out_transposed: bool, q, k, v, query_bias, shared_bias):
-        if out_transposed:
-            out = q.new_empty(*q.shape[:-2], v.shape[-1], q.shape[-2]).transpose(-1, -2)
-        else:
-            out = q.new_empty(*q.shape[:-1], v.shape[-1])
-        for start, stop in bands:
-            bias = bias_fn(_band_rows(query_bias, start, stop), shared_bias, start, stop)
-            out[..., start:stop, :] = _band_forward(q[..., start:stop, :], k, v, bias, scale)
-        ctx.bias_fn, ctx.bias_vjp, ctx.bands, ctx.scale = bias_fn, bias_vjp, bands, scale
-        ctx.save_for_backward(q, k, v, out, query_bias, shared_bias)
-        return out
 
-    @staticmethod
+def _new_like(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor of ``t``'s shape (an operator's output strides must not depend on its inputs'), or an
+    empty one for an absent input (operators return no None)."""
+    return t.new_empty(t.shape) if t is not None else fallback.new_empty(0)
+
+
+def _banded_forward(bias_fn: BiasFn, q, k, v, query_bias, shared_bias, grid: Sequence[int],
+                    max_logits: Optional[int], scale: float, out_transposed: bool) -> torch.Tensor:
+    out = _new_output(q, v, out_transposed)
+    for start, stop in _bands(q, k, grid, max_logits):
+        bias = bias_fn(_band_rows(query_bias, start, stop), shared_bias, start, stop, grid)
+        out[..., start:stop, :] = _band_forward(q[..., start:stop, :], k, v, bias, scale)
+    return out
+
+
+def _banded_backward(bias_fn: BiasFn, bias_vjp: BiasVjp, grad_out, q, k, v, out, query_bias, shared_bias,
+                     grid: Sequence[int], max_logits: Optional[int], scale: float) -> List[torch.Tensor]:
+    acc = torch.promote_types(q.dtype, torch.float32)  # sums over bands kept in at least float32
+    grad_out = grad_out.contiguous()
+    grad_q = _new_like(q, q)
+    grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)
+    grad_v = torch.zeros(v.shape, dtype=acc, device=v.device)
+    grad_query_bias = _new_like(query_bias, q)
+    grad_shared_bias = torch.zeros(shared_bias.shape, dtype=acc, device=shared_bias.device) \
+        if shared_bias is not None else q.new_empty(0)
+    row_dot = (grad_out * out).sum(-1, keepdim=True)  # rowsum(dO * O) = sum_j P_ij dP_ij
+    k_t, v_t = k.transpose(-1, -2), v.transpose(-1, -2)
+    for start, stop in _bands(q, k, grid, max_logits):
+        q_band, grad_out_band = q[..., start:stop, :], grad_out[..., start:stop, :]
+        band_query_bias = _band_rows(query_bias, start, stop)
+        bias = bias_fn(band_query_bias, shared_bias, start, stop, grid)
+        probs = torch.matmul(q_band, k_t).mul_(scale).add_(bias).softmax(-1)
+        grad_v += torch.matmul(probs.transpose(-1, -2), grad_out_band)
+        # dS = P * (dO v^T - rowsum(dO * O)), in place over dP
+        grad_logits = torch.matmul(grad_out_band, v_t).sub_(row_dot[..., start:stop, :]).mul_(probs)
+        del probs
+        grad_q[..., start:stop, :] = torch.matmul(grad_logits, k).mul_(scale)
+        grad_k += torch.matmul(grad_logits.transpose(-1, -2), q_band).mul_(scale)
+        grad_band_bias, grad_shared = bias_vjp(
+            _sum_to(grad_logits, bias.shape), band_query_bias, shared_bias, start, stop, grid)
+        if query_bias is not None:
+            grad_query_bias[..., start:stop, :] = grad_band_bias
+        if shared_bias is not None:
+            grad_shared_bias += grad_shared
+    return [grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), grad_query_bias, grad_shared_bias.to(q.dtype)]
+
+
+def banded_bias_attention_op(name: str, bias_fn: BiasFn, bias_vjp: BiasVjp) -> Callable[..., torch.Tensor]:
+    """Register ``lesa_lit_models::<name>``, the banded attention with the bias family ``bias_fn`` (and its vjp
+    ``bias_vjp``), as a custom operator with a custom-operator backward; returns the operator, which
+    :func:`banded_bias_attention` calls.
+
+    Opaque to ``torch.compile`` and ``torch.export``: the loop over bands runs at run time, with the bands of the
+    actual input size, instead of being unrolled into the graph, and the graph keeps for backward what the eager
+    path keeps (q, k, v, the output and the bias inputs; AOTAutograd would otherwise merge the backward's rebuilt
+    bias with the forward's and keep every band's probabilities). An exported program that holds it runs where this
+    package is imported.
+    """
+    qualname = f'lesa_lit_models::{name}'
+
+    @torch.library.custom_op(qualname, mutates_args=())
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_bias: Optional[torch.Tensor],
+               shared_bias: Optional[torch.Tensor], grid: List[int], max_logits: Optional[int], scale: float,
+               out_transposed: bool) -> torch.Tensor:
+        return _banded_forward(bias_fn, q, k, v, query_bias, shared_bias, grid, max_logits, scale, out_transposed)
+
+    @attend.register_fake
+    def _(q, k, v, query_bias, shared_bias, grid, max_logits, scale, out_transposed):
+        return _new_output(q, v, out_transposed)
+
+    @torch.library.custom_op(f'{qualname}_backward', mutates_args=())
+    def attend_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        out: torch.Tensor, query_bias: Optional[torch.Tensor], shared_bias: Optional[torch.Tensor],
+                        grid: List[int], max_logits: Optional[int], scale: float) -> List[torch.Tensor]:
+        return _banded_backward(bias_fn, bias_vjp, grad_out, q, k, v, out, query_bias, shared_bias, grid,
+                                max_logits, scale)
+
+    @attend_backward.register_fake
+    def _(grad_out, q, k, v, out, query_bias, shared_bias, grid, max_logits, scale):
+        return [_new_like(t, q) for t in (q, k, v, query_bias, shared_bias)]
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, query_bias, shared_bias, grid, max_logits, scale, _ = inputs
+        ctx.save_for_backward(q, k, v, output, query_bias, shared_bias)
+        ctx.grid, ctx.max_logits, ctx.scale = grid, max_logits, scale
+
     def backward(ctx, grad_out):
         q, k, v, out, query_bias, shared_bias = ctx.saved_tensors
-        scale = ctx.scale
-        acc = torch.promote_types(q.dtype, torch.float32)  # sums over bands kept in at least float32
-        grad_out = grad_out.contiguous()
-        grad_q = torch.empty_like(q)
-        grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)
-        grad_v = torch.zeros(v.shape, dtype=acc, device=v.device)
-        grad_query_bias = torch.empty_like(query_bias) if query_bias is not None else None
-        grad_shared_bias = torch.zeros(shared_bias.shape, dtype=acc, device=shared_bias.device) \
-            if shared_bias is not None else None
-        row_dot = (grad_out * out).sum(-1, keepdim=True)  # rowsum(dO * O) = sum_j P_ij dP_ij
-        k_t, v_t = k.transpose(-1, -2), v.transpose(-1, -2)
-        for start, stop in ctx.bands:
-            q_band, grad_out_band = q[..., start:stop, :], grad_out[..., start:stop, :]
-            band_query_bias = _band_rows(query_bias, start, stop)
-            bias = ctx.bias_fn(band_query_bias, shared_bias, start, stop)
-            probs = torch.matmul(q_band, k_t).mul_(scale).add_(bias).softmax(-1)
-            grad_v += torch.matmul(probs.transpose(-1, -2), grad_out_band)
-            # dS = P * (dO v^T - rowsum(dO * O)), in place over dP
-            grad_logits = torch.matmul(grad_out_band, v_t).sub_(row_dot[..., start:stop, :]).mul_(probs)
-            del probs
-            grad_q[..., start:stop, :] = torch.matmul(grad_logits, k).mul_(scale)
-            grad_k += torch.matmul(grad_logits.transpose(-1, -2), q_band).mul_(scale)
-            grad_band_bias, grad_shared = ctx.bias_vjp(
-                _sum_to(grad_logits, bias.shape), band_query_bias, shared_bias, start, stop)
-            if grad_query_bias is not None:
-                grad_query_bias[..., start:stop, :] = grad_band_bias
-            if grad_shared_bias is not None:
-                grad_shared_bias += grad_shared
-        return (None, None, None, None, None, grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), grad_query_bias,
-                grad_shared_bias.to(shared_bias.dtype) if shared_bias is not None else None)
+        grad_q, grad_k, grad_v, grad_query_bias, grad_shared_bias = attend_backward(
+            grad_out, q, k, v, out, query_bias, shared_bias, ctx.grid, ctx.max_logits, ctx.scale)
+        return (grad_q, grad_k, grad_v, grad_query_bias if query_bias is not None else None,
+                grad_shared_bias if shared_bias is not None else None, None, None, None, None)
+
+    attend.register_autograd(backward, setup_context=setup_context)
+    return attend
 
 
 def banded_bias_attention(
+        op: Callable[..., torch.Tensor],
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        bias_fn: BiasFn,
-        bias_vjp: BiasVjp,
-        band_size: Optional[int],
+        grid: Sequence[int],
         query_bias: Optional[torch.Tensor] = None,
         shared_bias: Optional[torch.Tensor] = None,
+        max_logits: Optional[int] = None,
         scale: Optional[float] = None,
         out_transposed: bool = False,
 ) -> torch.Tensor:
-    """``softmax(q k^T * scale + bias) v``, with the bias of each band of ``band_size`` queries from ``bias_fn``.
+    """``softmax(q k^T * scale + bias) v`` over the tokens of an ``H x W`` grid (raster order), with the bias of
+    each band of whole query rows from the bias function of ``op`` (made by :func:`banded_bias_attention_op`).
 
     Args:
-        q: (N, heads, Lq, d); k: (N, heads, L, d); v: (N, heads, L, dv).
-        bias_fn: ``bias_fn(query_bias[..., start:stop, :], shared_bias, start, stop)`` returns the bias of queries
-            ``[start, stop)``, broadcastable to (N, heads, stop - start, L).
-        bias_vjp: ``bias_vjp(grad_bias, query_bias[..., start:stop, :], shared_bias, start, stop)`` returns the
-            gradients of ``bias_fn``'s two tensor inputs given the gradient of the bias it returned (None for an
-            input that is None).
-        band_size: Queries per band (the caller aligns bands to its own structure, e.g. whole image rows, see
-            :func:`row_band_size`); None: one band of all queries.
+        q: (N, heads, H * W, d); k: (N, heads, L, d); v: (N, heads, L, dv).
+        grid: (H, W); bands are whole rows of it.
         query_bias: Tensor with one row per query (dim -2), sliced to each band; or None.
         shared_bias: Tensor every band reads whole (e.g. an offset table); or None.
+        max_logits: Logits per band (N x heads x queries x keys; at least one row), default
+            :func:`default_max_chunk_logits`.
         scale: Logit scale (default ``d ** -0.5``).
         out_transposed: Return the (N, heads, Lq, dv) output as a view of (N, heads, dv, Lq) storage, for callers
             that go on channel-first: their ``(N, heads * dv, Lq)`` view then shares the storage kept for backward.
@@ -171,16 +211,7 @@ def banded_bias_attention(
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     device_type = q.device.type
-    tensors = (q, k, v, query_bias, shared_bias)
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = q.dtype
-    tensors = tuple(t.to(dtype) if t is not None else None for t in tensors)
-    length = q.shape[-2]
-    if band_size is None:
-        bands = ((0, length),)
-    else:
-        bands = tuple((start, min(start + band_size, length)) for start in range(0, length, band_size))
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else q.dtype
+    tensors = tuple(t.to(dtype) if t is not None else None for t in (q, k, v, query_bias, shared_bias))
     with torch.autocast(device_type, enabled=False):
-        return _BandedBiasAttention.apply(bias_fn, bias_vjp, bands, scale, out_transposed, *tensors)
+        return op(*tensors, list(grid), max_logits, scale, out_transposed)

@@ -10,14 +10,13 @@ backward, so only the scaled queries are kept, not the L x (H + W) logits). In t
 ``nn.BatchNorm2d`` does. Derivation, exactness argument and why the ``classification`` embedding has no such
 form: ``docs/attention.md``.
 """
-from functools import partial
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .banded_attention import banded_bias_attention, row_band_size
+from .banded_attention import banded_bias_attention, banded_bias_attention_op
 from .lesa_attention import expand_relative_logits, relative_logits_2d, relative_logits_of_rows, \
     relative_tables_2d
 
@@ -117,7 +116,7 @@ def _split_tables(tables: torch.Tensor, grid: Tuple[int, int]) -> Tuple[torch.Te
 
 
 def _relative_bias(query_rel: torch.Tensor, tables: torch.Tensor, start: int, stop: int,
-                   grid: Tuple[int, int]) -> torch.Tensor:
+                   grid: Sequence[int]) -> torch.Tensor:
     """Bias of the queries ``[start, stop)`` (whole rows of the grid) against every key: the 2-D relative logits of
     their scaled queries ``query_rel[..., :-1]`` plus the logit shift ``query_rel[..., -1:]``."""
     height_table, width_table = _split_tables(tables, grid)
@@ -127,7 +126,7 @@ def _relative_bias(query_rel: torch.Tensor, tables: torch.Tensor, start: int, st
 
 
 def _relative_bias_vjp(grad: torch.Tensor, query_rel: torch.Tensor, tables: torch.Tensor, start: int, stop: int,
-                       grid: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+                       grid: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Gradients of :func:`_relative_bias`'s ``query_rel`` rows and ``tables``: the bias gradient summed over key
     columns (for ``rh``) and key rows (for ``rw``), through the two einsums of :func:`relative_logits_of_rows`."""
     width = grid[1]
@@ -144,6 +143,10 @@ def _relative_bias_vjp(grad: torch.Tensor, query_rel: torch.Tensor, tables: torc
     grad_height[rows] = torch.einsum('ngxya,ngxyd->xad', grad_rh, q_grid)
     grad_width = torch.einsum('ngxyb,ngxyd->ybd', grad_rw, q_grid)
     return grad_query_rel, torch.cat([grad_height.flatten(0, 1), grad_width.flatten(0, 1)])
+
+
+_relative_bias_attention = banded_bias_attention_op('lesa_relative_bias_attention', _relative_bias,
+                                                    _relative_bias_vjp)
 
 
 def detection_qr_binary(
@@ -195,6 +198,5 @@ def detection_qr_binary(
     query_rel = torch.cat([q * scale[groups:, None, None], logit_shift.expand(*q.shape[:-1], 1)], dim=-1)
     tables = torch.cat([table.flatten(0, 1) for table in relative_tables_2d(rel_height, rel_width, grid)])
     return banded_bias_attention(
-        q * scale[:groups, None, None], k, v, partial(_relative_bias, grid=grid),
-        partial(_relative_bias_vjp, grid=grid), row_band_size(q, tokens, width, max_chunk_logits),
-        query_bias=query_rel, shared_bias=tables, scale=1.0, out_transposed=True)
+        _relative_bias_attention, q * scale[:groups, None, None], k, v, grid, query_bias=query_rel,
+        shared_bias=tables, max_logits=max_chunk_logits, scale=1.0, out_transposed=True)
