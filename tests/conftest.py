@@ -4,12 +4,14 @@ torch.compile's C++ kernels (tests/test_compile_export.py) take minutes to build
 runs and clones in the project's cache outside the repository, beside the mmcv wheel (``LESA_LIT_CACHE``, default
 ``~/.cache/lesa-lit-models``), unless ``TORCHINDUCTOR_CACHE_DIR`` names another place.
 """
+import contextlib
 import http.server
 import os
 import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault('TORCHINDUCTOR_CACHE_DIR', os.path.join(
     os.environ.get('LESA_LIT_CACHE', os.path.expanduser('~/.cache/lesa-lit-models')), 'torchinductor'))
@@ -73,3 +75,15 @@ def release_server(tmp_path, hub_caches):
     server = ReleaseServer(tmp_path / 'www')
     yield server
     server.close()
+
+
+@pytest.fixture
+def saved_for_backward():
+    """``with saved_for_backward() as saved:`` lists in ``saved`` every tensor autograd keeps for the backward of
+    what runs inside (through saved-tensor hooks)."""
+    @contextlib.contextmanager
+    def collect():
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            yield saved
+    return collect

@@ -212,7 +212,7 @@ def test_banded_attention_operators_pass_opcheck():
                           (q, k, v, None, offsets, list(grid), one_row, 0.5, False))
 
 
-def test_compiled_banded_attention_keeps_no_tokens_by_tokens_tensor_for_backward():
+def test_compiled_banded_attention_keeps_no_tokens_by_tokens_tensor_for_backward(saved_for_backward):
     """Eagerly the LIT attention keeps q, k, v, its output and the offset grid for backward, never a (heads, N, N)
     bias or probabilities; compiled it keeps no more (with the bands traced into the graph, AOTAutograd merged the
     backward's rebuilt bias with the forward's and kept every band's probabilities)."""
@@ -226,16 +226,10 @@ def test_compiled_banded_attention_keeps_no_tokens_by_tokens_tensor_for_backward
         return attend_in_row_bands(q, k, v, grid, feat_size)
 
     def saved_bytes(fn) -> int:
-        sizes = []
-
-        def pack(t):
-            sizes.append(t.numel() * t.element_size())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved_for_backward() as saved:
             out = fn(q, k, v, grid)
         out.sum().backward()
-        return sum(sizes)
+        return sum(t.numel() * t.element_size() for t in saved)
 
     tokens_by_tokens = heads * tokens * tokens * 4  # bytes
     assert saved_bytes(attend) < tokens_by_tokens / 4  # the eager path, as its own tests check

@@ -381,21 +381,9 @@ def test_grad_checkpointing_leaves_outputs_grads_and_running_stats_unchanged(pos
     assert all(b.conv2.grad_checkpointing for b in (*model.layer3[1:], *model.layer4))
 
 
-def _saved_storage_bytes(fn):
-    """Run ``fn``; return its output and the bytes of the distinct storages autograd keeps for backward."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(storages.values())
-
-
 @pytest.mark.parametrize('pos_embed,attn_impl', [
     ('classification', 'reference'), ('detection_qr', 'fused'), ('detection_qr', 'reference')])
-def test_recomputed_gate_changes_nothing_and_keeps_less_for_backward(pos_embed, attn_impl):
+def test_recomputed_gate_changes_nothing_and_keeps_less_for_backward(pos_embed, attn_impl, saved_for_backward):
     """recompute_gate (the default) recomputes the terms' norms and the fusion gate in backward: the same outputs,
     gradients and BatchNorm statistics in train mode (float64) as keeping them, and fewer bytes kept."""
     torch.manual_seed(0)
@@ -407,7 +395,9 @@ def test_recomputed_gate_changes_nothing_and_keeps_less_for_backward(pos_embed, 
         m = copy.deepcopy(initial).train()
         m.recompute_gate = recompute
         x.grad = None
-        out, saved = _saved_storage_bytes(lambda: m(x))
+        with saved_for_backward() as kept:
+            out = m(x)
+        saved = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}.values())
         (out * torch.cos(out)).sum().backward()
         results.append((out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in m.named_parameters()},
                         {n: b.clone() for n, b in m.named_buffers()}, saved))
@@ -429,7 +419,7 @@ def test_recomputed_gate_changes_nothing_and_keeps_less_for_backward(pos_embed, 
     assert lesa_modules and not any(m.recompute_gate for m in lesa_modules)
 
 
-def test_model_grad_checkpointing_keeps_less_for_backward_and_changes_nothing():
+def test_model_grad_checkpointing_keeps_less_for_backward_and_changes_nothing(saved_for_backward):
     """set_grad_checkpointing / the grad_checkpointing flag recompute the LESA terms: same outputs and gradients,
     fewer activation elements saved for backward (counted through autograd's saved-tensor hooks)."""
     x = _image(DET_SIZE, batch=2)
@@ -439,11 +429,11 @@ def test_model_grad_checkpointing_keeps_less_for_backward_and_changes_nothing():
         model.grad_checkpointing = enable
         assert model.grad_checkpointing == enable == model.layer4[0].conv2.grad_checkpointing
         model.zero_grad()
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        with saved_for_backward() as saved:
             out = model(x)
         (out * torch.cos(out)).sum().backward()
-        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved)))
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
+                        sum(t.numel() for t in saved)))
     (out, grads, saved), (out_ckpt, grads_ckpt, saved_ckpt) = results
     torch.testing.assert_close(out_ckpt, out)
     for n, grad in grads.items():

@@ -128,19 +128,14 @@ def test_detection_fused_matches_reference_float32(batch, groups, grid, dims, mo
     check_fused_matches_reference(batch, groups, grid, mode, torch.float32, rtol=1e-4, atol=2e-5, dims=dims)
 
 
-def test_detection_fused_keeps_the_scaled_queries_not_their_relative_logits_for_backward():
+def test_detection_fused_keeps_the_scaled_queries_not_their_relative_logits_for_backward(saved_for_backward):
     """Of the relative logits (L x (H + W) per group) only their queries [b q | shift] are kept for backward: every
     band forms its logits again in backward."""
     grid, dims = (8, 12), (4, 4)
     tensors = make_detection_inputs(1, 2, grid, *dims, dtype=torch.float64, seed=0)
-    widths = []  # of the (N, G, L, width) tensors kept
-
-    def pack(t):
-        if t.dim() == 4 and t.shape[2] == grid[0] * grid[1]:
-            widths.append(t.shape[-1])
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_for_backward() as saved:
         detection_qr_binary(*tensors, grid, make_bn(4, torch.float64, seed=0).eval(), max_chunk_logits=1)
+    widths = [t.shape[-1] for t in saved if t.dim() == 4 and t.shape[2] == grid[0] * grid[1]]  # (N, G, L, width)
     assert max(widths) == dims[0] + 1 < sum(grid)
 
 

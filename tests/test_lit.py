@@ -247,26 +247,8 @@ def test_bias_of_a_band_of_query_rows_is_that_slice_of_the_dense_bias(feat_size,
     assert torch.equal(band, dense[:, rows[0] * w:rows[1] * w])
 
 
-def _saved_tensor_sizes(fn):
-    """Run ``fn`` and return its output and the element counts of the tensors autograd keeps for backward."""
-    sizes = []
-
-    def pack(t):
-        sizes.append(t.numel())
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sizes
-
-
-def _largest_saved_tensor(fn):
-    """Run ``fn`` and return its output and the element count of the largest tensor autograd keeps for backward."""
-    out, sizes = _saved_tensor_sizes(fn)
-    return out, max(sizes, default=0)
-
-
 @pytest.mark.parametrize('feat_size', [(9, 8), (11, 5)])
-def test_attention_in_row_bands_is_exact_and_keeps_no_full_logits_for_backward(feat_size):
+def test_attention_in_row_bands_is_exact_and_keeps_no_full_logits_for_backward(feat_size, saved_for_backward):
     h, w = feat_size
     n = h * w
     # bands of two query rows, the last one shorter (odd heights)
@@ -274,7 +256,12 @@ def test_attention_in_row_bands_is_exact_and_keeps_no_full_logits_for_backward(f
     nn.init.normal_(attn.relative_position_bias_table, std=1.)
     x = torch.randn(2, n, 48, requires_grad=True)
 
-    out, largest = _largest_saved_tensor(lambda: attn(x, feat_size))
+    def largest_saved():
+        with saved_for_backward() as saved:
+            out = attn(x, feat_size)
+        return out, max(t.numel() for t in saved)
+
+    out, largest = largest_saved()
     assert largest < 2 * 3 * n * n  # no (batch, heads, N, N) logits, probabilities or bias kept
     expected = _explicit_attention(attn, x, feat_size)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
@@ -286,7 +273,7 @@ def test_attention_in_row_bands_is_exact_and_keeps_no_full_logits_for_backward(f
         torch.testing.assert_close(g, g_expected, rtol=1e-4, atol=1e-5, msg=name)
 
     attn.attn_impl = 'reference'  # the upstream formulation keeps them, so the bound above can fail
-    assert _largest_saved_tensor(lambda: attn(x, feat_size))[1] >= 2 * 3 * n * n
+    assert largest_saved()[1] >= 2 * 3 * n * n
     attn.attn_impl = 'fused'
     with torch.no_grad():
         torch.testing.assert_close(attn.eval()(x, feat_size), expected, rtol=1e-5, atol=1e-5)
@@ -428,7 +415,7 @@ def test_grad_checkpointing_leaves_outputs_and_grads_unchanged(name):
         torch.testing.assert_close(p.grad, p_ref.grad, msg=n)
 
 
-def test_mlp_block_recomputes_its_activation_exactly_and_keeps_one_wide_tensor():
+def test_mlp_block_recomputes_its_activation_exactly_and_keeps_one_wide_tensor(saved_for_backward):
     tokens, dim, hidden = 2 * 40, 16, 16 * 8
     block = MLPBlock(dim, mlp_ratio=8., proj_drop=0.1, dtype=torch.float64).train()
     keeping = copy.deepcopy(block)
@@ -448,7 +435,9 @@ def test_mlp_block_recomputes_its_activation_exactly_and_keeps_one_wide_tensor()
         torch.testing.assert_close(p.grad, p_keeping.grad, rtol=0, atol=0, msg=n)
 
     def wide(fn):
-        return sum(size == tokens * hidden for size in _saved_tensor_sizes(fn)[1])
+        with saved_for_backward() as saved:
+            fn()
+        return sum(t.numel() == tokens * hidden for t in saved)
     assert wide(lambda: keeping(x, (5, 8))) >= 2  # GELU input and fc2 input (+ dropout mask)
     assert wide(lambda: block(x, (5, 8))) == 1  # fc1's output only
     with torch.no_grad():  # eval / inference: nothing to recompute

@@ -18,7 +18,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['ATTN_IMPLS', 'banded_bias_attention', 'banded_bias_attention_op', 'default_max_chunk_logits', 'row_band_size']
+__all__ = ['ATTN_IMPLS', 'banded_bias_attention', 'banded_bias_attention_op', 'default_max_chunk_logits',
+           'row_band_size']
 
 # the attention switch of both families: 'fused' (exact, no tokens x tokens tensor kept) or 'reference'
 ATTN_IMPLS = ('fused', 'reference')
