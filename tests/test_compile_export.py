@@ -124,23 +124,27 @@ def _set_model_checkpointing(model: nn.Module, enable: bool):
 _INDUCTOR = {('lesa_resnet50', False), ('lesa_resnet50_det', True), ('lit_ti', False), ('lit_s', True)}
 
 
-def _compile_case(name: str, features_only: bool):
-    backend = 'inductor' if (name, features_only) in _INDUCTOR else 'aot_eager'
-    return pytest.param(name, features_only, backend, marks=pytest.mark.slow,
-                        id=f'{name}-{"features" if features_only else "classifier"}-{backend}')
+def _compile_case(name: str, features_only: bool, device: str = 'cpu'):
+    backend = 'inductor' if device == 'cuda' or (name, features_only) in _INDUCTOR else 'aot_eager'
+    marks = [pytest.mark.slow]
+    if device == 'cuda':
+        marks.append(pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device'))
+    return pytest.param(name, features_only, backend, device, marks=marks,
+                        id=f'{name}-{"features" if features_only else "classifier"}-{backend}-{device}')
 
 
-COMPILE_CASES = [_compile_case(name, features_only) for name in SMALL for features_only in (False, True)]
+# every case on the CPU; on CUDA (inductor's Triton kernels) the features, as the detectors use them
+COMPILE_CASES = [_compile_case(name, features_only) for name in SMALL for features_only in (False, True)] + [
+    _compile_case(name, True, 'cuda') for name in SMALL]
 
 
-@pytest.mark.parametrize('name, features_only, backend', COMPILE_CASES)
-def test_compiled_model_matches_eager(name, features_only, backend):
+@pytest.mark.parametrize('name, features_only, backend, device', COMPILE_CASES)
+def test_compiled_model_matches_eager(name, features_only, backend, device):
     """One graph per mode (``fullgraph=True`` fails at any graph break): outputs, input and parameter gradients and
     BatchNorm statistics of a train step (with the model's gradient checkpointing, LIT's recomputed bands) and of an
     eval step equal eager's; with aot_eager, a second input size recompiles (dynamic shapes where the model takes any
-    size). Inductor compiles each graph, and each band's kernels, apart (minutes each on 2 cores): there, one band
-    and one size."""
-    model = _small(name, features_only=features_only, **(dict(max_chunk_logits=None) if backend == 'inductor' else {}))
+    size). Inductor compiles each graph apart (minutes each on 2 cores): there, one size."""
+    model = _small(name, features_only=features_only).to(device)
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     for training in (True, False):
@@ -148,7 +152,7 @@ def test_compiled_model_matches_eager(name, features_only, backend):
             m.train(training)
             m.zero_grad()
             _set_model_checkpointing(m, training)
-        _assert_same(_step(model, _images(), compiled), _step(eager, _images()))
+        _assert_same(_step(model, _images().to(device), compiled), _step(eager, _images().to(device)))
     if backend == 'aot_eager' and name != 'lesa_resnet50':  # the classification table takes one grid only
         x = _images(size=SIZE + 32)
         with torch.no_grad():
