@@ -1,4 +1,5 @@
-"""Shared fixtures: a loopback HTTP server that plays a release site, with the download caches in a temp dir.
+"""Shared fixtures: a loopback HTTP server that plays a release site, with the download caches in a temp dir; the
+tensors autograd keeps for backward.
 
 torch.compile's C++ kernels (tests/test_compile_export.py) take minutes to build on 2 cores: they are kept across
 runs and clones in the project's cache outside the repository, beside the mmcv wheel (``LESA_LIT_CACHE``, default
