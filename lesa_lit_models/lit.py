@@ -103,7 +103,7 @@ def _bias_of_rows_vjp(grad, query_bias, grid, start, stop, feat_size):
 _offset_bias_attention = banded_bias_attention_op('lit_offset_bias_attention', _bias_of_rows, _bias_of_rows_vjp)
 
 
-@register_notrace_function  # FX leaf: the number of bands depends on the input grid
+@register_notrace_function  # FX leaf: it reads the shapes, the device and the autocast state of its inputs
 def attend_in_row_bands(
         q: torch.Tensor,
         k: torch.Tensor,
