@@ -21,12 +21,29 @@ MMCV_VERSION=2.1.0
 mkdir -p "$WHEELS" "$LOGS"
 
 step() { STEP="$1"; LOG="$LOGS/$2.log"; printf '\n==> %s (log: %s)\n' "$STEP" "$LOG"; }
+fail() {
+  printf '\nERROR: step "%s" failed. Last lines of %s:\n' "$STEP" "$LOG" >&2
+  tail -n 25 "$LOG" >&2
+  exit 1
+}
 run() {  # run a command with its output in the step's log; on failure name the step and the log
-  if ! "$@" >"$LOG" 2>&1; then
-    printf '\nERROR: step "%s" failed. Last lines of %s:\n' "$STEP" "$LOG" >&2
-    tail -n 25 "$LOG" >&2
-    exit 1
-  fi
+  "$@" >"$LOG" 2>&1 || fail
+}
+run_counting_units() {  # like run, for a ninja build: every 30 s, the compile units done and an estimate of the rest
+  "$@" >"$LOG" 2>&1 &
+  local pid=$! start=$SECONDS next_report=$((SECONDS + 30)) last=""
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 2
+    [ "$SECONDS" -ge "$next_report" ] || continue
+    next_report=$((SECONDS + 30))
+    local count; count="$(grep -oE '^\s*\[[0-9]+/[0-9]+\]' "$LOG" | tail -n 1 | tr -d '[] ' || true)"
+    [ -n "$count" ] && [ "$count" != "$last" ] || continue
+    last="$count"
+    local finished="${count%/*}" total="${count#*/}" elapsed=$((SECONDS - start))
+    printf '    %3d/%d compile units done, %d min %02d s elapsed, about %d min left\n' "$finished" "$total" \
+      $((elapsed / 60)) $((elapsed % 60)) $(( (elapsed * (total - finished) / finished + 59) / 60 ))
+  done
+  wait "$pid" || fail
 }
 
 step "virtual environment at $VENV" venv
@@ -54,8 +71,9 @@ if [ -z "$MMCV_WHEEL" ]; then
   # torch >= 2.13 headers need C++20; mmcv 2.1.0 hard-codes c++14/c++17.
   sed -i -e 's/-std=c++14/-std=c++20/g' -e 's/-std=c++17/-std=c++20/g' "$SRC/mmcv-$MMCV_VERSION/setup.py"
   # --no-build-isolation: otherwise torch is invisible to setup.py and the ops are silently skipped.
-  MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" run "$PY" -m pip wheel --disable-pip-version-check \
-    --no-build-isolation --no-deps -w "$WHEELS" "$SRC/mmcv-$MMCV_VERSION"
+  # -v: pip passes on ninja's "[done/total]" lines, which run_counting_units reads from the log.
+  MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" run_counting_units "$PY" -m pip wheel -v \
+    --disable-pip-version-check --no-build-isolation --no-deps -w "$WHEELS" "$SRC/mmcv-$MMCV_VERSION"
   rm -rf "$SRC"
   MMCV_WHEEL="$(ls "$WHEELS"/mmcv-$MMCV_VERSION-*.whl | head -n 1)"
 else
@@ -79,4 +97,4 @@ DeformConv2dPack(4, 4, 3, padding=1)(x)
 import mmdet, lesa_lit_models  # noqa: F401
 print('mmcv ops OK')
 PY
-printf '\nEnvironment ready: %s\n' "$VENV"
+printf '\nEnvironment ready: %s (set-up took %d min %02d s)\n' "$VENV" $((SECONDS / 60)) $((SECONDS % 60))
