@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train on a Slurm cluster (one task per GPU, mmengine's slurm launcher).
 #
-#   [GPUS=16] [GPUS_PER_NODE=8] [CPUS_PER_TASK=5] [SRUN_ARGS=...] \
+#   [GPUS=8] [GPUS_PER_NODE=8] [CPUS_PER_TASK=5] [SRUN_ARGS=...] \
 #     detection/slurm_train.sh PARTITION JOB_NAME CONFIG WORK_DIR [tools/train.py options]
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -9,7 +9,7 @@ Paper: `Less is More: Pay Less Attention in Vision Transformers` - https://arxiv
   year={2022}
 }
 
-Re-implemented from the paper and the authors' Apache-2.0 code at https://github.com/zhuang-group/LIT
+Re-implemented from the paper and the authors' Apache-2.0 code at https://github.com/ziplab/LIT
 (classification: ``code_for_lit_ti``, ``code_for_lit_s_m_b``; COCO backbones: ``detection/mmdet``).
 The authors' CUDA DCN extension is replaced by ``torchvision.ops.deform_conv2d`` (same math) and attention
 runs through ``F.scaled_dot_product_attention``.

@@ -1,6 +1,6 @@
 """Evaluate a detector checkpoint with the COCO metric (bbox and segm), or write COCO result jsons.
 
-    python detection/tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--data-root DIR]
+    python detection/tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--data-root DIR] [--input-size N]
                                   [--format-only | --test-dev] [--out-prefix PREFIX] [--out results.pkl]
                                   [--show-dir DIR] [--cfg-options KEY=VALUE ...] [--launcher none|pytorch|slurm|mpi]
 

@@ -1,7 +1,8 @@
 """Train a detector from a config (mmdet 3.x ``tools/train.py`` plus this project's adjustments).
 
-    python detection/tools/train.py CONFIG [--work-dir DIR] [--data-root DIR] [--amp] [--resume [CKPT]]
-                                   [--cfg-options KEY=VALUE ...] [--launcher none|pytorch|slurm|mpi]
+    python detection/tools/train.py CONFIG [--work-dir DIR] [--data-root DIR] [--input-size N] [--amp]
+                                   [--auto-scale-lr] [--resume [CKPT]] [--cfg-options KEY=VALUE ...]
+                                   [--launcher none|pytorch|slurm|mpi]
 
 Use ``detection/train.sh`` for one or several GPUs, several nodes, or the CPU. Without a GPU, configs that ask for
 ``AmpOptimWrapper`` train in fp32.

@@ -5,7 +5,7 @@
 # Released COCO checkpoint (the authors' epoch_20.pth, mmdet 2.x; OneDrive, download by hand):
 #   https://livejohnshopkins-my.sharepoint.com/:f:/g/personal/cyang76_jh_edu/EmSPz8ToSK5GuYyWELj3Y0QBwP3Q_Jd4FhK1WDvf2FuADw?e=xRsbl5
 #   detection/test.sh detection/configs/lesa/htc_lesa-wrn50-dconv-c3-c5_fpn_1280-4xb1-20e_coco.py \
-#       epoch_20.pth 8
+#       epoch_20.pth 4
 # Training reads data/coco/stuffthingmaps/train2017/*.png; without them use the htc-without-semantic config.
 _base_ = ['mmdet::htc/htc_r50_fpn_20e_coco.py', './_base_/lesa_backbone.py']
 

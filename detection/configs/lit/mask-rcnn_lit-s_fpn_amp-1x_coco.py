@@ -2,7 +2,7 @@
 # decay 1e-4 (none on norms and position tables), 12 epochs (steps at 8 and 11), mixed precision on GPU (fp32 on
 # CPU), gradient checkpointing.
 # Paper (LIT, arXiv 2105.14217): COCO val2017 box AP 42.9, mask AP 39.6.
-# Upstream: zhuang-group/LIT detection/configs/lit/mask_rcnn_lit_s_fpn_1x_coco.py.
+# Upstream: ziplab/LIT detection/configs/lit/mask_rcnn_lit_s_fpn_1x_coco.py.
 # Released COCO checkpoint (the authors', mmdet 2.x; test.sh converts it on the fly):
 #   detection/test.sh detection/configs/lit/mask-rcnn_lit-s_fpn_amp-1x_coco.py \
 #       https://github.com/ziplab/LIT/releases/download/v2.0/mask_rcnn_lit_s.pth 8

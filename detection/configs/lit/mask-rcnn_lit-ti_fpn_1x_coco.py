@@ -1,7 +1,7 @@
 # Mask R-CNN, LIT-Ti backbone, FPN, 8 GPUs x 2 images, AdamW lr 2e-4, weight decay 1e-4, 12 epochs (steps at 8
 # and 11), fp32.
 # Paper (LIT, arXiv 2105.14217): COCO val2017 box AP 42.0, mask AP 39.1.
-# Upstream: zhuang-group/LIT detection/configs/lit/mask_rcnn_lit_ti_fpn_1x_coco.py.
+# Upstream: ziplab/LIT detection/configs/lit/mask_rcnn_lit_ti_fpn_1x_coco.py.
 # Released COCO checkpoint (the authors', mmdet 2.x; test.sh converts it on the fly):
 #   detection/test.sh detection/configs/lit/mask-rcnn_lit-ti_fpn_1x_coco.py \
 #       https://github.com/ziplab/LIT/releases/download/v2.0/mask_rcnn_lit_ti.pth 8
