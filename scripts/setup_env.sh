@@ -2,12 +2,18 @@
 # One-command, idempotent set-up of the project environment.
 #
 #   bash scripts/setup_env.sh            # creates .venv and installs everything
+#   CUDA=1 bash scripts/setup_env.sh     # the same with mmcv's CUDA ops (needs nvcc), checked on the GPU
 #
-# Steps: (1) virtual environment, (2) torch + torchvision from this machine's local wheels,
-# (3) mmcv 2.1.0 with compiled ops, built once into a wheel cache outside the repo,
-# (4) this package, editable, with its `detection` and `dev` extras.
+# Steps: (1) virtual environment, (2) torch + torchvision (pinned below), (3) mmcv 2.1.0 with compiled ops,
+# built once into a wheel cache outside the repo, (4) this package, editable, with its `detection` and `dev`
+# extras, (5) a check of mmcv's ops (on the GPU too when built with CUDA ops and a GPU is visible).
 # Environment knobs: VENV (default .venv), LESA_LIT_CACHE (default ~/.cache/lesa-lit-models),
-# PYTHON (default python3.11 or python3).
+# PYTHON (default python3.11 or python3), MAX_JOBS (parallel compile jobs, default: every core),
+# CUDA: 1 builds mmcv's CUDA ops as well as its CPU ops, 0 the CPU ops only; default: 1 when `nvcc` is found
+# (on PATH or in CUDA_HOME/bin). The nvcc must be of the CUDA major version torch was built with
+# (`python -c "import torch; print(torch.version.cuda)"` in the venv; torch 2.14.1's PyPI wheel: 13.0).
+# TORCH_CUDA_ARCH_LIST: the GPU architectures to compile for (e.g. "8.0;9.0"); default: those of the GPUs
+# visible now, else every architecture torch was built for.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,7 +21,14 @@ VENV="${VENV:-$ROOT/.venv}"
 CACHE="${LESA_LIT_CACHE:-$HOME/.cache/lesa-lit-models}"
 WHEELS="$CACHE/wheels"
 LOGS="$CACHE/logs"
-PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3 || echo python3)}"
+NVCC="$(command -v nvcc || true)"
+[ -n "$NVCC" ] || { [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ] && NVCC="$CUDA_HOME/bin/nvcc"; } || true
+export CUDA="${CUDA:-$([ -n "$NVCC" ] && echo 1 || echo 0)}"
+if [ "$CUDA" = 1 ] && [ -z "$NVCC" ]; then
+  echo "ERROR: CUDA=1 needs the CUDA compiler nvcc: put it on PATH or set CUDA_HOME (CUDA=0 builds the CPU ops only)." >&2
+  exit 1
+fi
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 MMCV_VERSION=2.1.0
 mkdir -p "$WHEELS" "$LOGS"
@@ -51,7 +64,7 @@ step "virtual environment at $VENV" venv
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip install --disable-pip-version-check)
 
-step "torch + torchvision (${TORCH_PINS[*]}, from local wheels; ~1 min the first time)" torch
+step "torch + torchvision (${TORCH_PINS[*]}; ~1 min the first time)" torch
 if ! "$PY" -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1') and torchvision.__version__.startswith('0.29.1')" 2>/dev/null; then
   run "${PIP[@]}" "${TORCH_PINS[@]}"
 fi
@@ -59,12 +72,42 @@ fi
 step "mmcv build tools (setuptools<81: mmcv and mmengine need pkg_resources; torch needs >=77)" buildtools
 run "${PIP[@]}" "setuptools>=77.0.3,<81" wheel ninja "mmengine>=0.10,<1.0" "${TORCH_PINS[@]}"
 
-step "mmcv $MMCV_VERSION with compiled ops" mmcv
-MMCV_WHEEL="$(ls "$WHEELS"/mmcv-$MMCV_VERSION-*.whl 2>/dev/null | head -n 1 || true)"
+MMCV_WHEELS="$WHEELS"  # CPU ops only
+if [ "$CUDA" = 1 ]; then
+  step "CUDA: nvcc against torch's CUDA version, the GPU architectures" cuda
+  TORCH_CUDA="$("$PY" -c "import torch; print(torch.version.cuda or '')")"
+  NVCC_CUDA="$("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
+  [ -n "$TORCH_CUDA" ] || { echo "    this torch has no CUDA support: install a CUDA build of ${TORCH_PINS[0]}" >"$LOG"; fail; }
+  [ "${TORCH_CUDA%%.*}" = "${NVCC_CUDA%%.*}" ] || {
+    echo "    $NVCC is CUDA $NVCC_CUDA, torch was built with CUDA $TORCH_CUDA: use an nvcc of CUDA ${TORCH_CUDA%%.*}.x" \
+      "(CUDA_HOME) or a torch build for CUDA ${NVCC_CUDA%%.*}" >"$LOG"; fail; }
+  export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$NVCC")")}"
+  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "
+import re, torch
+if torch.cuda.is_available():
+    caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    print(';'.join(f'{major}.{minor}' for major, minor in sorted(caps)))
+else:
+    arches = (re.fullmatch(r'sm_(\\d+)(\\d)([a-z]?)', a) for a in torch.cuda.get_arch_list())
+    print(';'.join(f'{m[1]}.{m[2]}{m[3]}' for m in arches if m))
+")}"
+  echo "    nvcc $NVCC_CUDA ($NVCC), torch CUDA $TORCH_CUDA, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
+  MMCV_WHEELS="$WHEELS/cuda$TORCH_CUDA-sm${TORCH_CUDA_ARCH_LIST//[;. ]/_}"
+  export FORCE_CUDA=1
+fi
+
+step "mmcv $MMCV_VERSION with compiled ops$([ "$CUDA" = 1 ] && echo ' (CPU and CUDA)')" mmcv
+mkdir -p "$MMCV_WHEELS"
+MMCV_WHEEL="$(ls "$MMCV_WHEELS"/mmcv-$MMCV_VERSION-*.whl 2>/dev/null | head -n 1 || true)"
 if [ -z "$MMCV_WHEEL" ]; then
-  echo "    no cached wheel in $WHEELS: compiling mmcv ops from source."
-  echo "    This takes 13 (AVX-512) to 35 (AVX2 only) minutes on 2 cores (77 compile units);"
-  echo "    later set-ups reuse the wheel."
+  echo "    no cached wheel in $MMCV_WHEELS: compiling mmcv ops from source."
+  if [ "$CUDA" = 1 ]; then
+    echo "    With CUDA ops this compiles the CUDA kernels too, for each architecture listed: far longer than the"
+    echo "    CPU-only build; MAX_JOBS (default: every core) sets the parallel jobs. Later set-ups reuse the wheel."
+  else
+    echo "    This takes 13 (AVX-512) to 35 (AVX2 only) minutes on 2 cores (77 compile units);"
+    echo "    later set-ups reuse the wheel."
+  fi
   SRC="$(mktemp -d)"
   run "$PY" -m pip download --disable-pip-version-check --no-deps --no-binary :all: -d "$SRC" "mmcv==$MMCV_VERSION"
   tar -xzf "$SRC"/mmcv-$MMCV_VERSION.tar.gz -C "$SRC"
@@ -73,28 +116,48 @@ if [ -z "$MMCV_WHEEL" ]; then
   # --no-build-isolation: otherwise torch is invisible to setup.py and the ops are silently skipped.
   # -v: pip passes on ninja's "[done/total]" lines, which run_counting_units reads from the log.
   MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" run_counting_units "$PY" -m pip wheel -v \
-    --disable-pip-version-check --no-build-isolation --no-deps -w "$WHEELS" "$SRC/mmcv-$MMCV_VERSION"
+    --disable-pip-version-check --no-build-isolation --no-deps -w "$MMCV_WHEELS" "$SRC/mmcv-$MMCV_VERSION"
   rm -rf "$SRC"
-  MMCV_WHEEL="$(ls "$WHEELS"/mmcv-$MMCV_VERSION-*.whl | head -n 1)"
+  MMCV_WHEEL="$(ls "$MMCV_WHEELS"/mmcv-$MMCV_VERSION-*.whl | head -n 1)"
 else
   echo "    reusing cached wheel $MMCV_WHEEL"
 fi
-if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV_VERSION'" 2>/dev/null; then
+if ! "$PY" -c "
+import mmcv, mmcv.ops
+assert mmcv.__version__ == '$MMCV_VERSION'
+assert (mmcv.ops.get_compiling_cuda_version() != 'not available') == ($CUDA == 1)" 2>/dev/null; then
+  "$PY" -m pip uninstall --disable-pip-version-check -y mmcv >/dev/null 2>&1 || true  # a build of the other kind
   run "${PIP[@]}" "$MMCV_WHEEL" "${TORCH_PINS[@]}"
 fi
 
 step "lesa-lit-models (editable) with extras [detection,dev]" package
 run "${PIP[@]}" -e "$ROOT[detection,dev]" "$MMCV_WHEEL" "${TORCH_PINS[@]}"
 
-step "check: mmcv compiled ops (RoIAlign, nms, DeformConv2dPack) on CPU" check
+step "check: mmcv compiled ops (RoIAlign, nms, DeformConv2dPack) on the CPU, and on the GPU when built for it" check
 run "$PY" - <<'PY'
+import os
 import torch
-from mmcv.ops import RoIAlign, nms, DeformConv2dPack
+from mmcv.ops import RoIAlign, nms, DeformConv2dPack, get_compiling_cuda_version
+torch.manual_seed(0)
 x = torch.randn(1, 4, 16, 16)
-RoIAlign((2, 2), 1.0, 0)(x, torch.tensor([[0., 1., 1., 8., 8.]]))
-nms(torch.tensor([[0., 0., 4., 4.], [0., 0., 4., 5.]]), torch.tensor([0.9, 0.8]), 0.5)
-DeformConv2dPack(4, 4, 3, padding=1)(x)
+rois = torch.tensor([[0., 1., 1., 8., 8.]])
+boxes, scores = torch.tensor([[0., 0., 4., 4.], [0., 0., 4., 5.]]), torch.tensor([0.9, 0.8])
+dcn = DeformConv2dPack(4, 4, 3, padding=1)
+with torch.no_grad():
+    dcn.conv_offset.weight.normal_(std=0.1)  # non-zero offsets: bilinear sampling between pixels
+    outputs = RoIAlign((2, 2), 1.0, 0)(x, rois), nms(boxes, scores, 0.5)[1], dcn(x)
+print('CPU ops OK; mmcv compiled with CUDA:', get_compiling_cuda_version())
+if os.environ['CUDA'] == '1':
+    if torch.cuda.is_available():
+        with torch.no_grad():
+            on_gpu = (RoIAlign((2, 2), 1.0, 0)(x.cuda(), rois.cuda()), nms(boxes.cuda(), scores.cuda(), 0.5)[1],
+                      dcn.cuda()(x.cuda()))
+        for name, cpu, gpu in zip(('RoIAlign', 'nms', 'DeformConv2dPack'), outputs, on_gpu):
+            torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4, msg=f'{name}: GPU differs from CPU')
+        print('CUDA ops OK on', torch.cuda.get_device_name())
+    else:
+        print('no GPU visible: the CUDA ops were built and not run')
 import mmdet, lesa_lit_models  # noqa: F401
-print('mmcv ops OK')
 PY
+tail -n 3 "$LOG" | sed 's/^/    /'
 printf '\nEnvironment ready: %s (set-up took %d min %02d s)\n' "$VENV" $((SECONDS / 60)) $((SECONDS % 60))

@@ -5,6 +5,12 @@ makes the package's safe checkpoint loader mmengine's loader for local files and
 ``resume``, ``init_cfg``, ``DetInferencer``): checkpoints are read as tensors and plain data, never as code.
 Configs load it with ``custom_imports = dict(imports=['lesa_lit_models', 'lesa_lit_det'])``.
 """
+try:
+    import mmdet  # noqa: F401
+except ImportError as error:
+    raise ImportError("lesa_lit_det needs mmdetection 3.3 and mmcv 2.1 with compiled ops: install them with "
+                      "pip install 'lesa-lit-models[detection]' (see the README's install section)") from error
+
 from .backbone import TimmBackbone
 from .loading import register_checkpoint_loader
 
