@@ -193,6 +193,8 @@ def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, 
         '',
         f'Method: {METHOD}',
         '',
+        'Times: img/s, s/step and the speed ratio are wall time (the median step, `time.perf_counter`).',
+        '',
         'Ratios: memory = peak of the reference (or peer) / peak of ours; speed = img/s of ours / img/s of the '
         'reference (or peer); above 1 means ours is leaner / faster. `>` marks a lower bound (the other case ran '
         'out of memory at the limit).',

@@ -91,15 +91,22 @@ def _git(*args: str) -> str:
         return 'unknown'
 
 
+# the vector instruction sets that set the speed of the convolutions, matmuls and attention kernels
+_VECTOR_FLAGS = ('avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'avx512_fp16', 'amx_tile', 'amx_bf16')
+
+
 def _cpu_description() -> str:
-    model = platform.processor() or platform.machine()
+    model, flags = platform.processor() or platform.machine(), set()
     with open('/proc/cpuinfo') as f:
         for line in f:
             if line.startswith('model name'):
                 model = line.split(':', 1)[1].strip()
+            elif line.startswith('flags'):
+                flags = set(line.split(':', 1)[1].split())
                 break
     ram = _meminfo_bytes('MemTotal') / _GiB
-    return f'{model}, {os.cpu_count()} logical cores, {ram:.0f} GiB RAM'
+    vector = ' '.join(f for f in _VECTOR_FLAGS if f in flags) or 'none of ' + ' '.join(_VECTOR_FLAGS)
+    return f'{model} (flags: {vector}), {os.cpu_count()} logical cores, {ram:.0f} GiB RAM'
 
 
 def _meminfo_bytes(field: str) -> int:

@@ -225,7 +225,9 @@ def test_quick_run_writes_table_json_and_chart(tmp_path):
     # training holds the gradients on top of the weights
     assert results['fwd+bwd']['peak_bytes'] > results['fwd']['peak_bytes'] + param_bytes
     md = (out / 'results.md').read_text()
-    assert '| resnet50 | 64x64 | 25.6 |' in md and doc['commit'] in md
+    assert '| resnet50 | 64x64 | 25.6 |' in md and doc['commit'] in md and doc['date'] in md
+    assert '(flags: ' in doc['device']['description'] and doc['device']['description'] in md
+    assert '1 intra-op threads' in md and 'are wall time' in md
     assert (out / report.CHART).read_bytes().startswith(b'\x89PNG')
 
 

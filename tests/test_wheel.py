@@ -126,7 +126,11 @@ def test_wheel_installs_timm_models_without_detection_dependencies(tmp_path):
     subprocess.run([sys.executable, '-m', 'pip', '--python', str(python), 'install', '--no-index', '--no-deps',
                     '--quiet', str(wheel)], check=True, env=env)
 
-    run = dict(check=True, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
-    assert 'timm-only install OK' in subprocess.run([str(python), '-c', CHECK], **run).stdout
-    usage = subprocess.run([str(venv / 'bin' / 'lesa-lit-convert'), '--help'], **run).stdout
+    def run(*command):
+        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert 'timm-only install OK' in run(str(python), '-c', CHECK)
+    usage = run(str(venv / 'bin' / 'lesa-lit-convert'), '--help')
     assert usage.startswith('usage: lesa-lit-convert'), usage
