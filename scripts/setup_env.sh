@@ -13,7 +13,7 @@
 # (on PATH or in CUDA_HOME/bin). The nvcc must be of the CUDA major version torch was built with
 # (`python -c "import torch; print(torch.version.cuda)"` in the venv; torch 2.14.1's PyPI wheel: 13.0).
 # TORCH_CUDA_ARCH_LIST: the GPU architectures to compile for (e.g. "8.0;9.0"); default: those of the GPUs
-# visible now, else every architecture torch was built for.
+# visible now (without a visible GPU it must be set).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -83,14 +83,12 @@ if [ "$CUDA" = 1 ]; then
       "(CUDA_HOME) or a torch build for CUDA ${NVCC_CUDA%%.*}" >"$LOG"; fail; }
   export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$NVCC")")}"
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "
-import re, torch
-if torch.cuda.is_available():
-    caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
-    print(';'.join(f'{major}.{minor}' for major, minor in sorted(caps)))
-else:
-    arches = (re.fullmatch(r'sm_(\\d+)(\\d)([a-z]?)', a) for a in torch.cuda.get_arch_list())
-    print(';'.join(f'{m[1]}.{m[2]}{m[3]}' for m in arches if m))
+import torch
+caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+print(';'.join(f'{major}.{minor}' for major, minor in sorted(caps)))
 ")}"
+  [ -n "$TORCH_CUDA_ARCH_LIST" ] || { echo "    no GPU visible: set TORCH_CUDA_ARCH_LIST to the GPUs' compute" \
+    "capabilities, e.g. TORCH_CUDA_ARCH_LIST=\"8.0;9.0\" for A100 and H100" >"$LOG"; fail; }
   echo "    nvcc $NVCC_CUDA ($NVCC), torch CUDA $TORCH_CUDA, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
   MMCV_WHEELS="$WHEELS/cuda$TORCH_CUDA-sm${TORCH_CUDA_ARCH_LIST//[;. ]/_}"
   export FORCE_CUDA=1
