@@ -10,7 +10,8 @@
 # Environment knobs: VENV (default .venv), LESA_LIT_CACHE (default ~/.cache/lesa-lit-models),
 # PYTHON (default python3.11 or python3), MAX_JOBS (parallel compile jobs, default: every core),
 # CUDA: 1 builds mmcv's CUDA ops as well as its CPU ops, 0 the CPU ops only; default: 1 when `nvcc` is found
-# (on PATH or in CUDA_HOME/bin). The nvcc must be of the CUDA major version torch was built with
+# (on PATH or in CUDA_HOME/bin) and `nvidia-smi -L` lists a GPU (a CUDA toolkit alone, without a GPU, keeps the
+# CPU build; set CUDA=1 to build for GPUs elsewhere). The nvcc must be of the CUDA major version torch was built with
 # (`python -c "import torch; print(torch.version.cuda)"` in the venv; torch 2.14.1's PyPI wheel: 13.0).
 # TORCH_CUDA_ARCH_LIST: the GPU architectures to compile for (e.g. "8.0;9.0"); default: those of the GPUs
 # visible now (without a visible GPU it must be set).
@@ -24,11 +25,14 @@ LOGS="$CACHE/logs"
 PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3 || echo python3)}"
 NVCC="$(command -v nvcc || true)"
 [ -n "$NVCC" ] || { [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ] && NVCC="$CUDA_HOME/bin/nvcc"; } || true
-export CUDA="${CUDA:-$([ -n "$NVCC" ] && echo 1 || echo 0)}"
+gpu_visible() { command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; }
+export CUDA="${CUDA:-$([ -n "$NVCC" ] && gpu_visible && echo 1 || echo 0)}"
 if [ "$CUDA" = 1 ] && [ -z "$NVCC" ]; then
   echo "ERROR: CUDA=1 needs the CUDA compiler nvcc: put it on PATH or set CUDA_HOME (CUDA=0 builds the CPU ops only)." >&2
   exit 1
 fi
+if [ "$CUDA" = 1 ]; then echo "mmcv ops: CPU and CUDA (CUDA=1, $NVCC)"
+else echo "mmcv ops: CPU only (CUDA=0; CUDA=1 builds the CUDA ops too)"; fi
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 MMCV_VERSION=2.1.0
 mkdir -p "$WHEELS" "$LOGS"
