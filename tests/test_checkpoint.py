@@ -6,9 +6,7 @@ own Runner. Downloads come from a loopback server (conftest.py).
 """
 import argparse
 import io
-import os
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -19,39 +17,13 @@ from lesa_lit_models._checkpoint import (
     CheckpointError, DownloadError, UnsafeCheckpointError, load_checkpoint, load_checkpoint_file,
     resolve_pretrained_weights, unwrap_state_dict, verify_state_dict,
 )
+from _helpers import CfgNode, EvaluatesCode, OpensAFile, RunsAShellCommand, assert_same_tensors, save_crafted, \
+    save_with_module
 
 
 @pytest.fixture
 def weights():
     return {'conv.weight': torch.randn(4, 3, 3, 3), 'fc.weight': torch.randn(2, 4)}
-
-
-def _assert_same(state_dict, weights):
-    assert state_dict.keys() == weights.keys()
-    assert all(torch.equal(state_dict[k], weights[k]) for k in weights)
-
-
-def _save_as(obj, path, monkeypatch, module: str, *classes: type, **kwargs):
-    """torch.save ``obj`` while ``classes`` are importable from ``module`` (the names the pickle records); they are
-    gone again afterwards, as on a machine without that package."""
-    fake = types.ModuleType(module)
-    for cls in classes:
-        cls.__module__, cls.__qualname__ = module, cls.__name__
-        setattr(fake, cls.__name__, cls)
-    with monkeypatch.context() as m:
-        m.setitem(sys.modules, module, fake)
-        m.setitem(sys.modules, module.split('.')[0], types.ModuleType(module.split('.')[0]))
-        torch.save(obj, path, **kwargs)
-    assert module not in sys.modules
-
-
-class CfgNode(dict):
-    """What yacs.config.CfgNode pickles as: a dict subclass with its flags in __dict__."""
-
-    def __init__(self, init=None):
-        super().__init__(init or {})
-        self.__dict__.update({'__immutable__': False, '__deprecated_keys__': set(), '__renamed_keys__': {},
-                              '__new_allowed__': False})
 
 
 def test_lesa_imagenet_layout(tmp_path, weights):
@@ -61,20 +33,20 @@ def test_lesa_imagenet_layout(tmp_path, weights):
                 'epoch': 94}, path)
     checkpoint = load_checkpoint_file(path)
     assert checkpoint['epoch'] == 94 and checkpoint['optim']['param_groups'][0]['nesterov'] is True
-    _assert_same(unwrap_state_dict(checkpoint), weights)
+    assert_same_tensors(unwrap_state_dict(checkpoint), weights, same_keys=True)
 
 
 def test_swin_layout_with_a_yacs_config_loads_without_yacs(tmp_path, monkeypatch, weights):
     config = CfgNode({'MODEL': CfgNode({'TYPE': 'lit', 'LIT': CfgNode({'DEPTHS': [2, 2, 6, 2]})}), 'SEED': 0})
     path = tmp_path / 'lit_s.pth'
-    _save_as({'model': weights, 'optimizer': {'state': {}, 'param_groups': [{'lr': 5e-4, 'params': [0]}]},
+    save_with_module({'model': weights, 'optimizer': {'state': {}, 'param_groups': [{'lr': 5e-4, 'params': [0]}]},
               'lr_scheduler': {'last_epoch': 299}, 'max_accuracy': 81.5, 'epoch': 299, 'config': config},
              path, monkeypatch, 'yacs.config', CfgNode)
     checkpoint = load_checkpoint_file(path)
     assert 'yacs' not in sys.modules
     assert checkpoint['config'] == {'MODEL': {'TYPE': 'lit', 'LIT': {'DEPTHS': [2, 2, 6, 2]}}, 'SEED': 0}
     assert checkpoint['max_accuracy'] == 81.5
-    _assert_same(unwrap_state_dict(checkpoint), weights)
+    assert_same_tensors(unwrap_state_dict(checkpoint), weights, same_keys=True)
 
 
 def test_deit_layout_with_argparse_namespace(tmp_path, weights):
@@ -83,7 +55,7 @@ def test_deit_layout_with_argparse_namespace(tmp_path, weights):
     torch.save({'model': weights, 'optimizer': {}, 'lr_scheduler': {}, 'epoch': 299, 'args': args}, path)
     checkpoint = load_checkpoint_file(path)
     assert checkpoint['args'] == args
-    _assert_same(unwrap_state_dict(checkpoint), weights)
+    assert_same_tensors(unwrap_state_dict(checkpoint), weights, same_keys=True)
 
 
 @pytest.mark.parametrize('numpy_1x_names', [False, True], ids=['numpy2', 'numpy1'])
@@ -102,17 +74,18 @@ def test_mmdet2_layout_with_numpy_meta(tmp_path, weights, numpy_1x_names):
         assert type(checkpoint['meta'][key]) is type(value)
         assert np.array_equal(checkpoint['meta'][key], value) if isinstance(value, np.ndarray) \
             else checkpoint['meta'][key] == value
-    _assert_same({k[len('backbone.'):]: v for k, v in unwrap_state_dict(checkpoint).items()}, weights)
+    backbone = {k[len('backbone.'):]: v for k, v in unwrap_state_dict(checkpoint).items()}
+    assert_same_tensors(backbone, weights, same_keys=True)
 
 
 def test_file_object_and_safetensors(tmp_path, weights):
     buffer = io.BytesIO()
     torch.save({'state_dict': weights}, buffer)
     buffer.seek(0)
-    _assert_same(unwrap_state_dict(load_checkpoint_file(buffer)), weights)
+    assert_same_tensors(unwrap_state_dict(load_checkpoint_file(buffer)), weights, same_keys=True)
     from safetensors.torch import save_file
     save_file(weights, str(tmp_path / 'model.safetensors'))
-    _assert_same(load_checkpoint_file(tmp_path / 'model.safetensors'), weights)
+    assert_same_tensors(load_checkpoint_file(tmp_path / 'model.safetensors'), weights, same_keys=True)
 
 
 # ---------------------------------------------------------------------------------------------------- mmengine
@@ -190,9 +163,10 @@ def test_mmengine_loader_reads_urls_and_refuses_unsafe_files(tmp_path, mmengine_
     buffer = io.BytesIO()
     torch.save({'meta': {'epoch': np.int64(3)}, 'state_dict': weights}, buffer)
     release_server.files['/det.pth'] = buffer.getvalue()
-    _assert_same(_load_checkpoint(release_server.url('/det.pth'), map_location='cpu')['state_dict'], weights)
+    loaded = _load_checkpoint(release_server.url('/det.pth'), map_location='cpu')
+    assert_same_tensors(loaded['state_dict'], weights, same_keys=True)
     marker = tmp_path / 'created'
-    _write_crafted(tmp_path / 'evil.pth', marker)
+    save_crafted(tmp_path / 'evil.pth', marker)
     with pytest.raises(UnsafeCheckpointError):
         _load_checkpoint(str(tmp_path / 'evil.pth'), map_location='cpu')
     assert not marker.exists()
@@ -222,41 +196,12 @@ def test_history_buffer_is_inert_without_mmengine_loaded(tmp_path, tiny_runner):
 # ---------------------------------------------------------------------------------------------------- refusals
 
 
-class _OpenFile:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return open, (self.path, 'w')
-
-
-class _System:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return os.system, (f'touch {self.path}',)
-
-
-class _Eval:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return eval, (f'open({str(self.path)!r}, "w")',)
-
-
-def _write_crafted(path, marker, payload=_System, **save_kwargs):
-    torch.save({'state_dict': {'w': torch.zeros(2)}, 'meta': payload(marker)}, path, **save_kwargs)
-    return path
-
-
-@pytest.mark.parametrize('payload, name', [(_System, 'posix.system'), (_OpenFile, 'io.open'),
-                                           (_Eval, 'builtins.eval')])
+@pytest.mark.parametrize('payload, name', [(RunsAShellCommand, 'posix.system'), (OpensAFile, 'io.open'),
+                                           (EvaluatesCode, 'builtins.eval')])
 @pytest.mark.parametrize('legacy', [False, True], ids=['zip', 'legacy'])
 def test_a_pickle_that_calls_code_is_refused_and_nothing_runs(tmp_path, payload, name, legacy):
     marker = tmp_path / 'created_by_the_file'
-    path = _write_crafted(tmp_path / 'evil.pth', marker, payload, _use_new_zipfile_serialization=not legacy)
+    path = save_crafted(tmp_path / 'evil.pth', marker, payload, _use_new_zipfile_serialization=not legacy)
     with pytest.raises(UnsafeCheckpointError) as info:
         load_checkpoint_file(path)
     message = str(info.value)
@@ -267,7 +212,7 @@ def test_a_pickle_that_calls_code_is_refused_and_nothing_runs(tmp_path, payload,
 
 def test_a_pickle_protocol_the_safe_reader_does_not_read_is_named_not_run(tmp_path):
     marker = tmp_path / 'created_by_the_file'
-    path = _write_crafted(tmp_path / 'p4.pth', marker, pickle_protocol=4)
+    path = save_crafted(tmp_path / 'p4.pth', marker, pickle_protocol=4)
     with pytest.raises(CheckpointError, match='safely: Unsupported operand.*pickle protocol 2') as info:
         load_checkpoint_file(path)
     assert 'weights_only=False' not in str(info.value) and not marker.exists()
@@ -320,10 +265,10 @@ def _serialized(obj) -> bytes:
 def test_url_downloads_once_into_the_torch_hub_cache(tmp_path, release_server, weights):
     release_server.files['/v1.0/lit_s.pth'] = _serialized({'model': weights})
     url = release_server.url('/v1.0/lit_s.pth')
-    _assert_same(unwrap_state_dict(load_checkpoint(url, progress=False)), weights)
+    assert_same_tensors(unwrap_state_dict(load_checkpoint(url, progress=False)), weights, same_keys=True)
     cached = tmp_path / 'torch_home' / 'hub' / 'checkpoints' / 'lit_s.pth'
     assert cached.read_bytes() == release_server.files['/v1.0/lit_s.pth']
-    _assert_same(unwrap_state_dict(load_checkpoint(url, progress=False)), weights)
+    assert_same_tensors(unwrap_state_dict(load_checkpoint(url, progress=False)), weights, same_keys=True)
     assert release_server.requests == ['/v1.0/lit_s.pth']  # the second load used the cache
 
 
@@ -348,7 +293,7 @@ def test_truncated_download_is_detected_and_not_cached(tmp_path, release_server,
     cache = tmp_path / 'torch_home' / 'hub' / 'checkpoints'
     assert str(cache / 'lit_ti.pth') in message and list(cache.iterdir()) == []
     del release_server.truncate['/lit_ti.pth']  # the connection works again: the next call downloads it
-    _assert_same(unwrap_state_dict(load_checkpoint(url, progress=False)), weights)
+    assert_same_tensors(unwrap_state_dict(load_checkpoint(url, progress=False)), weights, same_keys=True)
 
 
 def test_unreachable_server_names_the_url(tmp_path, release_server):
@@ -369,7 +314,7 @@ def test_a_corrupt_cached_download_says_to_delete_it(tmp_path, release_server):
 
 def test_a_downloaded_pickle_that_calls_code_is_refused(tmp_path, release_server):
     marker = tmp_path / 'created_by_the_download'
-    release_server.files['/evil.pth'] = _write_crafted(tmp_path / 'evil.pth', marker).read_bytes()
+    release_server.files['/evil.pth'] = save_crafted(tmp_path / 'evil.pth', marker).read_bytes()
     with pytest.raises(UnsafeCheckpointError, match='posix.system'):
         load_checkpoint(release_server.url('/evil.pth'), progress=False)
     assert not marker.exists()

@@ -19,6 +19,7 @@ from lesa_lit_models.layers.rel_pos import bias_from_grid, relative_position_bia
     resample_bias_table
 from lesa_lit_models import lit
 from lesa_lit_models.lit import AttentionBlock, LITAttention, MLPBlock, detection_output_norms
+from _helpers import SMALL, assert_same_tensors, load_file, mmdet2_checkpoint, randomise, small_model, to_upstream
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -31,36 +32,11 @@ def _seed():
     torch.manual_seed(0)
 
 
-def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random values in every float tensor (offset convs, tables, norms, BN statistics included)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict(keep_vars=True).items():
-            if not t.is_floating_point():
-                continue
-            noise = torch.randn(t.shape, generator=g)
-            if name.endswith('running_var'):
-                t.copy_(noise.abs() + 0.5)
-            elif 'conv_offset' in name:
-                t.copy_(noise * (0.7 if name.endswith('bias') else 0.03))
-            elif name.endswith(('relative_position_bias_table', 'pos_embed', 'cls_token')):
-                t.copy_(noise * 0.3)
-            elif t.ndim == 1:
-                t.copy_(noise * 0.1 + (1. if name.endswith('weight') else 0.))
-    return model
-
-
 def _create(name, **kwargs):
     return timm.create_model(name, **kwargs)
 
 
-# the real widths/depths are only built where they matter (parameter counts, key lists, one run per model);
-# behaviour tests use the same entrypoints with narrow, shallow stages to stay fast on a CPU
-TINY = dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4))
-
-
-def _tiny(name, seed=0, **kwargs):
-    return _randomize(_create(name, **TINY, **kwargs), seed)
+TINY = SMALL['lit_s']  # the behaviour tests: the registered entrypoints with narrow, one-block stages
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,36 +116,12 @@ def _assert_same_outputs_and_grads(model: nn.Module, expected: nn.Module, x: tor
         torch.testing.assert_close(p.grad, p_expected.grad, rtol=1e-4, atol=1e-5, msg=n)
 
 
-# upstream key layouts (LIT-upstream-notes.md section 7), written independently of the package's filter
-def _to_upstream_ti(sd):
-    out = {}
-    for k, v in sd.items():
-        k = re.sub(r'^patch_embed\.', 'patch_embed1.', k)
-        k = re.sub(r'^stages\.(\d)\.downsample\.', lambda m: f'patch_embed{int(m[1]) + 1}.', k)
-        k = re.sub(r'^stages\.(\d)\.pos_embed$', lambda m: f'pos_embed{int(m[1]) + 1}', k)
-        k = re.sub(r'^stages\.(\d)\.blocks\.', lambda m: f'block{int(m[1]) + 1}.', k)
-        out[k] = v
-    return out
-
-
-def _to_upstream_smb(sd):
-    out = {}
-    for k, v in sd.items():
-        k = re.sub(r'^stages\.(\d)\.downsample\.', lambda m: f'layers.{int(m[1]) - 1}.downsample.', k)
-        k = re.sub(r'^stages\.(\d)\.blocks\.', r'layers.\1.blocks.', k)
-        out[k] = v
-        if k.endswith('relative_position_bias_table'):  # the persistent buffer of the classification code
-            side = (math.isqrt(v.shape[0]) + 1) // 2
-            out[k.replace('bias_table', 'index')] = _swin_index(side, side)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Fidelity
 
 
 def test_dtm_with_zero_offsets_is_conv_bn_gelu():
-    dtm = _randomize(DeformableTokenMerging(6, 10)).eval()
+    dtm = randomise(DeformableTokenMerging(6, 10)).eval()
     nn.init.zeros_(dtm.dconv.conv_offset.weight)
     nn.init.zeros_(dtm.dconv.conv_offset.bias)
     x = torch.randn(2, 6, 9, 7)  # odd sides: floor, as the authors' k2/s2 conv
@@ -183,7 +135,7 @@ def test_dtm_with_zero_offsets_is_conv_bn_gelu():
 
 
 def test_dtm_with_random_offsets_matches_bilinear_reference():
-    dtm = _randomize(DeformableTokenMerging(3, 4), seed=1).eval()
+    dtm = randomise(DeformableTokenMerging(3, 4), seed=1).eval()
     with torch.no_grad():
         dtm.dconv.conv_offset.weight.normal_(0, 0.5)
         dtm.dconv.conv_offset.bias.normal_(0, 1.5)
@@ -281,8 +233,8 @@ def test_attention_in_row_bands_is_exact_and_keeps_no_full_logits_for_backward(f
 
 @pytest.mark.parametrize('grad_checkpointing', [False, True])
 def test_row_band_attention_leaves_a_whole_model_unchanged(grad_checkpointing):
-    model = _tiny('lit_s', num_classes=4).train()
-    banded = _tiny('lit_s', num_classes=4, max_chunk_logits=1).train()  # one query row per band
+    model = small_model('lit_s', num_classes=4).train()
+    banded = small_model('lit_s', num_classes=4, max_chunk_logits=1).train()  # one query row per band
     banded.load_state_dict(model.state_dict())
     assert {m.max_chunk_logits for m in banded.modules() if isinstance(m, LITAttention)} == {1}
     banded.set_grad_checkpointing(grad_checkpointing)  # bands recomputed inside recomputed blocks
@@ -360,7 +312,7 @@ def test_features_only(name, channels):
 
 @pytest.mark.parametrize('name', ['lit_ti', 'lit_s'])
 def test_forward_intermediates_match_forward_features_and_features_only(name):
-    model = _tiny(name).eval()
+    model = small_model(name).eval()
     features = _create(name, features_only=True, **TINY).eval()
     features.model.load_state_dict(model.state_dict(), strict=False)
     x = torch.randn(1, 3, 64, 96)
@@ -375,7 +327,7 @@ def test_forward_intermediates_match_forward_features_and_features_only(name):
 
 
 def test_lit_ti_class_token_joins_classification_not_features():
-    model = _tiny('lit_ti').eval()
+    model = small_model('lit_ti').eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         feats = model.forward_intermediates(x, intermediates_only=True)
@@ -392,7 +344,7 @@ def test_lit_ti_class_token_joins_classification_not_features():
 
 @pytest.mark.parametrize('name', ['lit_ti', 'lit_s'])
 def test_every_parameter_gets_a_gradient(name):
-    model = _tiny(name, num_classes=7).train()
+    model = small_model(name, num_classes=7).train()
     model(torch.randn(2, 3, 64, 64)).sum().backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
     # a features_only model (e.g. a detection backbone under DDP) has no unused parameters either
@@ -403,7 +355,7 @@ def test_every_parameter_gets_a_gradient(name):
 
 @pytest.mark.parametrize('name', ['lit_ti', 'lit_s'])
 def test_grad_checkpointing_leaves_outputs_and_grads_unchanged(name):
-    model = _tiny(name, num_classes=5).train()
+    model = small_model(name, num_classes=5).train()
     reference = copy.deepcopy(model)
     model.set_grad_checkpointing(True)
     x = torch.randn(2, 3, 64, 64)
@@ -446,8 +398,8 @@ def test_mlp_block_recomputes_its_activation_exactly_and_keeps_one_wide_tensor(s
 
 @pytest.mark.parametrize('name', ['lit_ti', 'lit_s'])
 def test_recomputed_mlp_activations_leave_a_whole_model_unchanged(name):
-    model = _tiny(name, num_classes=4).double().train()
-    keeping = _tiny(name, num_classes=4, recompute_mlp_act=False).double().train()
+    model = small_model(name, num_classes=4).double().train()
+    keeping = small_model(name, num_classes=4, recompute_mlp_act=False).double().train()
     keeping.load_state_dict(model.state_dict())
     assert {m.recompute_act for m in model.modules() if isinstance(m, MLPBlock)} == {True}
     assert {m.recompute_act for m in keeping.modules() if isinstance(m, MLPBlock)} == {False}
@@ -455,7 +407,7 @@ def test_recomputed_mlp_activations_leave_a_whole_model_unchanged(name):
 
 
 def test_odd_batch_size():
-    model = _tiny('lit_ti').eval()
+    model = small_model('lit_ti').eval()
     x = torch.randn(5, 3, 64, 64)
     with torch.no_grad():
         out = model(x)
@@ -464,7 +416,7 @@ def test_odd_batch_size():
 
 @pytest.mark.parametrize('name', ['lit_ti', 'lit_s'])
 def test_bf16_autocast_on_cpu_is_finite_and_dtm_runs_in_fp32(name):
-    model = _tiny(name).eval()
+    model = small_model(name).eval()
     dconv_dtypes = []
     for stage in model.stages[1:]:
         stage.downsample.dconv.register_forward_hook(lambda m, i, o: dconv_dtypes.append(o.dtype))
@@ -476,14 +428,14 @@ def test_bf16_autocast_on_cpu_is_finite_and_dtm_runs_in_fp32(name):
 
 @pytest.mark.parametrize('name, size', [('lit_s', (64, 96)), ('lit_s', (128, 96)), ('lit_ti', (96, 64))])
 def test_fused_matches_reference_attention_outputs_and_grads(name, size):
-    model = _tiny(name, num_classes=4).train()
+    model = small_model(name, num_classes=4).train()
     reference = copy.deepcopy(model)
     reference.set_attn_impl('reference')
     _assert_same_outputs_and_grads(model, reference, torch.randn(2, 3, *size))
 
 
 def test_bias_follows_the_live_table_across_steps_and_sizes():
-    model = _tiny('lit_s', num_classes=3).train()
+    model = small_model('lit_s', num_classes=3).train()
     tables = [p for n, p in model.named_parameters() if n.endswith('relative_position_bias_table')]
     optimizer = torch.optim.SGD(tables, lr=10.)
     attn = model.stages[2].blocks[0].attn
@@ -516,7 +468,7 @@ def test_classifier_api_no_weight_decay_and_group_matcher():
     assert sum(len(v) for v in grouping.values()) == len(list(s_model.parameters()))
     assert len(group_parameters(s_model, s_model.group_matcher(coarse=True))) == 6  # stem, 4 stages, norm+head
 
-    model = _tiny('lit_ti')
+    model = small_model('lit_ti')
     groups = param_groups_weight_decay(model, weight_decay=0.05, no_weight_decay_list=model.no_weight_decay())
     decayed = {id(p) for p in groups[1]['params']}
     assert id(model.cls_token) not in decayed and id(model.stages[2].pos_embed) not in decayed
@@ -525,7 +477,7 @@ def test_classifier_api_no_weight_decay_and_group_matcher():
     assert model(x).shape == (1, 5)
     model.reset_classifier(0, '')
     assert model(x).shape == (1, 2, 2, 64)  # the map of the class-token stage, without the class token
-    s_tiny = _tiny('lit_s')
+    s_tiny = small_model('lit_s')
     s_tiny.reset_classifier(0, '')
     assert s_tiny(x).shape == (1, 2, 2, 64)
     with pytest.raises(ValueError, match='class token'):
@@ -547,80 +499,64 @@ def test_bad_arguments_and_inputs_fail_clearly():
 # Checkpoints
 
 
-def _assert_same_tensors(model, source, mapping=lambda k: k):
-    state = model.state_dict()
-    for k, v in state.items():
-        assert torch.equal(v, source[mapping(k)]), k
-
-
-def _load(name, path, **kwargs):
-    return _create(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-
-
 def test_loads_lit_ti_upstream_classification_checkpoint(tmp_path):
     with torch.device('meta'):
-        upstream_keys = set(_to_upstream_ti(_create('lit_ti').state_dict()))
+        upstream_keys = set(to_upstream(_create('lit_ti').state_dict(), 'lit_ti'))
     assert len(upstream_keys) == 190  # the authors' lit_ti.pth key count
     assert {'pos_embed4', 'patch_embed4.dconv.conv_offset.weight', 'block1.0.norm2.weight', 'cls_token'} <= upstream_keys
-    source = _tiny('lit_ti', seed=3).state_dict()
-    torch.save(_to_upstream_ti(source), tmp_path / 'lit_ti.pth')  # bare state dict
-    _assert_same_tensors(_load('lit_ti', tmp_path / 'lit_ti.pth', **TINY), source)
+    source = small_model('lit_ti', seed=3).state_dict()
+    torch.save(to_upstream(source, 'lit_ti'), tmp_path / 'lit_ti.pth')  # bare state dict
+    assert_same_tensors(load_file('lit_ti', tmp_path / 'lit_ti.pth', **TINY), source)
 
 
 def test_loads_lit_s_upstream_classification_checkpoint_and_adapts_head(tmp_path):
-    source = _tiny('lit_s', seed=4).state_dict()
-    upstream = _to_upstream_smb(source)
+    source = small_model('lit_s', seed=4).state_dict()
+    upstream = to_upstream(source, 'lit_s')
     assert 'layers.2.downsample.norm_layer.running_var' in upstream
     assert upstream['layers.3.blocks.0.attn.relative_position_bias_table'].shape == (169, 4)
     path = tmp_path / 'lit_s.pth'
     torch.save({'model': upstream, 'epoch': 299}, path)
-    _assert_same_tensors(_load('lit_s', path, **TINY), source)
-    _assert_same_tensors(_load('lit_s', path, num_classes=0, **TINY), source)
-    assert _load('lit_s', path, num_classes=10, **TINY).head.weight.shape == (10, 64)
-
-
-def _mmdet_checkpoint(backbone_state):
-    state = {'backbone.' + k: v for k, v in backbone_state.items()}
-    state['neck.fpn_convs.0.conv.weight'] = torch.randn(4, 4, 3, 3)
-    state['roi_head.bbox_head.fc_cls.weight'] = torch.randn(81, 8)
-    return {'state_dict': state, 'meta': {'CLASSES': np.array(['person', 'car']), 'epoch': 12}}
+    assert_same_tensors(load_file('lit_s', path, **TINY), source)
+    assert_same_tensors(load_file('lit_s', path, num_classes=0, **TINY), source)
+    assert load_file('lit_s', path, num_classes=10, **TINY).head.weight.shape == (10, 64)
 
 
 def test_loads_lit_s_coco_checkpoint_with_its_99x99_tables(tmp_path):
-    coco = _tiny('lit_s', seed=5, pos_img_size=800).state_dict()
+    coco = small_model('lit_s', seed=5, pos_img_size=800).state_dict()
     assert coco['stages.2.blocks.0.attn.relative_position_bias_table'].shape == (99 * 99, 2)
     assert coco['stages.3.blocks.0.attn.relative_position_bias_table'].shape == (49 * 49, 4)
-    backbone = {k: v for k, v in _to_upstream_smb(coco).items()
+    backbone = {k: v for k, v in to_upstream(coco, 'lit_s').items()
                 if not k.startswith(('norm.', 'head.')) and not k.endswith('relative_position_index')}
     norms = {f'norm{i}.{p}': torch.randn(TINY['embed_dims'][i]) for i in (1, 2, 3) for p in ('weight', 'bias')}
     path = tmp_path / 'mask_rcnn_lit_s.pth'
-    torch.save(_mmdet_checkpoint({**backbone, **norms}), path)
+    torch.save(mmdet2_checkpoint({**backbone, **norms}), path)
 
-    features = _load('lit_s', path, features_only=True, **TINY)
+    features = load_file('lit_s', path, features_only=True, **TINY)
     assert features.model.pos_img_size == (800, 800)  # tables kept at the checkpoint's size
-    _assert_same_tensors(features.model, coco)
+    assert_same_tensors(features.model, coco)
     with torch.no_grad():
         assert [f.shape[1] for f in features(torch.randn(1, 3, 64, 96))] == list(TINY['embed_dims'])
     output_norms = detection_output_norms(load_checkpoint_file(path))
     assert output_norms.keys() == norms.keys() and all(torch.equal(output_norms[k], norms[k]) for k in norms)
     # a classifier keeps its initial final norm and head; everything else comes from the file
-    classifier = _load('lit_s', path, **TINY)
+    classifier = load_file('lit_s', path, **TINY)
     assert torch.equal(classifier.stages[1].downsample.dconv.weight, coco['stages.1.downsample.dconv.weight'])
 
 
 def test_loads_lit_ti_coco_checkpoint(tmp_path):
-    source = _tiny('lit_ti', seed=6).state_dict()
-    backbone = {k: v for k, v in _to_upstream_ti(source).items() if not k.startswith(('cls_token', 'norm.', 'head.'))}
+    source = small_model('lit_ti', seed=6).state_dict()
+    backbone = {k: v for k, v in to_upstream(source, 'lit_ti').items()
+                if not k.startswith(('cls_token', 'norm.', 'head.'))}
     path = tmp_path / 'retina_lit_ti.pth'
-    torch.save(_mmdet_checkpoint(backbone), path)
-    _assert_same_tensors(_load('lit_ti', path, features_only=True, **TINY).model, source)
+    torch.save(mmdet2_checkpoint(backbone), path)
+    assert_same_tensors(load_file('lit_ti', path, features_only=True, **TINY).model, source)
 
 
 def test_imagenet_tables_resampled_for_a_coco_sized_model(tmp_path):
-    source = _tiny('lit_s', seed=7).state_dict()
+    source = small_model('lit_s', seed=7).state_dict()
     path = tmp_path / 'lit_s.pth'
-    torch.save({'model': _to_upstream_smb(source)}, path)
-    model = _load('lit_s', path, pos_img_size=800, **TINY)
+    torch.save({'model': to_upstream(source, 'lit_s')}, path)
+    model = load_file('lit_s', path, pos_img_size=800, **TINY)
     key = 'stages.2.blocks.0.attn.relative_position_bias_table'
     # the authors' mmcv_custom loader: square bicubic resize 27x27 -> 99x99
     expected = F.interpolate(source[key].permute(1, 0).reshape(1, 2, 27, 27), size=(99, 99), mode='bicubic')
@@ -629,35 +565,36 @@ def test_imagenet_tables_resampled_for_a_coco_sized_model(tmp_path):
 
 def test_timm_format_state_dict_passes_through(tmp_path):
     from safetensors.torch import save_file
-    source = _tiny('lit_ti', seed=8).state_dict()
+    source = small_model('lit_ti', seed=8).state_dict()
     path = tmp_path / 'model.safetensors'
     save_file(source, str(path))
-    _assert_same_tensors(_load('lit_ti', path, **TINY), source)
+    assert_same_tensors(load_file('lit_ti', path, **TINY), source)
 
 
 def test_wrong_architecture_and_corrupt_files_raise_checkpoint_error(tmp_path):
     lit_s = tmp_path / 'lit_s.pth'
-    torch.save({'model': _to_upstream_smb(_create('lit_s', **TINY).state_dict())}, lit_s)
+    torch.save({'model': to_upstream(_create('lit_s', **TINY).state_dict(), 'lit_s')}, lit_s)
     with pytest.raises(CheckpointError, match=r"architecture 'lit_m'(.|\n)*missing keys: stages\.2\.blocks\.2"):
-        _load('lit_m', lit_s, **dict(TINY, depths=(1, 1, 3, 1)))
+        load_file('lit_m', lit_s, **dict(TINY, depths=(1, 1, 3, 1)))
     with pytest.raises(CheckpointError, match='shape mismatches'):
-        _load('lit_b', lit_s, **dict(TINY, embed_dims=(16, 32, 48, 96)))
+        load_file('lit_b', lit_s, **dict(TINY, embed_dims=(16, 32, 48, 96)))
     with pytest.raises(CheckpointError, match="architecture 'lit_ti'"):
-        _load('lit_ti', lit_s, **TINY)
+        load_file('lit_ti', lit_s, **TINY)
     truncated = tmp_path / 'truncated.pth'
     data = lit_s.read_bytes()
     truncated.write_bytes(data[:len(data) // 2])  # an interrupted download
     with pytest.raises(CheckpointError, match='corrupt or truncated'):
-        _load('lit_s', truncated, **TINY)
+        load_file('lit_s', truncated, **TINY)
 
 
 @pytest.mark.skipif(lit.update_model_args is None, reason='timm < 1.0.31 does not record construction args')
 def test_export_of_a_coco_checkpoint_rebuilds_its_tables(tmp_path):
-    coco = _tiny('lit_s', seed=9, pos_img_size=800).state_dict()
+    coco = small_model('lit_s', seed=9, pos_img_size=800).state_dict()
     path = tmp_path / 'retina_lit_s.pth'
-    torch.save(_mmdet_checkpoint({k: v for k, v in _to_upstream_smb(coco).items() if not k.startswith('head.')}), path)
-    model = _load('lit_s', path, **TINY)  # table size taken from the checkpoint, not passed by the user
+    backbone = {k: v for k, v in to_upstream(coco, 'lit_s').items() if not k.startswith('head.')}
+    torch.save(mmdet2_checkpoint(backbone), path)
+    model = load_file('lit_s', path, **TINY)  # table size taken from the checkpoint, not passed by the user
     timm.models.save_for_hf(model, tmp_path / 'export', safe_serialization=True)
     reloaded = _create(f'local-dir:{tmp_path / "export"}', pretrained=True)
     assert reloaded.pos_img_size == (800, 800)
-    _assert_same_tensors(reloaded, model.state_dict())
+    assert_same_tensors(reloaded, model.state_dict())

@@ -18,10 +18,10 @@ import lesa_lit_models  # noqa: F401  (registers the models)
 from lesa_lit_models._checkpoint import CheckpointError, UnsafeCheckpointError
 from lesa_lit_models.cli import main
 from lesa_lit_models.hub import package_models
-from test_checkpoint import CfgNode, _System, _save_as
-from test_lit import TINY, _tiny, _to_upstream_smb, _to_upstream_ti
+from _helpers import SMALL, CfgNode, assert_same_tensors, save_crafted, save_with_module, small_model, to_upstream
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = SMALL['lit_s']
 
 
 def _serve_release(server, monkeypatch, name, checkpoint_bytes):
@@ -38,7 +38,8 @@ def _swin_release(source, tmp_path, monkeypatch):
     """LIT-S/M/B as the authors' Swin-based code saves it: layers.* keys, optimizer, scheduler, a yacs config."""
     path = tmp_path / 'lit_s_release.pth'
     config = CfgNode({'MODEL': CfgNode({'TYPE': 'lit', 'NAME': 'lit_small'}), 'TRAIN': CfgNode({'EPOCHS': 300})})
-    _save_as({'model': _to_upstream_smb(source.state_dict()), 'optimizer': {'state': {}, 'param_groups': []},
+    save_with_module({'model': to_upstream(source.state_dict(), 'lit_s'),
+                      'optimizer': {'state': {}, 'param_groups': []},
               'lr_scheduler': {'last_epoch': 299}, 'max_accuracy': 81.5, 'epoch': 299, 'config': config},
              path, monkeypatch, 'yacs.config', CfgNode)
     return path.read_bytes()
@@ -47,23 +48,17 @@ def _swin_release(source, tmp_path, monkeypatch):
 def _deit_release(source):
     """LIT-Ti as the authors' DeiT-based code saves it: flat keys, an argparse Namespace."""
     buffer = io.BytesIO()
-    torch.save({'model': _to_upstream_ti(source.state_dict()), 'optimizer': {}, 'lr_scheduler': {}, 'epoch': 299,
+    torch.save({'model': to_upstream(source.state_dict(), 'lit_ti'), 'optimizer': {}, 'lr_scheduler': {}, 'epoch': 299,
                 'args': argparse.Namespace(model='lit_ti', lr=5e-4, drop_path=0.1)}, buffer)
     return buffer.getvalue()
 
 
-def _assert_same_weights(model, source):
-    expected = source.state_dict()
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, expected[key]), key
-
-
 def test_lit_s_pretrained_downloads_the_release_converts_and_caches(tmp_path, monkeypatch, release_server):
-    source = _tiny('lit_s', seed=11).eval()
+    source = small_model('lit_s', seed=11).eval()
     path = _serve_release(release_server, monkeypatch, 'lit_s', _swin_release(source, tmp_path, monkeypatch))
 
     model = timm.create_model('lit_s', pretrained=True, **TINY).eval()
-    _assert_same_weights(model, source)
+    assert_same_tensors(model, source)
     image = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(image), source(image), rtol=0, atol=0)
@@ -82,13 +77,13 @@ def test_lit_s_pretrained_downloads_the_release_converts_and_caches(tmp_path, mo
 
 
 def test_lit_ti_pretrained_reads_the_deit_layout(monkeypatch, release_server):
-    source = _tiny('lit_ti', seed=12)
+    source = small_model('lit_ti', seed=12)
     _serve_release(release_server, monkeypatch, 'lit_ti', _deit_release(source))
-    _assert_same_weights(timm.create_model('lit_ti', pretrained=True, **TINY), source)
+    assert_same_tensors(timm.create_model('lit_ti', pretrained=True, **TINY), source)
 
 
 def test_http_404_and_truncated_release_downloads_fail_clearly(tmp_path, monkeypatch, release_server):
-    source = _tiny('lit_ti', seed=13)
+    source = small_model('lit_ti', seed=13)
     path = _serve_release(release_server, monkeypatch, 'lit_ti', _deit_release(source))
     body = release_server.files.pop(path)
     with pytest.raises(CheckpointError, match=r'HTTP 404(.|\n)*lit_ti.pth'):
@@ -135,15 +130,9 @@ def test_lesa_pretrained_without_a_file_explains_where_the_weights_are(loopback_
     assert loopback_only == []  # stopped before any network access
 
 
-def _crafted(tmp_path):
-    marker = tmp_path / 'created_by_the_checkpoint'
-    path = tmp_path / 'evil.pth'
-    torch.save({'model': {'w': torch.zeros(1)}, 'config': _System(marker)}, path)
-    return path, marker
-
-
 def test_crafted_pickle_is_refused_at_every_entry_point(tmp_path, monkeypatch, release_server, capsys):
-    path, marker = _crafted(tmp_path)
+    marker = tmp_path / 'created_by_the_checkpoint'
+    path = save_crafted(tmp_path / 'evil.pth', marker)
 
     with pytest.raises(UnsafeCheckpointError, match='posix.system'):  # a file overlay
         timm.create_model('lit_s', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **TINY)
@@ -168,16 +157,16 @@ def test_hubconf_lists_every_model_and_loads_the_release(tmp_path, monkeypatch, 
     spec.loader.exec_module(hubconf)
     entries = {n for n in dir(hubconf) if callable(getattr(hubconf, n)) and not n.startswith('_')}  # as torch.hub.list
     assert set(package_models()) <= entries and set(hubconf.dependencies) >= {'torch', 'timm'}
-    source = _tiny('lit_s', seed=14)
+    source = small_model('lit_s', seed=14)
     _serve_release(release_server, monkeypatch, 'lit_s', _swin_release(source, tmp_path, monkeypatch))
     model = torch.hub.load(str(ROOT), 'lit_s', source='local', pretrained=True, **TINY)
-    _assert_same_weights(model, source)
+    assert_same_tensors(model, source)
 
 
 def test_lesa_convert_from_a_url(tmp_path, monkeypatch, release_server, capsys):
-    source = _tiny('lit_ti', seed=15)
+    source = small_model('lit_ti', seed=15)
     path = _serve_release(release_server, monkeypatch, 'lit_ti', _deit_release(source))
     code = main(['lit_ti.in1k', release_server.url(path), str(tmp_path / 'export'), '--model-kwargs',
                  *(f'{k}={v}'.replace(' ', '') for k, v in TINY.items())])
     assert code == 0, capsys.readouterr().err
-    _assert_same_weights(timm.create_model(f'local-dir:{tmp_path / "export"}', pretrained=True), source)
+    assert_same_tensors(timm.create_model(f'local-dir:{tmp_path / "export"}', pretrained=True), source)

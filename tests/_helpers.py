@@ -1,0 +1,203 @@
+"""Plain helpers shared by the test modules (fixtures are in conftest.py): the smallest model of each family,
+random weights with nothing zero or identity, "same tensors" assertions, the authors' checkpoint layouts and
+pickles that would run code if a loader let them.
+
+The key renames below are written from the authors' code (LIT-upstream-notes.md section 7), independently of the
+package's checkpoint filters, which the tests check against them.
+"""
+import os
+import re
+import sys
+import types
+from typing import Callable, Mapping, Union
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+
+from lesa_lit_models.layers.deform_conv import DeformConv2dPack
+
+# Each family's code at a fraction of the cost: fewer blocks and narrower stages than the registered models
+# (lesa_resnet50: LESA in stage 3's second block and stage 4; LIT: one block a stage). LESA-WRN50 and LIT-M/B are
+# LESA-R50 and LIT-S at other widths and depths.
+SMALL_LIT = dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64), num_heads=(1, 2, 2, 4))
+SMALL = {
+    'lesa_resnet50': dict(layers=(1, 1, 2, 1)),
+    'lesa_resnet50_det': dict(layers=(1, 1, 2, 1)),
+    'lit_ti': SMALL_LIT,
+    'lit_s': SMALL_LIT,
+}
+SMALL['lesa_wrn50'], SMALL['lesa_wrn50_det'] = SMALL['lesa_resnet50'], SMALL['lesa_resnet50_det']
+SMALL['lit_m'] = SMALL['lit_b'] = SMALL['lit_s']
+
+
+def small_model(name: str, seed: int = 0, **kwargs) -> nn.Module:
+    """``SMALL[name]`` built by timm (``kwargs`` override it) and :func:`randomise`-d."""
+    torch.manual_seed(seed)
+    return randomise(timm.create_model(name, **{**SMALL[name], **kwargs}), seed)
+
+
+def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BatchNorm statistics and affines, LayerNorm affines, position tables and embeddings, deformable
+    offsets and classifier: nothing zero or identity that would hide a wrong term."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(t, scale=1.):
+        return (torch.randn(t.shape, generator=g, dtype=torch.float64) * scale).to(t.dtype)
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(rand(m.running_mean, .2))
+                m.running_var.copy_(1 + rand(m.running_var, .2).abs())
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)) and m.weight is not None:
+                m.weight.copy_(1 + rand(m.weight, .2))
+                m.bias.copy_(rand(m.bias, .2))
+            elif isinstance(m, DeformConv2dPack) or hasattr(m, 'conv_offset'):
+                m.conv_offset.weight.copy_(rand(m.conv_offset.weight, .02))
+                m.conv_offset.bias.copy_(rand(m.conv_offset.bias, .5))
+        for name, p in model.named_parameters():
+            if name.endswith(('relative', 'rel_height', 'rel_width', 'relative_position_bias_table', 'pos_embed',
+                              'cls_token')) or name.startswith(('fc.', 'head.')):
+                p.copy_(rand(p, .3))
+    return model
+
+
+def images(batch: int = 1, size=64, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
+    """A reproducible batch of random images; ``size`` is a side or (height, width)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return torch.randn(batch, 3, *size, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+def state_of(weights: Union[nn.Module, Mapping[str, torch.Tensor]]) -> Mapping[str, torch.Tensor]:
+    return weights.state_dict() if isinstance(weights, nn.Module) else weights
+
+
+def assert_same_tensors(got, want, key: Callable[[str], str] = lambda k: k, same_keys: bool = False):
+    """Every tensor of ``got`` (a module or a state dict) equals ``want``'s at ``key(name)``, bit for bit; with
+    ``same_keys`` the two hold the same names."""
+    got, want = state_of(got), state_of(want)
+    if same_keys:
+        assert set(map(key, got)) == set(want)
+    for k, v in got.items():
+        assert torch.equal(v, want[key(k)]), k
+
+
+def load_file(name: str, path, **kwargs) -> nn.Module:
+    """``timm.create_model(name, pretrained=True)`` with the weights read from the file ``path``."""
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------- the authors' layouts
+
+def lit_ti_upstream_key(key: str) -> str:
+    """A timm key of LIT-Ti as the authors' DeiT-based code names it."""
+    key = re.sub(r'^patch_embed\.', 'patch_embed1.', key)
+    key = re.sub(r'^stages\.(\d)\.downsample\.', lambda m: f'patch_embed{int(m[1]) + 1}.', key)
+    key = re.sub(r'^stages\.(\d)\.pos_embed$', lambda m: f'pos_embed{int(m[1]) + 1}', key)
+    return re.sub(r'^stages\.(\d)\.blocks\.', lambda m: f'block{int(m[1]) + 1}.', key)
+
+
+def lit_smb_upstream_key(key: str) -> str:
+    """A timm key of LIT-S/M/B as the authors' Swin-based code names it (detection output norms: ``norm{i}``)."""
+    key = re.sub(r'^out_norms\.(\d)\.', r'norm\1.', key)
+    key = re.sub(r'^stages\.(\d)\.downsample\.', lambda m: f'layers.{int(m[1]) - 1}.downsample.', key)
+    return re.sub(r'^stages\.(\d)\.blocks\.', r'layers.\1.blocks.', key)
+
+
+def to_upstream(state_dict: Mapping[str, torch.Tensor], model_name: str) -> dict:
+    """A timm state dict of ``model_name`` with the authors' key names (LESA keeps theirs: torchvision's)."""
+    if model_name.startswith('lesa'):
+        return dict(state_dict)
+    rename = lit_ti_upstream_key if model_name == 'lit_ti' else lit_smb_upstream_key
+    return {rename(k): v for k, v in state_dict.items()}
+
+
+def upstream_detector(state_dict: Mapping[str, torch.Tensor], model_name: str, prefix: str = '') -> dict:
+    """A detector state dict in the authors' mmdet 2.x layout: the keys under ``prefix`` are the backbone's (timm
+    names below ``prefix``; the adapter's ``body.model.`` / ``body.`` are dropped), renamed and put under
+    ``backbone.``; neck and heads as they are."""
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith(prefix):
+            k = re.sub(r'^body\.(model\.)?', '', k[len(prefix):])
+            k = 'backbone.' + next(iter(to_upstream({k: None}, model_name)))
+        out[k] = v
+    return out
+
+
+def mmdet2_checkpoint(backbone_state: Mapping[str, torch.Tensor], channels: int = 8) -> dict:
+    """An mmdet 2.x detector file around a backbone state dict in the authors' names: a ``meta`` with numpy objects,
+    a neck and heads, an optimizer."""
+    return {
+        'meta': {'mmdet_version': '2.11.0', 'epoch': 20, 'CLASSES': np.array(['person', 'car']),
+                 'hook_msgs': {'last_ckpt': 'work_dirs/epoch_19.pth'}, 'img_norm': np.array([123.675, 116.28])},
+        'state_dict': {**{'backbone.' + k: v for k, v in backbone_state.items()},
+                       'neck.lateral_convs.0.conv.weight': torch.randn(channels, channels, 1, 1),
+                       'rpn_head.rpn_conv.weight': torch.randn(channels, channels, 3, 3),
+                       'roi_head.bbox_head.fc_cls.weight': torch.randn(81, channels)},
+        'optimizer': {'state': {}, 'param_groups': []},
+    }
+
+
+class CfgNode(dict):
+    """What yacs.config.CfgNode pickles as: a dict subclass with its flags in __dict__."""
+
+    def __init__(self, init=None):
+        super().__init__(init or {})
+        self.__dict__.update({'__immutable__': False, '__deprecated_keys__': set(), '__renamed_keys__': {},
+                              '__new_allowed__': False})
+
+
+def save_with_module(obj, path, monkeypatch, module: str, *classes: type, **kwargs):
+    """torch.save ``obj`` while ``classes`` are importable from ``module`` (the names the pickle records); they are
+    gone again afterwards, as on a machine without that package."""
+    fake = types.ModuleType(module)
+    for cls in classes:
+        cls.__module__, cls.__qualname__ = module, cls.__name__
+        setattr(fake, cls.__name__, cls)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, module, fake)
+        m.setitem(sys.modules, module.split('.')[0], types.ModuleType(module.split('.')[0]))
+        torch.save(obj, path, **kwargs)
+    assert module not in sys.modules
+
+
+# --------------------------------------------------------------------------- pickles that call code when unpickled
+
+class OpensAFile:
+    """Unpickling calls ``open(path, 'w')`` (recorded as ``io.open``): the file appears if a loader ran it."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, 'w')
+
+
+class RunsAShellCommand:
+    """Unpickling calls ``os.system('touch path')`` (recorded as ``posix.system``)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.path}',)
+
+
+class EvaluatesCode:
+    """Unpickling calls ``eval`` on code that creates ``path``."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return eval, (f'open({self.path!r}, "w")',)
+
+
+def save_crafted(path, marker, payload: type = RunsAShellCommand, state_dict=None, **save_kwargs):
+    """A checkpoint whose ``meta`` creates the file ``marker`` if anything unpickles it unsafely."""
+    state_dict = {'w': torch.zeros(2)} if state_dict is None else state_dict
+    torch.save({'state_dict': state_dict, 'meta': {'note': payload(marker)}}, path, **save_kwargs)
+    return path
