@@ -1,5 +1,6 @@
-"""Shared fixtures: a loopback HTTP server that plays a release site, with the download caches in a temp dir; the
-tensors autograd keeps for backward.
+"""Shared fixtures: a loopback HTTP server that plays a release site, with the download caches in a temp dir; an
+offline Hugging Face cache; a small synthetic COCO dataset; the tensors autograd keeps for backward. Plain helpers
+are in _helpers.py.
 
 torch.compile's C++ kernels (tests/test_compile_export.py) take minutes to build on 2 cores: they are kept across
 runs and clones in the project's cache outside the repository, beside the mmcv wheel (``LESA_LIT_CACHE``, default
@@ -8,7 +9,9 @@ runs and clones in the project's cache outside the repository, beside the mmcv w
 import contextlib
 import http.server
 import os
+import shutil
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -88,3 +91,39 @@ def saved_for_backward():
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             yield saved
     return collect
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """A Hugging Face cache in offline mode (the real hub code path, timm-conventions.md section 1.8):
+    ``add(repo_id, files)`` puts a snapshot in it, ``files`` a folder to copy or a state dict to write as
+    ``model.safetensors``."""
+    import huggingface_hub.constants as hf_constants
+    import safetensors.torch
+    cache, commit = tmp_path / 'hf_cache', '0123456789abcdef0123456789abcdef01234567'
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('HF_HUB_CACHE', str(cache))
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)  # constants are read at import time
+    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(cache))
+
+    def add(repo_id, files):
+        repo = cache / ('models--' + repo_id.replace('/', '--'))
+        (repo / 'refs').mkdir(parents=True)
+        (repo / 'refs' / 'main').write_text(commit)  # no trailing newline, or the lookup fails
+        snapshot = repo / 'snapshots' / commit
+        if isinstance(files, Mapping):
+            snapshot.mkdir(parents=True)
+            safetensors.torch.save_file({k: v.contiguous() for k, v in files.items()},
+                                        str(snapshot / 'model.safetensors'))
+        else:
+            shutil.copytree(files, snapshot)
+    return add
+
+
+@pytest.fixture(scope='session')
+def coco(tmp_path_factory):
+    """A synthetic COCO dataset (train 4, val 2, test-dev 2 images of 96-144 pixels) in the layout mmdet reads."""
+    from lesa_lit_det.synthetic import SyntheticCocoSpec, make_synthetic_coco
+    root = tmp_path_factory.mktemp('synthetic') / 'coco'
+    make_synthetic_coco(str(root), SyntheticCocoSpec(num_train=4, num_val=2, num_test=2, min_side=96, max_side=144))
+    return root

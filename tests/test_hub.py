@@ -9,7 +9,6 @@ No test touches the network: pushes go to a recording ``HfApi`` or to a closed l
 import hashlib
 import json
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -23,14 +22,20 @@ import torch
 
 import lesa_lit_models  # noqa: F401  (registers the models)
 from lesa_lit_models.cli import main
+from _helpers import SMALL, assert_same_tensors, small_model
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = '0123456789abcdef0123456789abcdef01234567'
 
 
 def _source(name, seed=1, **kwargs):
-    torch.manual_seed(seed)
-    return timm.create_model(name, **kwargs).eval()
+    """The small configuration of ``name`` (conversion does not depend on the size)."""
+    return small_model(name, seed, **kwargs).eval()
+
+
+def _model_kwargs_args(name, **kwargs):
+    """``--model-kwargs`` for the small configuration of ``name``, updated by ``kwargs``."""
+    return ['--model-kwargs', *(f'{k}={v}'.replace(' ', '') for k, v in {**SMALL[name], **kwargs}.items())]
 
 
 def _write_checkpoint(path, state_dict, fmt):
@@ -50,16 +55,12 @@ def _write_checkpoint(path, state_dict, fmt):
 
 
 def _run(argv, capsys):
+    """lesa-lit-convert in this process; a model of SMALL without ``--model-kwargs`` gets its small ones."""
+    if argv[0] in SMALL and '--model-kwargs' not in argv:
+        argv = [*argv, *_model_kwargs_args(argv[0])]
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def _assert_same_weights(model, state_dict):
-    actual = model.state_dict()
-    assert actual.keys() == state_dict.keys()
-    for key, value in state_dict.items():
-        assert torch.equal(actual[key], value), key
 
 
 def _sha256(path):
@@ -76,8 +77,7 @@ def test_convert_upstream_checkpoint_to_hub_files(tmp_path, capsys, name, fmt, m
     source = _source(name, **model_kwargs)
     checkpoint = _write_checkpoint(tmp_path / f'{name}.pth', source.state_dict(), fmt)
     out_dir = tmp_path / 'export'
-    kwargs_args = ['--model-kwargs', *(f'{k}={v}' for k, v in model_kwargs.items())] if model_kwargs else []
-    code, out, err = _run([name, checkpoint, out_dir, *kwargs_args], capsys)
+    code, out, err = _run([name, checkpoint, out_dir, *_model_kwargs_args(name, **model_kwargs)], capsys)
     assert code == 0, err
 
     assert sorted(p.name for p in out_dir.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
@@ -110,28 +110,10 @@ def test_convert_upstream_checkpoint_to_hub_files(tmp_path, capsys, name, fmt, m
     assert usage.index('import lesa_lit_models') < usage.index(f"timm.create_model('local-dir:{out_dir.resolve()}'")
 
     reloaded = timm.create_model(f'local-dir:{out_dir}', pretrained=True).eval()
-    _assert_same_weights(reloaded, source.state_dict())
+    assert_same_tensors(reloaded, source.state_dict(), same_keys=True)
     image = torch.randn(1, 3, size, size)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(image), source(image), rtol=0, atol=0)
-
-
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    """A Hugging Face cache in offline mode; ``add(repo_id, folder)`` puts a folder's files in as a snapshot."""
-    import huggingface_hub.constants as hf_constants
-    cache = tmp_path / 'hf_cache'
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    monkeypatch.setenv('HF_HUB_CACHE', str(cache))
-    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)  # constants are read at import time
-    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(cache))
-
-    def add(repo_id, folder):
-        repo = cache / ('models--' + repo_id.replace('/', '--'))
-        (repo / 'refs').mkdir(parents=True)
-        (repo / 'refs' / 'main').write_text(COMMIT)  # no trailing newline, or the lookup fails
-        shutil.copytree(folder, repo / 'snapshots' / COMMIT)
-    return add
 
 
 @pytest.fixture(scope='module')
@@ -140,7 +122,8 @@ def lit_s_export(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('lit_s')
     source = _source('lit_s', seed=2)
     torch.save({'model': source.state_dict(), 'epoch': 299}, tmp / 'lit_s.pth')
-    assert main(['lit_s.in1k', str(tmp / 'lit_s.pth'), str(tmp / 'export'), '--no-verify']) == 0
+    assert main(['lit_s.in1k', str(tmp / 'lit_s.pth'), str(tmp / 'export'), '--no-verify',
+                 *_model_kwargs_args('lit_s')]) == 0
     return tmp / 'export', source
 
 
@@ -161,7 +144,7 @@ def test_hf_hub_name_loads_from_offline_cache(offline_hub, lit_s_export):
     offline_hub('my-org/lit_s_converted', export)
     model = timm.create_model('hf-hub:my-org/lit_s_converted', pretrained=True).eval()
     assert model.pretrained_cfg['hf_hub_id'] == 'my-org/lit_s_converted'
-    _assert_same_weights(model, source.state_dict())
+    assert_same_tensors(model, source.state_dict(), same_keys=True)
     _assert_features_match(timm.create_model('hf-hub:my-org/lit_s_converted', pretrained=True,
                                              features_only=True).eval(), source)
 
@@ -172,10 +155,10 @@ def test_hf_hub_id_overlay_replaces_the_release_url(offline_hub, lit_s_export):
     assert timm.get_pretrained_cfg('lit_s.in1k').hf_hub_id is None  # no converted copy is published
     offline_hub('my-org/lit_s.in1k', export)
     overlay = dict(hf_hub_id='my-org/lit_s.in1k')  # a published converted copy beats the release url
-    _assert_same_weights(timm.create_model('lit_s.in1k', pretrained=True, pretrained_cfg_overlay=overlay),
-                         source.state_dict())
+    assert_same_tensors(timm.create_model('lit_s.in1k', pretrained=True, pretrained_cfg_overlay=overlay,
+                                          **SMALL['lit_s']), source.state_dict(), same_keys=True)
     _assert_features_match(timm.create_model('lit_s.in1k', pretrained=True, features_only=True,
-                                             pretrained_cfg_overlay=overlay).eval(), source)
+                                             pretrained_cfg_overlay=overlay, **SMALL['lit_s']).eval(), source)
 
 
 def test_missing_repo_in_offline_cache_fails_fast(offline_hub):
@@ -246,7 +229,8 @@ def test_push_uploads_the_verified_files(tmp_path, capsys, monkeypatch, hub_toke
     assert '## Citation' in readme and '@article{lit2021}' in readme
     assert readme == (out_dir / 'README.md').read_text()
     assert f'https://huggingface.co/my-org/lit_ti.test/commit/{COMMIT}' in out
-    _assert_same_weights(timm.create_model(f'local-dir:{out_dir}', pretrained=True), source.state_dict())
+    assert_same_tensors(timm.create_model(f'local-dir:{out_dir}', pretrained=True), source.state_dict(),
+                        same_keys=True)
 
 
 def test_push_without_a_token_fails_before_converting(tmp_path, capsys, hub_token, monkeypatch, lit_ti_checkpoint):
@@ -296,7 +280,8 @@ def test_refuses_a_non_empty_output_dir_unless_overwrite(tmp_path, capsys, lit_t
     assert code == 0, err
     assert 'kept other files already there: notes.txt' in out and 'Not verified' in out
     assert (out_dir / 'notes.txt').read_text() == 'keep me'
-    _assert_same_weights(timm.create_model(f'local-dir:{out_dir}', pretrained=True), lit_ti_checkpoint[1].state_dict())
+    reloaded = timm.create_model(f'local-dir:{out_dir}', pretrained=True)
+    assert_same_tensors(reloaded, lit_ti_checkpoint[1].state_dict(), same_keys=True)
 
 
 def test_wrong_architecture_fails_with_the_checkpoint_error_not_a_traceback(tmp_path, lit_ti_checkpoint):

@@ -5,7 +5,6 @@ Sizes are tiny (4x4 token grids, 64 px detection inputs); the ImageNet models ru
 """
 import copy
 
-import numpy as np
 import pytest
 import timm
 import torch
@@ -16,37 +15,15 @@ import lesa_lit_models  # noqa: F401
 from lesa_lit_models._checkpoint import CheckpointError
 from lesa_lit_models.layers.deform_conv import DeformConv2dPack
 from lesa_lit_models.layers.lesa_attention import Lesa, resample_rel_table
+from _helpers import load_file, mmdet2_checkpoint, randomise
 
 ATTN_IMPLS = ['reference', 'fused']
 DET_SIZE = 64
 
 
-def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN statistics/affines, position tables, DCN offsets and classifier: nothing zero or identity."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(t, scale=1.):
-        return (torch.randn(t.shape, generator=g, dtype=torch.float64) * scale).to(t.dtype)
-
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.copy_(1 + rand(m.weight, .2))
-                m.bias.copy_(rand(m.bias, .2))
-                m.running_mean.copy_(rand(m.running_mean, .2))
-                m.running_var.copy_(1 + rand(m.running_var, .2).abs())
-            elif isinstance(m, DeformConv2dPack):
-                m.conv_offset.weight.copy_(rand(m.conv_offset.weight, .02))
-                m.conv_offset.bias.copy_(rand(m.conv_offset.bias, .5))
-        for name, p in model.named_parameters():
-            if name.endswith(('relative', 'rel_height', 'rel_width')) or name.startswith('fc.'):
-                p.copy_(rand(p, .5))
-    return model
-
-
 def _det(seed: int = 0, **kwargs) -> nn.Module:
     torch.manual_seed(seed)
-    return _randomise(timm.create_model('lesa_resnet50_det', img_size=DET_SIZE, **kwargs), seed).eval()
+    return randomise(timm.create_model('lesa_resnet50_det', img_size=DET_SIZE, **kwargs), seed).eval()
 
 
 def _image(size, batch: int = 1, seed: int = 1) -> torch.Tensor:
@@ -137,7 +114,7 @@ LESA_CASES = [
 @pytest.mark.parametrize('mode', ['eval', 'train'])
 def test_lesa_module_matches_formulas(pos_embed, table_side, stride, attn_impl, mode):
     torch.manual_seed(0)
-    m = _randomise(Lesa(32, table_side, stride=stride, groups=4, pos_embed=pos_embed, attn_impl=attn_impl)).double()
+    m = randomise(Lesa(32, table_side, stride=stride, groups=4, pos_embed=pos_embed, attn_impl=attn_impl)).double()
     m.train(mode == 'train')
     x = torch.randn(2, 32, 4, 4, dtype=torch.float64)
     before = {k: v.clone() for k, v in m.state_dict().items() if 'running' in k}
@@ -151,7 +128,7 @@ def test_lesa_bn_similarity_running_stats_follow_batchnorm():
     """In train mode, bn_similarity's running statistics equal nn.BatchNorm2d's on the (N, T*G, L, L) stack."""
     for impl in ATTN_IMPLS:
         torch.manual_seed(0)
-        m = _randomise(Lesa(32, 4, groups=4, pos_embed='detection_qr', attn_impl=impl)).double().train()
+        m = randomise(Lesa(32, 4, groups=4, pos_embed='detection_qr', attn_impl=impl)).double().train()
         x = torch.randn(2, 32, 4, 4, dtype=torch.float64)
         bn = m.bn_similarity
         start_mean, start_var = bn.running_mean.clone(), bn.running_var.clone()
@@ -331,7 +308,7 @@ def test_classifier_api():
 def test_detection_model_at_another_size_resamples_its_tables():
     """A 32 px backbone fed 64 px images equals a 64 px backbone holding the linearly resampled tables."""
     torch.manual_seed(0)
-    small = _randomise(timm.create_model('lesa_resnet50_det', img_size=DET_SIZE // 2)).eval()
+    small = randomise(timm.create_model('lesa_resnet50_det', img_size=DET_SIZE // 2)).eval()
     big = timm.create_model('lesa_resnet50_det', img_size=DET_SIZE).eval()
     resampled = {k: resample_rel_table(v, 2 * v.shape[0] + 1) if k.endswith(('rel_height', 'rel_width')) else v
                  for k, v in small.state_dict().items()}  # a side of s tokens becomes 2s: 2s - 1 rows -> 4s - 1
@@ -356,7 +333,7 @@ def test_attention_implementations_agree_in_the_model():
 @pytest.mark.parametrize('train', [False, True])
 def test_grad_checkpointing_leaves_outputs_grads_and_running_stats_unchanged(pos_embed, train):
     torch.manual_seed(0)
-    initial = _randomise(Lesa(32, 4, groups=4, pos_embed=pos_embed, deformable=pos_embed == 'detection_qr'))
+    initial = randomise(Lesa(32, 4, groups=4, pos_embed=pos_embed, deformable=pos_embed == 'detection_qr'))
     x = torch.randn(2, 32, 4, 4, requires_grad=True)
     results = []
     for enable in (False, True):
@@ -387,7 +364,7 @@ def test_recomputed_gate_changes_nothing_and_keeps_less_for_backward(pos_embed, 
     """recompute_gate (the default) recomputes the terms' norms and the fusion gate in backward: the same outputs,
     gradients and BatchNorm statistics in train mode (float64) as keeping them, and fewer bytes kept."""
     torch.manual_seed(0)
-    initial = _randomise(Lesa(32, 4, groups=4, pos_embed=pos_embed, attn_impl=attn_impl)).double()
+    initial = randomise(Lesa(32, 4, groups=4, pos_embed=pos_embed, attn_impl=attn_impl)).double()
     assert initial.recompute_gate
     x = torch.randn(2, 32, 4, 4, dtype=torch.float64, requires_grad=True)
     results = []
@@ -444,7 +421,7 @@ def test_model_grad_checkpointing_keeps_less_for_backward_and_changes_nothing(sa
 @pytest.mark.parametrize('name', ['lesa_resnet50_det', 'lesa_resnet50'])
 def test_gradients_reach_every_parameter(name):
     torch.manual_seed(0)  # the ImageNet layout on a 64 px grid: same modules, small tables
-    model = _randomise(timm.create_model(name, img_size=DET_SIZE, num_classes=7)).train()
+    model = randomise(timm.create_model(name, img_size=DET_SIZE, num_classes=7)).train()
     out = model(_image(DET_SIZE, batch=2))
     (out * torch.cos(out)).mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
@@ -471,22 +448,6 @@ def _imagenet_checkpoint(sd):
     return {'net': {'module.' + k: v for k, v in sd.items()}, 'optim': {'state': {}, 'param_groups': []}, 'epoch': 94}
 
 
-def _mmdet_checkpoint(sd):
-    """mmdet 2.x: ``meta`` (with numpy objects) + ``state_dict`` of the whole detector."""
-    return {
-        'meta': {'mmdet_version': '2.11.0', 'epoch': 20, 'iter': 117280, 'CLASSES': ('person', 'bicycle'),
-                 'hook_msgs': {'last_ckpt': 'work_dirs/epoch_19.pth'}, 'img_norm': np.array([123.675, 116.28])},
-        'state_dict': {**{'backbone.' + k: v for k, v in sd.items()},
-                       'neck.lateral_convs.0.conv.weight': torch.randn(256, 256, 1, 1),
-                       'rpn_head.rpn_conv.weight': torch.randn(256, 256, 3, 3)},
-        'optimizer': {'state': {}, 'param_groups': []},
-    }
-
-
-def _load(name, path, **kwargs):
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-
-
 def test_upstream_key_names():
     """The key names of one LESA block, spelled as in the authors' code."""
     with torch.device('meta'):
@@ -507,19 +468,19 @@ def test_upstream_key_names():
 @pytest.mark.slow
 def test_imagenet_checkpoint_formats_round_trip(tmp_path):
     torch.manual_seed(0)
-    source = _randomise(timm.create_model('lesa_resnet50'))
+    source = randomise(timm.create_model('lesa_resnet50'))
     sd = _upstream_state_dict(source)
     for fmt, ckpt in [('imagenet', _imagenet_checkpoint(sd)), ('bare', sd)]:
         path = tmp_path / f'{fmt}.pth'
         torch.save(ckpt, path)
-        loaded = _load('lesa_resnet50', path).state_dict()
+        loaded = load_file('lesa_resnet50', path).state_dict()
         assert loaded.keys() == source.state_dict().keys()
         for k, v in source.state_dict().items():
             assert torch.equal(loaded[k], v), k
     # converted (hub) weights pass through; other heads / input channels adapt as timm does
     from safetensors.torch import save_file
     save_file(source.state_dict(), str(tmp_path / 'model.safetensors'))
-    adapted = _load('lesa_resnet50', tmp_path / 'model.safetensors', num_classes=3, in_chans=1).state_dict()
+    adapted = load_file('lesa_resnet50', tmp_path / 'model.safetensors', num_classes=3, in_chans=1).state_dict()
     assert adapted['fc.weight'].shape == (3, 2048)
     torch.testing.assert_close(adapted['conv1.weight'], source.conv1.weight.sum(1, keepdim=True))
     assert torch.equal(adapted['layer4.2.conv2.relative'], source.layer4[2].conv2.relative)
@@ -528,18 +489,18 @@ def test_imagenet_checkpoint_formats_round_trip(tmp_path):
 def test_coco_checkpoint_round_trips_and_resamples(tmp_path):
     source = _det()
     path = tmp_path / 'epoch_20.pth'
-    torch.save(_mmdet_checkpoint(source.state_dict()), path)
-    loaded = _load('lesa_resnet50_det', path, img_size=DET_SIZE).eval()
+    torch.save(mmdet2_checkpoint(source.state_dict()), path)
+    loaded = load_file('lesa_resnet50_det', path, img_size=DET_SIZE).eval()
     for k, v in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
-    features = _load('lesa_resnet50_det', path, img_size=DET_SIZE, features_only=True, out_indices=(1, 2, 3, 4))
+    features = load_file('lesa_resnet50_det', path, img_size=DET_SIZE, features_only=True, out_indices=(1, 2, 3, 4))
     x = _image(DET_SIZE)
     with torch.no_grad():
         _, expected = source.forward_intermediates(x, indices=(1, 2, 3, 4))
         for got, want in zip(features.eval()(x), expected):
             torch.testing.assert_close(got, want)
     # a backbone built for another size resamples the tables of the checkpoint
-    bigger = _load('lesa_resnet50_det', path, img_size=2 * DET_SIZE).state_dict()
+    bigger = load_file('lesa_resnet50_det', path, img_size=2 * DET_SIZE).state_dict()
     expected = resample_rel_table(source.layer4[1].conv2.rel_width, 7)
     torch.testing.assert_close(bigger['layer4.1.conv2.rel_width'], expected)
     assert torch.equal(bigger['layer3.2.conv2.qkv_transform.weight'], source.layer3[2].conv2.qkv_transform.weight)
@@ -548,13 +509,13 @@ def test_coco_checkpoint_round_trips_and_resamples(tmp_path):
 @pytest.mark.slow
 def test_imagenet_checkpoint_initialises_detection_backbone_as_upstream(tmp_path):
     torch.manual_seed(0)
-    source = _randomise(timm.create_model('lesa_resnet50'))
+    source = randomise(timm.create_model('lesa_resnet50'))
     path = tmp_path / 'checkpoint.pth'
     torch.save(_imagenet_checkpoint(_upstream_state_dict(source)), path)
     torch.manual_seed(5)
     fresh = timm.create_model('lesa_resnet50_det', img_size=DET_SIZE).state_dict()
     torch.manual_seed(5)
-    loaded = _load('lesa_resnet50_det', path, img_size=DET_SIZE).state_dict()
+    loaded = load_file('lesa_resnet50_det', path, img_size=DET_SIZE).state_dict()
     source_sd = source.state_dict()
     kept_fresh = ('conv_offset', 'rel_height', 'rel_width', 'bn_similarity', 'bn_output')
     for k, v in loaded.items():
@@ -567,16 +528,16 @@ def test_imagenet_checkpoint_initialises_detection_backbone_as_upstream(tmp_path
 
 def test_wrong_checkpoints_fail_with_a_listing(tmp_path):
     path = tmp_path / 'coco.pth'
-    torch.save(_mmdet_checkpoint(_det().state_dict()), path)
+    torch.save(mmdet2_checkpoint(_det().state_dict()), path)
     with pytest.raises(CheckpointError, match=r"architecture 'lesa_resnet50'(.|\n)*missing keys: .*relative"
                                               r"(.|\n)*unexpected keys: .*conv_offset(.|\n)*shape mismatches"):
-        _load('lesa_resnet50', path)
+        load_file('lesa_resnet50', path)
     with pytest.raises(CheckpointError, match=r"(?s)lesa_wrn50_det.*shape mismatches: layer1.0.conv1.weight"):
-        _load('lesa_wrn50_det', path, img_size=DET_SIZE)
+        load_file('lesa_wrn50_det', path, img_size=DET_SIZE)
     truncated = tmp_path / 'truncated.pth'
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match='truncated'):
-        _load('lesa_resnet50_det', truncated, img_size=DET_SIZE)
+        load_file('lesa_resnet50_det', truncated, img_size=DET_SIZE)
     partial = {k: v for k, v in _det().state_dict().items() if not k.startswith('layer4.2.')}
     with pytest.raises(CheckpointError, match=r'missing keys: layer4\.2\.'):
         timm.create_model('lesa_resnet50_det', img_size=DET_SIZE, pretrained=True,
