@@ -24,7 +24,8 @@ Models:
 * ``lesa_resnet50_det`` / ``lesa_wrn50_det``: the backbones of the authors' Mask R-CNN (1024x1024) and HTC
   (1280x1280) detectors. Stage strides (1, 2, 2, 2); mmcv-layout DCN v1 3x3 convs in stages 2-4, also in the
   unary term of LESA; the ``detection_qr`` 2-D position embedding, whose tables are resampled to the grid of
-  any input whose sides are multiples of 32 (see :func:`~lesa_lit_models.layers.lesa_attention.resample_rel_table`).
+  any input whose sides are multiples of 32 (see
+  :func:`~lesa_lit_models.layers.lesa_rel_pos.resample_rel_table`).
   No classifier (``num_classes=0``); ``features_only=True, out_indices=(1, 2, 3, 4)`` gives C2-C5. To start
   from ImageNet weights as the authors' detectors did, load an ImageNet checkpoint into them (``pretrained=True,
   pretrained_cfg_overlay=dict(file=...)``): :func:`checkpoint_filter_fn` adapts it.
@@ -53,7 +54,8 @@ from timm.models._features import feature_take_indices
 from ._checkpoint import release_file_note, release_loaded_weights, resolve_pretrained_weights, strip_prefix, \
     unwrap_state_dict, verify_state_dict
 from .layers.deform_conv import DeformConv2dPack
-from .layers.lesa_attention import Lesa, resample_rel_table
+from .layers.lesa_attention import Lesa
+from .layers.lesa_rel_pos import resample_rel_table
 
 __all__ = ['LesaResNet', 'LesaBottleneck']
 
@@ -420,7 +422,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LesaResNet) -> Dict[
     * ImageNet weights (a file with the ``fc`` classifier or ``relative`` tables: the authors' detection pretrain
       or classification files) are adapted as the authors' detector init does (:func:`_imagenet_to_detection`);
     * COCO weights load completely; ``rel_height`` / ``rel_width`` are resampled
-      (:func:`~lesa_lit_models.layers.lesa_attention.resample_rel_table`) when ``img_size`` differs.
+      (:func:`~lesa_lit_models.layers.lesa_rel_pos.resample_rel_table`) when ``img_size`` differs.
 
     Raises :class:`~lesa_lit_models._checkpoint.CheckpointError` listing what does not match
     (:func:`~lesa_lit_models._checkpoint.verify_state_dict`).
