@@ -53,6 +53,7 @@ from timm.models._features import feature_take_indices
 
 from ._checkpoint import release_file_note, release_loaded_weights, resolve_pretrained_weights, strip_prefix, \
     unwrap_state_dict, verify_state_dict
+from .layers.banded_attention import check_attn_impl
 from .layers.deform_conv import DeformConv2dPack
 from .layers.lesa_attention import Lesa
 from .layers.lesa_rel_pos import resample_rel_table
@@ -153,7 +154,7 @@ class LesaResNet(nn.Module):
             plain_first_block: Sequence[bool] = (True, True, True, False),
             dcn_stages: Sequence[bool] = (False, False, False, False),
             lesa_groups: int = 8,
-            attn_impl: Optional[str] = None,
+            attn_impl: str = 'fused',
             max_chunk_logits: Optional[int] = None,
             recompute_gate: bool = True,
             num_classes: int = 1000,
@@ -177,7 +178,8 @@ class LesaResNet(nn.Module):
             plain_first_block: Keep a conv in the first block of a LESA stage.
             dcn_stages: Stages whose 3x3 convs (and LESA unary convs) are deformable.
             lesa_groups: Attention heads / unary conv groups.
-            attn_impl: LESA ``detection_qr`` binary term, ``'fused'`` (default) or ``'reference'`` (same results).
+            attn_impl: LESA ``detection_qr`` binary term, ``'fused'`` (default) or ``'reference'`` (same results;
+                also :meth:`set_attn_impl`).
             max_chunk_logits: Logits per band of the fused binary term (see :class:`Lesa`).
             recompute_gate: In training, the LESA modules recompute their terms' norms and fusion gate in backward
                 instead of keeping them (exact; see :class:`Lesa`). Independent of :meth:`set_grad_checkpointing`.
@@ -265,8 +267,9 @@ class LesaResNet(nn.Module):
         return dict(stem=r'^conv1|bn1|maxpool', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
 
     @torch.jit.ignore
-    def no_weight_decay(self):
-        return {'*.relative', '*.rel_height', '*.rel_width'}
+    def no_weight_decay(self) -> set:
+        tables = ('.relative', '.rel_height', '.rel_width')
+        return {name for name, _ in self.named_parameters() if name.endswith(tables)}
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
@@ -281,6 +284,14 @@ class LesaResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, Lesa):
                 m.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_attn_impl(self, attn_impl: str):
+        """Switch every LESA module between ``'fused'`` and ``'reference'``."""
+        attn_impl = check_attn_impl(attn_impl)
+        for m in self.modules():
+            if isinstance(m, Lesa):
+                m.attn_impl = attn_impl
 
     @property
     def grad_checkpointing(self) -> bool:
@@ -443,12 +454,14 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LesaResNet) -> Dict[
 
 
 def _create_lesa(variant: str, pretrained: bool = False, **kwargs) -> LesaResNet:
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3, 4))
     kwargs = resolve_pretrained_weights(variant, pretrained, kwargs)
     model = build_model_with_cfg(
         LesaResNet,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
         **kwargs,
     )
     return release_loaded_weights(model)

@@ -40,24 +40,16 @@ from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, ge
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-try:  # timm >= 1.0.31: construction args recorded here go into save_for_hf / push_to_hf_hub exports
-    from timm.models._input import update_model_args
-except ImportError:  # older timm only exports the model_args passed to it
-    update_model_args = None
-
 from ._checkpoint import release_loaded_weights, resolve_pretrained_weights, strip_prefix, unwrap_state_dict, \
     verify_state_dict
 from .layers.deform_merge import DeformableTokenMerging
-from .layers.banded_attention import ATTN_IMPLS, banded_bias_attention, banded_bias_attention_op
+from .layers.banded_attention import banded_bias_attention, banded_bias_attention_op, check_attn_impl
 from .layers.rel_pos import bias_from_grid, bias_rows_keys_reversed, bias_rows_keys_reversed_vjp, bias_table_size, \
     relative_position_bias_grid, resample_bias_table
 
 __all__ = ['LIT', 'checkpoint_filter_fn', 'detection_output_norms']
 
 _logger = logging.getLogger(__name__)
-
-# the names this family used before the switch was named as LESA's
-_ATTN_IMPL_ALIASES = {'sdpa': 'fused', 'explicit': 'reference'}
 
 
 @register_notrace_function  # FX leaf (no leading underscore: FX does not autowrap private names)
@@ -81,13 +73,6 @@ def resample_grid_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int], feat
     grid = F.interpolate(grid.to(torch.promote_types(grid.dtype, torch.float32)), size=feat_size,
                          mode='bilinear', align_corners=False)
     return grid.to(pos_embed.dtype).flatten(2).transpose(1, 2)
-
-
-def _check_attn_impl(attn_impl: str) -> str:
-    attn_impl = _ATTN_IMPL_ALIASES.get(attn_impl, attn_impl)
-    if attn_impl not in ATTN_IMPLS:
-        raise ValueError(f'attn_impl={attn_impl!r} is not supported: use one of {ATTN_IMPLS}.')
-    return attn_impl
 
 
 def _bias_of_rows(query_bias, grid, start, stop, feat_size):
@@ -132,11 +117,10 @@ class LITAttention(nn.Module):
     (see :mod:`lesa_lit_models.layers.rel_pos`).
 
     ``attn_impl``: ``'fused'`` (default) or ``'reference'`` (the upstream formulation, materialising
-    ``softmax(q k^T * scale + bias) v``, for benchmarks and checks); ``'sdpa'`` / ``'explicit'`` are accepted as
-    their older names. ``'fused'`` without a bias is one ``F.scaled_dot_product_attention`` call; with a bias it
-    attends in bands of query rows of at most ``max_chunk_logits`` logits (batch x heads x queries x keys) each
-    (:func:`attend_in_row_bands`), exact, keeping no ``(heads, N, N)`` tensor. Attention dropout (no LIT uses it)
-    runs the reference computation.
+    ``softmax(q k^T * scale + bias) v``, for benchmarks and checks). ``'fused'`` without a bias is one
+    ``F.scaled_dot_product_attention`` call; with a bias it attends in bands of query rows of at most
+    ``max_chunk_logits`` logits (batch x heads x queries x keys) each (:func:`attend_in_row_bands`), exact, keeping
+    no ``(heads, N, N)`` tensor. Attention dropout (no LIT uses it) runs the reference computation.
     """
 
     def __init__(
@@ -159,7 +143,7 @@ class LITAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.attn_impl = _check_attn_impl(attn_impl)
+        self.attn_impl = check_attn_impl(attn_impl)
         self.max_chunk_logits = max_chunk_logits
 
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
@@ -389,7 +373,7 @@ class LIT(nn.Module):
             bias table per attention block (LIT-S/M/B).
         class_token: Prepend a class token to the last stage (LIT-Ti); the token's position slot is the first
             entry of that stage's position embedding.
-        pos_img_size: Input size the position parameters are laid out for (stage grids ``pos_img_size / 4 / 2^i``):
+        img_size: Input size the position parameters are laid out for (stage grids ``img_size / 4 / 2^i``):
             224 for the ImageNet checkpoints; the authors' COCO LIT-S tables are laid out for 800 (99x99 and
             49x49 tables), ADE20K for 512. Any input size runs whatever this is. When loading an original
             checkpoint without this argument, it is taken from the checkpoint's tables (see ``_create_lit``).
@@ -442,7 +426,7 @@ class LIT(nn.Module):
             qkv_bias: bool = True,
             pos_embed: str = 'rel',
             class_token: bool = False,
-            pos_img_size: Union[int, Tuple[int, int]] = 224,
+            img_size: Union[int, Tuple[int, int]] = 224,
             norm_eps: float = 1e-5,
             drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
@@ -463,12 +447,10 @@ class LIT(nn.Module):
         num_stages = len(depths)
         if not (len(embed_dims) == len(num_heads) == len(mlp_ratios) == len(attn_stages) == num_stages):
             raise ValueError('embed_dims, depths, num_heads, mlp_ratios and attn_stages need one entry per stage.')
-        _check_attn_impl(attn_impl)
+        check_attn_impl(attn_impl)
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.pos_img_size = to_2tuple(pos_img_size)
-        if update_model_args is not None and self.pos_img_size != (224, 224):
-            update_model_args(self, pos_img_size=self.pos_img_size)  # e.g. COCO tables: exports rebuild them
+        self.img_size = to_2tuple(img_size)
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.num_prefix_tokens = 1 if class_token else 0
         self.output_fmt = 'NHWC'
@@ -496,7 +478,7 @@ class LIT(nn.Module):
         self.feature_info = []
         for i in range(num_stages):
             stride = patch_size * 2 ** i
-            grid = (self.pos_img_size[0] // stride, self.pos_img_size[1] // stride)
+            grid = (self.img_size[0] // stride, self.img_size[1] // stride)
             stages.append(LITStage(
                 dim=embed_dims[max(i - 1, 0)],
                 dim_out=embed_dims[i],
@@ -570,7 +552,7 @@ class LIT(nn.Module):
     @torch.jit.ignore
     def set_attn_impl(self, attn_impl: str):
         """Switch every attention block between ``'fused'`` and ``'reference'``."""
-        attn_impl = _check_attn_impl(attn_impl)
+        attn_impl = check_attn_impl(attn_impl)
         for module in self.modules():
             if isinstance(module, LITAttention):
                 module.attn_impl = attn_impl
@@ -782,8 +764,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LIT) -> Dict[str, to
     return verify_state_dict(out, model)
 
 
-def _checkpoint_pos_img_size(state_dict: Dict[str, torch.Tensor], patch_size: int = 4) -> Optional[Tuple[int, int]]:
-    """The ``pos_img_size`` the relative bias tables of a checkpoint were laid out for (None if not derivable)."""
+def _checkpoint_img_size(state_dict: Dict[str, torch.Tensor], patch_size: int = 4) -> Optional[Tuple[int, int]]:
+    """The ``img_size`` the relative bias tables of a checkpoint were laid out for (None if not derivable)."""
     sizes = set()
     for k, v in state_dict.items():
         m = re.match(r'^(?:layers|stages)\.(\d+)\.blocks\.\d+\.attn\.relative_position_bias_table$', k)
@@ -800,13 +782,14 @@ def _create_lit(variant: str, pretrained: bool = False, **kwargs) -> LIT:
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
     kwargs = resolve_pretrained_weights(variant, pretrained, kwargs)
     checkpoint_file = (kwargs.get('pretrained_cfg_overlay') or {}).get('state_dict')
-    if pretrained and checkpoint_file is not None and 'pos_img_size' not in kwargs:
+    if pretrained and checkpoint_file is not None and 'img_size' not in kwargs:
         # keep a checkpoint's bias tables at their own size (e.g. the 99x99/49x49 COCO tables), so the runtime
-        # resampling to the input grid reproduces the authors' detection backbone exactly
-        pos_img_size = _checkpoint_pos_img_size(_backbone_state_dict(checkpoint_file))
-        if pos_img_size is not None and pos_img_size != (224, 224):
-            _logger.info(f'Building {variant} with pos_img_size={pos_img_size} to match the checkpoint tables.')
-            kwargs['pos_img_size'] = pos_img_size
+        # resampling to the input grid reproduces the authors' detection backbone exactly; timm records the
+        # img_size, so exports rebuild these tables
+        img_size = _checkpoint_img_size(_backbone_state_dict(checkpoint_file))
+        if img_size is not None and img_size != (224, 224):
+            _logger.info(f'Building {variant} with img_size={img_size} to match the checkpoint tables.')
+            kwargs['img_size'] = img_size
     model = build_model_with_cfg(
         LIT,
         variant,

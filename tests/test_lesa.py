@@ -248,7 +248,9 @@ def test_registered_models_and_pretrained_cfgs(name):
         assert model.layer3[0].conv2.__class__ is nn.Conv2d and isinstance(model.layer3[1].conv2, Lesa)
         assert isinstance(model.layer4[0].conv2, Lesa)
     assert [f['num_chs'] for f in model.feature_info] == [64, 256, 512, 1024, 2048]
-    assert model.no_weight_decay() == {'*.relative', '*.rel_height', '*.rel_width'}
+    tables = ('rel_height', 'rel_width') if name.endswith('_det') else ('relative',)
+    lesa_blocks = [f'layer3.{i}' for i in range(1, 6)] + [f'layer4.{i}' for i in range(3)]
+    assert model.no_weight_decay() == {f'{block}.conv2.{table}' for block in lesa_blocks for table in tables}
     groups = model.group_matcher()
     assert set(groups) == {'stem', 'blocks'}
 

@@ -17,7 +17,6 @@ from lesa_lit_models._checkpoint import CheckpointError, load_checkpoint_file
 from lesa_lit_models.layers.deform_merge import DeformableTokenMerging
 from lesa_lit_models.layers.rel_pos import bias_from_grid, relative_position_bias, relative_position_bias_grid, \
     resample_bias_table
-from lesa_lit_models import lit
 from lesa_lit_models.lit import AttentionBlock, LITAttention, MLPBlock, detection_output_norms
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -233,7 +232,7 @@ def test_attention_equals_explicit_softmax(with_table):
     if with_table:
         nn.init.normal_(attn.relative_position_bias_table, std=1.)
     x = torch.randn(2, 15, 48)
-    for impl in ('fused', 'reference', 'sdpa', 'explicit'):  # the last two: the older names of the first two
+    for impl in ('fused', 'reference'):
         attn.attn_impl = impl
         torch.testing.assert_close(attn(x, (3, 5)), _explicit_attention(attn, x, (3, 5)), rtol=1e-5, atol=1e-5)
 
@@ -587,7 +586,7 @@ def _mmdet_checkpoint(backbone_state):
 
 
 def test_loads_lit_s_coco_checkpoint_with_its_99x99_tables(tmp_path):
-    coco = _tiny('lit_s', seed=5, pos_img_size=800).state_dict()
+    coco = _tiny('lit_s', seed=5, img_size=800).state_dict()
     assert coco['stages.2.blocks.0.attn.relative_position_bias_table'].shape == (99 * 99, 2)
     assert coco['stages.3.blocks.0.attn.relative_position_bias_table'].shape == (49 * 49, 4)
     backbone = {k: v for k, v in _to_upstream_smb(coco).items()
@@ -597,7 +596,7 @@ def test_loads_lit_s_coco_checkpoint_with_its_99x99_tables(tmp_path):
     torch.save(_mmdet_checkpoint({**backbone, **norms}), path)
 
     features = _load('lit_s', path, features_only=True, **TINY)
-    assert features.model.pos_img_size == (800, 800)  # tables kept at the checkpoint's size
+    assert features.model.img_size == (800, 800)  # tables kept at the checkpoint's size
     _assert_same_tensors(features.model, coco)
     with torch.no_grad():
         assert [f.shape[1] for f in features(torch.randn(1, 3, 64, 96))] == list(TINY['embed_dims'])
@@ -620,7 +619,7 @@ def test_imagenet_tables_resampled_for_a_coco_sized_model(tmp_path):
     source = _tiny('lit_s', seed=7).state_dict()
     path = tmp_path / 'lit_s.pth'
     torch.save({'model': _to_upstream_smb(source)}, path)
-    model = _load('lit_s', path, pos_img_size=800, **TINY)
+    model = _load('lit_s', path, img_size=800, **TINY)
     key = 'stages.2.blocks.0.attn.relative_position_bias_table'
     # the authors' mmcv_custom loader: square bicubic resize 27x27 -> 99x99
     expected = F.interpolate(source[key].permute(1, 0).reshape(1, 2, 27, 27), size=(99, 99), mode='bicubic')
@@ -651,13 +650,12 @@ def test_wrong_architecture_and_corrupt_files_raise_checkpoint_error(tmp_path):
         _load('lit_s', truncated, **TINY)
 
 
-@pytest.mark.skipif(lit.update_model_args is None, reason='timm < 1.0.31 does not record construction args')
 def test_export_of_a_coco_checkpoint_rebuilds_its_tables(tmp_path):
-    coco = _tiny('lit_s', seed=9, pos_img_size=800).state_dict()
+    coco = _tiny('lit_s', seed=9, img_size=800).state_dict()
     path = tmp_path / 'retina_lit_s.pth'
     torch.save(_mmdet_checkpoint({k: v for k, v in _to_upstream_smb(coco).items() if not k.startswith('head.')}), path)
     model = _load('lit_s', path, **TINY)  # table size taken from the checkpoint, not passed by the user
     timm.models.save_for_hf(model, tmp_path / 'export', safe_serialization=True)
     reloaded = _create(f'local-dir:{tmp_path / "export"}', pretrained=True)
-    assert reloaded.pos_img_size == (800, 800)
+    assert reloaded.img_size == (800, 800)
     _assert_same_tensors(reloaded, model.state_dict())

@@ -1,7 +1,9 @@
-"""Any timm model with ``features_only=True`` as an mmdetection 3.x backbone (LESA, LIT and stock timm models).
+"""Any timm model with ``forward_intermediates`` as an mmdetection 3.x backbone (LESA, LIT and stock timm models).
 
 The adapter translates mmdet's backbone arguments (``out_indices``, ``frozen_stages``, ``norm_eval``, ``with_cp``,
-``init_cfg``) into a timm feature extractor and returns its feature maps as a tuple. The only layers it adds are
+``init_cfg``) into timm's feature extractor over ``forward_intermediates`` (``features_only=True,
+feature_cls='getter'``: the whole model under ``body.model``, with its own module names) and returns its feature
+maps as a tuple. The only layers it adds are
 optional output LayerNorms (``out_norms``), which LIT-S's COCO backbone puts on feature levels 2-4.
 
 Building it reads no weights. As every mmdet backbone, it loads them in :meth:`TimmBackbone.init_weights` (which
@@ -52,8 +54,7 @@ class TimmBackbone(BaseModule):
             keep training, so that their statistics get estimated.
         out_norms: feature levels (values of ``out_indices``) followed by a channel LayerNorm (eps 1e-5), e.g.
             ``(1, 2, 3)`` for LIT-S's COCO backbone. Their weights are ``out_norms.<level>.*``.
-        with_cp: gradient checkpointing as the model defines it (LESA: unary and binary terms; LIT: blocks), per
-            top-level module for models that define none.
+        with_cp: gradient checkpointing as the model defines it (LESA: unary and binary terms; LIT: blocks).
         init_cfg: None (timm's random init) or ``dict(type='Pretrained', checkpoint=...)``: a path, an http(s)
             URL or ``hf-hub:ORG/NAME`` of an ImageNet checkpoint (the authors' release or a converted file), an
             authors' COCO checkpoint (mmdet 2.x, its ``backbone.*`` keys) or a checkpoint of this backbone
@@ -93,13 +94,13 @@ class TimmBackbone(BaseModule):
                              f'{self.out_indices}: {sorted(missing_levels)}.')
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
-        self._model_kwargs = dict(model_kwargs, features_only=True, out_indices=self.out_indices)
+        self._model_kwargs = dict(model_kwargs, features_only=True, feature_cls='getter', out_indices=self.out_indices)
         self.body = timm.create_model(model_name, pretrained=False, **self._model_kwargs)
         channels = self.body.feature_info.channels()
         self.out_norms = nn.ModuleDict({
             str(level): LayerNorm2d(channels[self.out_indices.index(level)], eps=1e-5) for level in out_norms})
         if with_cp:
-            _enable_grad_checkpointing(self.body)
+            self.body.model.set_grad_checkpointing(True)  # the model's own: LESA's unary and binary terms, LIT's blocks
         self._untrained_norms: List[nn.Module] = []
         self._frozen_modules = self._find_frozen_modules()
         self._freeze()
@@ -132,9 +133,9 @@ class TimmBackbone(BaseModule):
             self.load_state_dict(state_dict)
         else:
             kwargs = dict(self._model_kwargs, pretrained_cfg_overlay=dict(state_dict=state_dict))
-            pos_img_size = getattr(self._root(), 'pos_img_size', None)
-            if pos_img_size is not None:  # LIT would lay out its tables as the checkpoint's: keep the built layout
-                kwargs.setdefault('pos_img_size', pos_img_size)
+            img_size = getattr(self.body.model, 'img_size', None)
+            if img_size is not None:  # LIT would lay out its tables as the checkpoint's: keep the built layout
+                kwargs.setdefault('img_size', img_size)
             try:  # the family's checkpoint_filter_fn translates the layout while timm loads a reference model
                 reference = timm.create_model(self.model_name, pretrained=True, **kwargs)
             except CheckpointError as e:
@@ -174,12 +175,8 @@ class TimmBackbone(BaseModule):
         if self.frozen_stages > len(stage_modules):
             raise ValueError(f'frozen_stages={self.frozen_stages} but the model has {len(stage_modules)} stages.')
         if self.frozen_stages == 0:
-            return _modules_before(self._root(), stage_modules[0], inclusive=False)
-        return _modules_before(self._root(), stage_modules[self.frozen_stages - 1], inclusive=True)
-
-    def _root(self) -> nn.Module:
-        # FeatureGetterNet keeps the whole model (original module names); FeatureListNet is the model, flattened
-        return getattr(self.body, 'model', self.body)
+            return _modules_before(self.body.model, stage_modules[0], inclusive=False)
+        return _modules_before(self.body.model, stage_modules[self.frozen_stages - 1], inclusive=True)
 
     def _freeze(self):
         for module in self._frozen_modules:
@@ -232,28 +229,13 @@ def _modules_before(root: nn.Module, path: str, inclusive: bool) -> Sequence[nn.
     """Children of ``root`` (recursively along ``path``) registered before the module at ``path``.
 
     Relies on timm's feature-extraction assumption that modules are registered in execution order.
-    FeatureListNet flattens ``stages.0`` into a child named ``stages_0``; both spellings are matched.
     """
-    parts = path.split('.')
+    name, _, rest = path.partition('.')
     modules = []
-    for name, child in root.named_children():
-        if name == parts[0] or name == '_'.join(parts[:2]):
-            consumed = 1 if name == parts[0] else 2
-            if consumed == len(parts):
+    for child_name, child in root.named_children():
+        if child_name == name:
+            if not rest:
                 return modules + ([child] if inclusive else [])
-            return modules + list(_modules_before(child, '.'.join(parts[consumed:]), inclusive))
+            return modules + list(_modules_before(child, rest, inclusive))
         modules.append(child)
     raise ValueError(f'Module {path!r} of feature_info is not a child of {type(root).__name__}.')
-
-
-def _enable_grad_checkpointing(body: nn.Module):
-    """Use the model's own checkpointing where it has one, else timm's per-module feature checkpointing."""
-    model = getattr(body, 'model', None)
-    if model is not None and hasattr(model, 'set_grad_checkpointing'):
-        model.set_grad_checkpointing(True)
-        return
-    flagged = [m for m in body.modules() if m is not body and hasattr(m, 'grad_checkpointing')]
-    for module in flagged:
-        module.grad_checkpointing = True
-    if not flagged:
-        body.set_grad_checkpointing(True)

@@ -41,18 +41,16 @@ from timm.layers import register_notrace_module, to_2tuple
 from timm.models import checkpoint
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .banded_attention import ATTN_IMPLS
+from .banded_attention import ATTN_IMPLS, check_attn_impl
 from .deform_conv import DeformConv2dPack
 from .lesa_fused import detection_qr_binary
 from .lesa_rel_pos import expand_relative_logits, offset_index, relative_logits_2d, resample_rel_table
 
 __all__ = [
     'Lesa', 'classification_binary_reference', 'detection_qr_binary_reference', 'POS_EMBED_TYPES', 'ATTN_IMPLS',
-    'DEFAULT_ATTN_IMPL',
 ]
 
 POS_EMBED_TYPES = ('classification', 'detection_qr')
-DEFAULT_ATTN_IMPL = 'fused'
 
 
 def classification_binary_reference(
@@ -177,7 +175,7 @@ class Lesa(nn.Module):
             groups: int = 8,
             pos_embed: str = 'classification',
             deformable: bool = False,
-            attn_impl: Optional[str] = None,
+            attn_impl: str = 'fused',
             max_chunk_logits: Optional[int] = None,
             input_reduction: Optional[int] = None,
             recompute_gate: bool = True,
@@ -197,9 +195,7 @@ class Lesa(nn.Module):
         self.feat_size = to_2tuple(feat_size)
         self.stride = stride
         self.pos_embed = pos_embed
-        self.attn_impl = attn_impl or DEFAULT_ATTN_IMPL
-        if self.attn_impl not in ATTN_IMPLS:
-            raise ValueError(f'Unknown LESA attn_impl {self.attn_impl!r}; use one of {ATTN_IMPLS}.')
+        self.attn_impl = check_attn_impl(attn_impl)
         self.max_chunk_logits = max_chunk_logits
         self.input_reduction = input_reduction
         self.recompute_gate = recompute_gate
