@@ -41,24 +41,23 @@ decayed every parameter); DCN main weights get the Kaiming init of the convs the
 all DCN offset convs start at zero. Neither init matters when loading weights.
 """
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, calculate_drop_path_rates, create_classifier, get_device_dtype, to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ._checkpoint import release_file_note, release_loaded_weights, resolve_pretrained_weights, strip_prefix, \
-    unwrap_state_dict, verify_state_dict
+from ._checkpoint import backbone_state_dict, build_model_with_weights, release_file_note
 from .layers.banded_attention import check_attn_impl
 from .layers.deform_conv import DeformConv2dPack
 from .layers.lesa_attention import Lesa
 from .layers.lesa_rel_pos import resample_rel_table
 
-__all__ = ['LesaResNet', 'LesaBottleneck']
+__all__ = ['LesaResNet', 'LesaBottleneck', 'checkpoint_filter_fn', 'keys_kept_at_init']
 
 _logger = logging.getLogger(__name__)
 
@@ -397,7 +396,37 @@ _DET_KEYS_NOT_IN_IMAGENET = ('.conv_offset.', '.rel_height', '.rel_width')
 _DET_KEYS_RESHAPED_FROM_IMAGENET = ('.bn_similarity.', '.bn_output.')
 
 
-def _imagenet_to_detection(state_dict: Dict[str, torch.Tensor], model_sd: Dict[str, torch.Tensor]):
+def _is_imagenet(state_dict: Dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith('fc.') or k.endswith('.relative') for k in state_dict)
+
+
+def _norms_reshaped_from_imagenet(state_dict: Dict[str, torch.Tensor], model_sd: Dict[str, torch.Tensor]) -> Set[str]:
+    """The ``bn_similarity`` / ``bn_output`` modules whose ImageNet tensors have the classification shapes."""
+    return {k.rsplit('.', 1)[0] for k, v in state_dict.items() if any(
+        p in k for p in _DET_KEYS_RESHAPED_FROM_IMAGENET) and k in model_sd and model_sd[k].shape != v.shape}
+
+
+def keys_kept_at_init(checkpoint: Any, model: LesaResNet) -> List[str]:
+    """Keys of ``model`` that :func:`checkpoint_filter_fn` takes from the model's own init, not from ``checkpoint``.
+
+    None, except for ImageNet weights in a COCO backbone (as the authors' detector init): the DCN offset convs and
+    the 2-D position tables, and from the classification layout ``bn_similarity`` / ``bn_output`` too (whose
+    statistics the detection adapter then keeps training under ``norm_eval``).
+    """
+    state_dict = backbone_state_dict(checkpoint)
+    if model.pos_embed != 'detection_qr' or not _is_imagenet(state_dict):
+        return []
+    model_sd = model.state_dict()
+    fresh_norms = _norms_reshaped_from_imagenet(state_dict, model_sd)
+    return [k for k in model_sd if (k not in state_dict or _dropped_from_imagenet(k, fresh_norms)) and (
+        any(p in k for p in _DET_KEYS_NOT_IN_IMAGENET) or k.rsplit('.', 1)[0] in fresh_norms)]
+
+
+def _dropped_from_imagenet(key: str, fresh_norms: Set[str]) -> bool:
+    return key.startswith('fc.') or key.endswith(_IMAGENET_KEYS_DROPPED) or key.rsplit('.', 1)[0] in fresh_norms
+
+
+def _imagenet_to_detection(state_dict: Dict[str, torch.Tensor], model: LesaResNet) -> Dict[str, torch.Tensor]:
     """ImageNet weights -> COCO backbone, as the authors' detector init does.
 
     Two ImageNet layouts exist. The authors' COCO backbones start from separate "detection pretrain" files whose
@@ -405,15 +434,12 @@ def _imagenet_to_detection(state_dict: Dict[str, torch.Tensor], model_sd: Dict[s
     init, ``fc``, ``relative``, ``flatten_index``, ``rel_height`` and ``rel_width`` are dropped and every other
     tensor of the file loads (an unexpected key or shape is an error). The classification weights (3G / 2C
     shapes) load the same way except for ``bn_similarity`` / ``bn_output``, which keep their fresh init (this
-    package's extension: the detection adapter keeps training their statistics under ``norm_eval``). The DCN
-    offset convs and the 2-D position tables keep the model's fresh init in both cases.
+    package's extension). :func:`keys_kept_at_init` names the tensors that keep the model's fresh init.
     """
-    fresh_norms = {k.rsplit('.', 1)[0] for k, v in state_dict.items() if any(
-        p in k for p in _DET_KEYS_RESHAPED_FROM_IMAGENET) and k in model_sd and model_sd[k].shape != v.shape}
-    out = {k: v for k, v in state_dict.items() if not (
-        k.startswith('fc.') or k.endswith(_IMAGENET_KEYS_DROPPED) or k.rsplit('.', 1)[0] in fresh_norms)}
-    fresh = [k for k in model_sd if k not in out and (
-        any(p in k for p in _DET_KEYS_NOT_IN_IMAGENET) or k.rsplit('.', 1)[0] in fresh_norms)]
+    model_sd = model.state_dict()
+    fresh_norms = _norms_reshaped_from_imagenet(state_dict, model_sd)
+    fresh = keys_kept_at_init(state_dict, model)
+    out = {k: v for k, v in state_dict.items() if not _dropped_from_imagenet(k, fresh_norms)}
     layout = 'classification' if fresh_norms else 'detection pretrain'
     _logger.info(f'ImageNet weights ({layout} layout) into a COCO backbone: {len(fresh)} tensors keep their fresh '
                  f'init (DCN offsets, 2-D position tables{", bn_similarity / bn_output" if fresh_norms else ""}).')
@@ -435,36 +461,32 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LesaResNet) -> Dict[
     * COCO weights load completely; ``rel_height`` / ``rel_width`` are resampled
       (:func:`~lesa_lit_models.layers.lesa_rel_pos.resample_rel_table`) when ``img_size`` differs.
 
-    Raises :class:`~lesa_lit_models._checkpoint.CheckpointError` listing what does not match
-    (:func:`~lesa_lit_models._checkpoint.verify_state_dict`).
+    A checkpoint without the ``fc`` classifier (a COCO backbone) keeps the model's own, as LIT's filter does.
+    Loading through timm checks the result strictly (:func:`~lesa_lit_models._checkpoint.strict_filter`).
     """
-    state_dict = unwrap_state_dict(state_dict)
-    if any(k.startswith('backbone.') for k in state_dict):
-        state_dict = strip_prefix(state_dict, 'backbone.', keep_others=False)
-    state_dict = {k: v for k, v in state_dict.items() if not k.endswith('.flatten_index')}
+    state_dict = {k: v for k, v in backbone_state_dict(state_dict).items() if not k.endswith('.flatten_index')}
     model_sd = model.state_dict()
-    if model.pos_embed == 'detection_qr':
-        if any(k.startswith('fc.') or k.endswith('.relative') for k in state_dict):
-            state_dict = _imagenet_to_detection(state_dict, model_sd)
-        else:
-            for k, v in state_dict.items():
-                if k.endswith(('.rel_height', '.rel_width')) and k in model_sd and v.shape[1:] == model_sd[k].shape[1:]:
-                    state_dict[k] = resample_rel_table(v.float(), model_sd[k].shape[0]).to(v.dtype)
-    return verify_state_dict(state_dict, model)
+    if model.pos_embed == 'detection_qr' and _is_imagenet(state_dict):
+        state_dict = _imagenet_to_detection(state_dict, model)
+    elif model.pos_embed == 'detection_qr':
+        for k, v in state_dict.items():
+            if k.endswith(('.rel_height', '.rel_width')) and k in model_sd and v.shape[1:] == model_sd[k].shape[1:]:
+                state_dict[k] = resample_rel_table(v.float(), model_sd[k].shape[0]).to(v.dtype)
+    if not any(k.startswith('fc.') for k in state_dict):  # a COCO backbone: the model's classifier, if any, stays
+        state_dict.update({k: v for k, v in model_sd.items() if k.startswith('fc.')})
+    return state_dict
 
 
 def _create_lesa(variant: str, pretrained: bool = False, **kwargs) -> LesaResNet:
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3, 4))
-    kwargs = resolve_pretrained_weights(variant, pretrained, kwargs)
-    model = build_model_with_cfg(
+    return build_model_with_weights(
         LesaResNet,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        checkpoint_filter_fn,
         feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
         **kwargs,
     )
-    return release_loaded_weights(model)
 
 
 _PAPER = dict(

@@ -37,17 +37,16 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, get_device_dtype, \
     register_notrace_function, resample_abs_pos_embed, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ._checkpoint import release_loaded_weights, resolve_pretrained_weights, strip_prefix, unwrap_state_dict, \
-    verify_state_dict
+from ._checkpoint import backbone_state_dict, build_model_with_weights
 from .layers.deform_merge import DeformableTokenMerging
 from .layers.banded_attention import banded_bias_attention, banded_bias_attention_op, check_attn_impl
 from .layers.rel_pos import bias_from_grid, bias_rows_keys_reversed, bias_rows_keys_reversed_vjp, bias_table_size, \
     relative_position_bias_grid, resample_bias_table
 
-__all__ = ['LIT', 'checkpoint_filter_fn', 'detection_output_norms']
+__all__ = ['LIT', 'checkpoint_filter_fn', 'detection_output_norms', 'OUTPUT_NORM_KEY']
 
 _logger = logging.getLogger(__name__)
 
@@ -376,7 +375,8 @@ class LIT(nn.Module):
         img_size: Input size the position parameters are laid out for (stage grids ``img_size / 4 / 2^i``):
             224 for the ImageNet checkpoints; the authors' COCO LIT-S tables are laid out for 800 (99x99 and
             49x49 tables), ADE20K for 512. Any input size runs whatever this is. When loading an original
-            checkpoint without this argument, it is taken from the checkpoint's tables (see ``_create_lit``).
+            checkpoint without this argument, it is taken from the checkpoint's tables
+            (see ``_kwargs_for_checkpoint``).
         norm_eps: LayerNorm eps of the blocks and the final norm (LIT-Ti 1e-6; the stem always uses 1e-5).
         drop_rate: Classifier dropout.
         proj_drop_rate, attn_drop_rate: Dropout after the MLP/projection layers and on attention weights.
@@ -681,8 +681,9 @@ _UPSTREAM_SMB_RENAMES = (
     (re.compile(r'^layers\.(\d+)\.blocks\.'), lambda m: f'stages.{m[1]}.blocks.'),
 )
 # LayerNorms the authors' detection/segmentation LIT backbone applies to its outputs (norm1..3; mmseg also norm0)
-_OUTPUT_NORM = re.compile(r'^norm\d\.')
+OUTPUT_NORM_KEY = re.compile(r'^norm(\d+)\.')
 _READOUT_KEYS = ('cls_token', 'norm.', 'head.')
+_BIAS_TABLE_KEY = re.compile(r'^(?:layers|stages)\.(\d+)\.blocks\.\d+\.attn\.relative_position_bias_table$')
 
 
 def _rename(key: str, renames) -> str:
@@ -693,24 +694,25 @@ def _rename(key: str, renames) -> str:
     return key
 
 
-def _backbone_state_dict(checkpoint: Any) -> Dict[str, torch.Tensor]:
-    """Tensors of a bare / ``{'model'}`` / ``{'state_dict'}`` checkpoint; for mmdet files only ``backbone.*``."""
-    return strip_prefix(unwrap_state_dict(checkpoint), 'backbone.', keep_others=False)
-
-
 def detection_output_norms(checkpoint: Any) -> Dict[str, torch.Tensor]:
     """The output LayerNorms (``norm1.*``, ``norm2.*``, ``norm3.*``) of the authors' LIT-S COCO backbone.
 
     They normalise detection outputs 2-4 and are not part of the timm model: :func:`checkpoint_filter_fn` drops
-    them, and the detection adapter loads them from the same checkpoint with this function (keys unprefixed).
+    them, and the detection adapter loads them from the same checkpoint with this function (keys unprefixed, as
+    matched by ``OUTPUT_NORM_KEY``, whose group is the output level).
     """
-    return {k: v for k, v in _backbone_state_dict(checkpoint).items() if _OUTPUT_NORM.match(k)}
+    return {k: v for k, v in backbone_state_dict(checkpoint).items() if OUTPUT_NORM_KEY.match(k)}
 
 
-def _square_grid(num_positions: int, what: str) -> Tuple[int, int]:
+def _square_side(num_positions: int) -> Optional[int]:
     side = math.isqrt(num_positions)
-    if side * side != num_positions:
-        raise ValueError(f'{what} has {num_positions} positions, not a square grid; cannot resample it.')
+    return side if side * side == num_positions else None
+
+
+def _square_grid(num_positions: int, key: str) -> Tuple[int, int]:
+    side = _square_side(num_positions)
+    if side is None:
+        raise ValueError(f'{key} has {num_positions} positions, not a square grid; cannot resample it.')
     return side, side
 
 
@@ -723,21 +725,21 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LIT) -> Dict[str, to
     Drops the rebuilt ``relative_position_index`` buffers and the detection output norms (see
     :func:`detection_output_norms`), resamples bias tables (bicubic) and position embeddings (bilinear) whose
     grid differs from the model's, and keeps the model's own class token / final norm / classifier when the
-    checkpoint is a detection backbone without them. Anything else that does not fit raises ``CheckpointError``.
+    checkpoint is a detection backbone without them.
     """
-    state_dict = _backbone_state_dict(state_dict)
+    state_dict = backbone_state_dict(state_dict)
     if not any(k.startswith('stages.') for k in state_dict):
         renames = _UPSTREAM_TI_RENAMES if any(k.startswith('patch_embed1.') for k in state_dict) \
             else _UPSTREAM_SMB_RENAMES
         state_dict = {_rename(k, renames): v for k, v in state_dict.items()}
 
-    dropped_norms = sorted(k for k in state_dict if _OUTPUT_NORM.match(k))
+    dropped_norms = sorted(k for k in state_dict if OUTPUT_NORM_KEY.match(k))
     if dropped_norms:
         _logger.info(f'Dropping detection output norms {dropped_norms}; the detection adapter loads them.')
     model_state = model.state_dict()
     out = {}
     for k, v in state_dict.items():
-        if k.endswith('relative_position_index') or _OUTPUT_NORM.match(k):
+        if k.endswith('relative_position_index') or OUTPUT_NORM_KEY.match(k):
             continue
         target = model_state.get(k)
         if target is not None and v.shape != target.shape:
@@ -761,44 +763,47 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LIT) -> Dict[str, to
         out.update({k: model_state[k] for k in kept})
         if kept:
             _logger.info(f'Checkpoint has no classifier; keeping initial {kept}.')
-    return verify_state_dict(out, model)
+    return out
 
 
 def _checkpoint_img_size(state_dict: Dict[str, torch.Tensor], patch_size: int = 4) -> Optional[Tuple[int, int]]:
     """The ``img_size`` the relative bias tables of a checkpoint were laid out for (None if not derivable)."""
     sizes = set()
     for k, v in state_dict.items():
-        m = re.match(r'^(?:layers|stages)\.(\d+)\.blocks\.\d+\.attn\.relative_position_bias_table$', k)
+        m = _BIAS_TABLE_KEY.match(k)
         if m is None:
             continue
-        side = math.isqrt(v.shape[0])
-        if side * side != v.shape[0] or side % 2 == 0:
+        side = _square_side(v.shape[0])
+        if side is None or side % 2 == 0:
             return None
         sizes.add((side + 1) // 2 * patch_size * 2 ** int(m[1]))
     return (sizes.pop(),) * 2 if len(sizes) == 1 else None
 
 
+def _kwargs_for_checkpoint(checkpoint: Any, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    if 'img_size' in kwargs:
+        return kwargs
+    # keep a checkpoint's bias tables at their own size (e.g. the 99x99/49x49 COCO tables), so the runtime
+    # resampling to the input grid reproduces the authors' detection backbone exactly; timm records the img_size,
+    # so exports rebuild these tables
+    img_size = _checkpoint_img_size(backbone_state_dict(checkpoint))
+    if img_size is None or img_size == (224, 224):
+        return kwargs
+    _logger.info(f'Building LIT with img_size={img_size} to match the checkpoint tables.')
+    return dict(kwargs, img_size=img_size)
+
+
 def _create_lit(variant: str, pretrained: bool = False, **kwargs) -> LIT:
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    kwargs = resolve_pretrained_weights(variant, pretrained, kwargs)
-    checkpoint_file = (kwargs.get('pretrained_cfg_overlay') or {}).get('state_dict')
-    if pretrained and checkpoint_file is not None and 'img_size' not in kwargs:
-        # keep a checkpoint's bias tables at their own size (e.g. the 99x99/49x49 COCO tables), so the runtime
-        # resampling to the input grid reproduces the authors' detection backbone exactly; timm records the
-        # img_size, so exports rebuild these tables
-        img_size = _checkpoint_img_size(_backbone_state_dict(checkpoint_file))
-        if img_size is not None and img_size != (224, 224):
-            _logger.info(f'Building {variant} with img_size={img_size} to match the checkpoint tables.')
-            kwargs['img_size'] = img_size
-    model = build_model_with_cfg(
+    return build_model_with_weights(
         LIT,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        checkpoint_filter_fn,
+        kwargs_for_checkpoint=_kwargs_for_checkpoint,
         feature_cfg=dict(feature_cls='getter', flatten_sequential=True, out_indices=out_indices),
         **kwargs,
     )
-    return release_loaded_weights(model)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
