@@ -8,14 +8,13 @@ optional output LayerNorms (``out_norms``), which LIT-S's COCO backbone puts on 
 
 Building it reads no weights. As every mmdet backbone, it loads them in :meth:`TimmBackbone.init_weights` (which
 mmengine's Runner calls before training) from ``init_cfg=dict(type='Pretrained', checkpoint=PATH_OR_URL)``. The
-file is read by the package's safe loader (through mmengine's ``CheckpointLoader``) and translated by the model
-family's ``checkpoint_filter_fn``, reached through timm's pretrained loading.
+file is read by the package's safe loader (through mmengine's ``CheckpointLoader``), translated by the model
+family's ``checkpoint_filter_fn`` and loaded into the backbone's model by timm's ``load_pretrained``.
 """
+import importlib
 import logging
 import os.path as osp
-import re
-import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -24,9 +23,12 @@ from mmdet.registry import MODELS
 from mmengine.model import BaseModule
 from mmengine.runner import CheckpointLoader
 from timm.layers import LayerNorm2d
+from timm.models import load_pretrained
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lesa_lit_models._checkpoint import CheckpointError, strip_prefix, unwrap_state_dict, verify_state_dict
+from lesa_lit_models._checkpoint import CheckpointError, backbone_state_dict, strict_filter, verify_state_dict
+from lesa_lit_models.lesa import LesaResNet, keys_kept_at_init
+from lesa_lit_models.lit import OUTPUT_NORM_KEY, detection_output_norms
 
 from .loading import HF_HUB_PREFIX
 
@@ -34,7 +36,6 @@ __all__ = ['TimmBackbone', 'read_checkpoint']
 
 _logger = logging.getLogger(__name__)
 
-_OUT_NORM = re.compile(r'^norm(\d+)\.')
 _REMOTE_PREFIXES = ('http://', 'https://', HF_HUB_PREFIX)
 
 
@@ -49,9 +50,9 @@ class TimmBackbone(BaseModule):
         frozen_stages: as mmdet's ResNet: -1 trains everything, 0 freezes the stem, ``k`` freezes the stem and the
             first ``k`` stages (the levels of stride >= 4). Frozen parts also stay in eval mode.
         norm_eval: keep the BatchNorms in eval mode while training (frozen running statistics). BatchNorms whose
-            statistics the ``init_cfg`` checkpoint did not provide (still at their (0, 1) init after loading, e.g.
-            LESA's ``bn_similarity`` / ``bn_output`` when a COCO backbone starts from the classification weights)
-            keep training, so that their statistics get estimated.
+            statistics the ``init_cfg`` checkpoint does not provide (LESA's ``bn_similarity`` / ``bn_output`` when
+            a COCO backbone starts from the classification weights, see
+            :func:`~lesa_lit_models.lesa.keys_kept_at_init`) keep training, so that their statistics get estimated.
         out_norms: feature levels (values of ``out_indices``) followed by a channel LayerNorm (eps 1e-5), e.g.
             ``(1, 2, 3)`` for LIT-S's COCO backbone. Their weights are ``out_norms.<level>.*``.
         with_cp: gradient checkpointing as the model defines it (LESA: unary and binary terms; LIT: blocks).
@@ -123,40 +124,53 @@ class TimmBackbone(BaseModule):
 
     def load_weights(self, checkpoint: Dict[str, Any], source: str):
         """Load a checkpoint in any layout :class:`TimmBackbone` takes (see ``init_cfg``); ``source`` names it in
-        messages. Marks the BatchNorms the checkpoint left at their init (see ``norm_eval``)."""
-        state_dict = strip_prefix(unwrap_state_dict(checkpoint), 'backbone.', keep_others=False)
+        messages. Notes the BatchNorms whose statistics the checkpoint does not provide (see ``norm_eval``)."""
+        state_dict = backbone_state_dict(checkpoint)
+        model = self.body.model
         if any(k.startswith('body.') for k in state_dict):
             try:
                 verify_state_dict(state_dict, self)
             except CheckpointError as e:
                 raise CheckpointError(f'{source} is a checkpoint of this adapter for another backbone: {e}') from e
             self.load_state_dict(state_dict)
+            kept_at_init = []
         else:
-            kwargs = dict(self._model_kwargs, pretrained_cfg_overlay=dict(state_dict=state_dict))
-            img_size = getattr(self.body.model, 'img_size', None)
-            if img_size is not None:  # LIT would lay out its tables as the checkpoint's: keep the built layout
-                kwargs.setdefault('img_size', img_size)
-            try:  # the family's checkpoint_filter_fn translates the layout while timm loads a reference model
-                reference = timm.create_model(self.model_name, pretrained=True, **kwargs)
+            try:
+                load_pretrained(model, dict(model.pretrained_cfg, source='', state_dict=state_dict), num_classes=0,
+                                in_chans=self._model_kwargs.get('in_chans', 3),
+                                filter_fn=strict_filter(self._checkpoint_filter(model)))
             except CheckpointError as e:
                 raise CheckpointError(f'{source} does not fit backbone {self.model_name!r}: {e}') from e
-            self.body.load_state_dict(reference.state_dict())
             if self.out_norms:
                 self._load_out_norms(state_dict, source)
-        self._untrained_norms = [m for m in self.body.modules() if _has_initial_statistics(m)]
+            kept_at_init = keys_kept_at_init(state_dict, model) if isinstance(model, LesaResNet) else []
+        self._untrained_norms = [model.get_submodule(k.rsplit('.', 1)[0]) for k in kept_at_init
+                                 if k.endswith('.running_mean')]
         if self._untrained_norms:
             _logger.info(f'{len(self._untrained_norms)} BatchNorms of {self.model_name} have no statistics in '
                          f'{source}: they keep training under norm_eval.')
         _logger.info(f'Loaded the {self.model_name} backbone from {source}.')
         self.train(self.training)
 
+    def _checkpoint_filter(self, model: nn.Module) -> Callable:
+        """The family's ``checkpoint_filter_fn`` (timm's convention: a function of the model's module), then the
+        keys of what the feature extractor pruned are dropped."""
+        family_filter = getattr(importlib.import_module(type(model).__module__), 'checkpoint_filter_fn', None)
+        pruned_stages = tuple(f'{info["module"]}.' for info in model.feature_info[max(self.body.out_indices) + 1:])
+
+        def filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+            state_dict = family_filter(state_dict, model) if family_filter is not None else state_dict
+            return {k: v for k, v in state_dict.items() if not _pruned(model, k, pruned_stages)}
+
+        return filter_fn
+
     def _load_out_norms(self, state_dict: Dict[str, torch.Tensor], source: str):
-        """Output norms come from the model family's ``detection_output_norms`` (upstream ``norm<level>.*``)."""
-        family = sys.modules[timm.models.model_entrypoint(timm.models.get_arch_name(self.model_name)).__module__]
-        reader = getattr(family, 'detection_output_norms', None)
-        norms = reader(state_dict) if reader is not None else {}
-        state = {_OUT_NORM.sub(lambda m: f'{m[1]}.', k): v for k, v in norms.items()
-                 if _OUT_NORM.match(k)[1] in self.out_norms}
+        """Output norms ``out_norms.<level>.*`` from the authors' ``norm<level>.*`` (LIT-S's COCO backbone)."""
+        state = {}
+        for k, v in detection_output_norms(state_dict).items():
+            level = OUTPUT_NORM_KEY.match(k)
+            if level[1] in self.out_norms:
+                state[f'{level[1]}.{k[level.end():]}'] = v
         if not state:
             _logger.info(f'{source} has no output norms for levels {list(self.out_norms)}: they start as identity.')
             return
@@ -219,10 +233,17 @@ def read_checkpoint(source: str, origin_url: Optional[str] = None) -> Dict[str, 
     return checkpoint
 
 
-def _has_initial_statistics(module: nn.Module) -> bool:
-    """A BatchNorm whose running statistics were never estimated (mean 0, variance 1)."""
-    return (isinstance(module, _BatchNorm) and module.track_running_stats
-            and not module.running_mean.any() and bool((module.running_var == 1).all()))
+def _pruned(model: nn.Module, key: str, pruned_stages: Tuple[str, ...]) -> bool:
+    """Whether ``key`` belongs to what a feature extractor pruned from ``model``: a stage after the last output, or
+    a module or tensor replaced by an Identity or None (classifier, final norm, class token)."""
+    if key.startswith(pruned_stages):
+        return True
+    owner, _, name = key.rpartition('.')
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:
+        return False
+    return isinstance(module, nn.Identity) or (hasattr(module, name) and getattr(module, name) is None)
 
 
 def _modules_before(root: nn.Module, path: str, inclusive: bool) -> Sequence[nn.Module]:
