@@ -79,7 +79,7 @@ class LesaBottleneck(nn.Module):
             spatial_mixer: str = 'conv',
             feat_size: Optional[Tuple[int, int]] = None,
             input_reduction: Optional[int] = None,
-            lesa_args: Optional[Dict[str, Any]] = None,
+            attn_kwargs: Optional[Dict[str, Any]] = None,
             drop_path: float = 0.,
             device=None,
             dtype=None,
@@ -94,7 +94,8 @@ class LesaBottleneck(nn.Module):
             spatial_mixer: ``'conv'``, ``'dcn'`` or ``'lesa'``.
             feat_size: Token grid of the block input (LESA only).
             input_reduction: Stride of the block input w.r.t. the image (LESA error messages only).
-            lesa_args: Extra :class:`Lesa` kwargs (groups, pos_embed, deformable, attn_impl).
+            attn_kwargs: Further :class:`Lesa` kwargs (groups, pos_embed, deformable, attn_impl, max_chunk_logits,
+                recompute_gate).
             drop_path: Stochastic depth rate.
         """
         super().__init__()
@@ -106,7 +107,7 @@ class LesaBottleneck(nn.Module):
         self.act1 = nn.ReLU(inplace=True)
         if spatial_mixer == 'lesa':
             self.conv2 = Lesa(
-                width, feat_size, stride=stride, input_reduction=input_reduction, **(lesa_args or {}), **dd)
+                width, feat_size, stride=stride, input_reduction=input_reduction, **(attn_kwargs or {}), **dd)
             self.bn2 = nn.Identity()
         elif spatial_mixer == 'dcn':
             self.conv2 = DeformConv2dPack(width, width, 3, stride=stride, padding=1, bias=False, **dd)
@@ -208,8 +209,8 @@ class LesaResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.feature_info = [dict(num_chs=64, reduction=2, module='act1')]
 
-        lesa_args = dict(groups=lesa_groups, pos_embed=pos_embed, attn_impl=attn_impl,
-                         max_chunk_logits=max_chunk_logits, recompute_gate=recompute_gate)
+        attn_kwargs = dict(groups=lesa_groups, pos_embed=pos_embed, attn_impl=attn_impl,
+                           max_chunk_logits=max_chunk_logits, recompute_gate=recompute_gate)
         dpr = calculate_drop_path_rates(drop_path_rate, list(layers), stagewise=True)  # linear over all blocks
         in_chs = 64
         reduction = 4
@@ -234,7 +235,7 @@ class LesaResNet(nn.Module):
                     spatial_mixer='lesa' if use_lesa else 'dcn' if dcn_stages[stage_idx] else 'conv',
                     feat_size=(self.img_size[0] // reduction, self.img_size[1] // reduction),
                     input_reduction=reduction,
-                    lesa_args=dict(lesa_args, deformable=dcn_stages[stage_idx]),
+                    attn_kwargs=dict(attn_kwargs, deformable=dcn_stages[stage_idx]),
                     drop_path=dpr[stage_idx][i],
                     **dd,
                 ))

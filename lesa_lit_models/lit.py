@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, get_device_dtype, \
     register_notrace_function, resample_abs_pos_embed, to_2tuple, trunc_normal_
-from timm.models import checkpoint, generate_default_cfgs, register_model
+from timm.models import checkpoint as grad_checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ._checkpoint import backbone_state_dict, build_model_with_weights
@@ -62,24 +62,27 @@ def check_input_size(x: torch.Tensor, patch: int, num_stages: int):
 
 
 @register_notrace_function  # FX leaf: the output size is the input grid's
-def resample_grid_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int], feat_size: Tuple[int, int]):
-    """Bilinear (``align_corners=False``) resampling of a ``(1, Gh * Gw, C)`` embedding to ``feat_size``.
+def resample_grid_pos_embed(pos_embed: torch.Tensor, pos_embed_grid: Tuple[int, int], feat_size: Tuple[int, int]):
+    """Bilinear (``align_corners=False``) resampling of a ``(1, Gh * Gw, C)`` embedding of a ``pos_embed_grid``
+    ``(Gh, Gw)`` to ``feat_size``.
 
     In the embedding's precision, at least float32: timm's ``resample_abs_pos_embed`` always rounds to float32,
     which would make float64 results depend on the order of float32 operations.
     """
-    grid = pos_embed.unflatten(1, grid).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.to(torch.promote_types(grid.dtype, torch.float32)), size=feat_size,
-                         mode='bilinear', align_corners=False)
-    return grid.to(pos_embed.dtype).flatten(2).transpose(1, 2)
+    embed_map = pos_embed.unflatten(1, pos_embed_grid).permute(0, 3, 1, 2)
+    embed_map = F.interpolate(embed_map.to(torch.promote_types(embed_map.dtype, torch.float32)), size=feat_size,
+                              mode='bilinear', align_corners=False)
+    return embed_map.to(pos_embed.dtype).flatten(2).transpose(1, 2)
 
 
-def _bias_of_rows(query_bias, grid, start, stop, feat_size):
+# the bias function of banded_bias_attention (query_bias, shared_bias, start, stop, grid): the shared bias is the
+# offset bias, the grid the feature map's (H, W)
+def _bias_of_rows(query_bias, offset_bias, start, stop, feat_size):
     width = feat_size[1]
-    return bias_rows_keys_reversed(grid, feat_size, (start // width, stop // width)).unsqueeze(0)
+    return bias_rows_keys_reversed(offset_bias, feat_size, (start // width, stop // width)).unsqueeze(0)
 
 
-def _bias_of_rows_vjp(grad, query_bias, grid, start, stop, feat_size):
+def _bias_of_rows_vjp(grad, query_bias, offset_bias, start, stop, feat_size):
     width = feat_size[1]
     return None, bias_rows_keys_reversed_vjp(grad.squeeze(0), feat_size, (start // width, stop // width))
 
@@ -92,19 +95,19 @@ def attend_in_row_bands(
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        grid: torch.Tensor,
+        offset_bias: torch.Tensor,
         feat_size: Tuple[int, int],
         max_logits: Optional[int] = None,
 ) -> torch.Tensor:
     """``softmax(q k^T * scale + bias) v`` over an ``H x W`` map, one band of query rows at a time.
 
     Each band holds at most ``max_logits`` logits (at least one row) and expands only its rows of the bias from the
-    ``(heads, 2H - 1, 2W - 1)`` offset ``grid``, against keys and values in reverse order (where the bias of a band
-    is a plain strided copy of the grid); see :func:`~lesa_lit_models.layers.banded_attention.banded_bias_attention`.
+    ``(heads, 2H - 1, 2W - 1)`` ``offset_bias``, against keys and values in reverse order (where the bias of a band
+    is a plain strided copy of it); see :func:`~lesa_lit_models.layers.banded_attention.banded_bias_attention`.
     Nothing of size ``(heads, N, N)`` is kept for backward.
     """
-    return banded_bias_attention(
-        _offset_bias_attention, q, k.flip(-2), v.flip(-2), feat_size, shared_bias=grid, max_logits=max_logits)
+    return banded_bias_attention(_offset_bias_attention, q, k.flip(-2), v.flip(-2), feat_size,
+                                 shared_bias=offset_bias, max_logits=max_logits)
 
 
 class LITAttention(nn.Module):
@@ -161,18 +164,19 @@ class LITAttention(nn.Module):
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        grid = None
+        offset_bias = None
         if self.relative_position_bias_table is not None:
-            grid = relative_position_bias_grid(self.relative_position_bias_table, self.table_size, feat_size, q.dtype)
+            offset_bias = relative_position_bias_grid(
+                self.relative_position_bias_table, self.table_size, feat_size, q.dtype)
         dropout_p = self.attn_drop.p if self.training else 0.
-        if grid is None and self.attn_impl == 'fused':
+        if offset_bias is None and self.attn_impl == 'fused':
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         elif self.attn_impl == 'fused' and not dropout_p:
-            x = attend_in_row_bands(q, k, v, grid, feat_size, self.max_chunk_logits)
+            x = attend_in_row_bands(q, k, v, offset_bias, feat_size, self.max_chunk_logits)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
-            if grid is not None:
-                attn = attn + bias_from_grid(grid, feat_size).unsqueeze(0)
+            if offset_bias is not None:
+                attn = attn + bias_from_grid(offset_bias, feat_size).unsqueeze(0)
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
@@ -215,45 +219,35 @@ class MLPBlock(nn.Module):
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         hidden = self.mlp.fc1(self.norm2(x))
         if self.recompute_act and self.training and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            out = checkpoint(self.mlp_after_fc1, hidden)
+            out = grad_checkpoint(self.mlp_after_fc1, hidden)
         else:
             out = self.mlp_after_fc1(hidden)
         return x + self.drop_path(out)
 
 
 class AttentionBlock(nn.Module):
-    """Stage 3-4 block: ``x + DropPath(MSA(LN(x)))`` then ``x + DropPath(MLP(LN(x)))``."""
+    """Stage 3-4 block: ``x + DropPath(MSA(LN(x)))`` then ``x + DropPath(MLP(LN(x)))``.
+
+    ``attn_kwargs`` are the further :class:`LITAttention` arguments (``qkv_bias``, ``rel_pos_grid``, ``attn_drop``,
+    ``attn_impl``, ``max_chunk_logits``).
+    """
 
     def __init__(
             self,
             dim: int,
             num_heads: int,
             mlp_ratio: float = 4.,
-            qkv_bias: bool = True,
-            rel_pos_grid: Optional[Tuple[int, int]] = None,
             proj_drop: float = 0.,
-            attn_drop: float = 0.,
             drop_path: float = 0.,
             norm_layer: Any = nn.LayerNorm,
-            attn_impl: str = 'fused',
-            max_chunk_logits: Optional[int] = None,
+            attn_kwargs: Optional[Dict[str, Any]] = None,
             device=None,
             dtype=None,
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         self.norm1 = norm_layer(dim, **dd)
-        self.attn = LITAttention(
-            dim,
-            num_heads=num_heads,
-            qkv_bias=qkv_bias,
-            rel_pos_grid=rel_pos_grid,
-            attn_drop=attn_drop,
-            proj_drop=proj_drop,
-            attn_impl=attn_impl,
-            max_chunk_logits=max_chunk_logits,
-            **dd,
-        )
+        self.attn = LITAttention(dim, num_heads=num_heads, proj_drop=proj_drop, **(attn_kwargs or {}), **dd)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, **dd)
@@ -273,6 +267,7 @@ class LITStage(nn.Module):
     The position embedding (``(1, num_prefix_tokens + Gh * Gw, C)``, prefix slots first) is stored for the
     ``pos_embed_grid`` grid and resampled bilinearly (``align_corners=False``) to the actual grid when that
     differs, as the authors' detection backbone does, but comparing against this stage's own grid.
+    ``attn_kwargs`` are those of its :class:`AttentionBlock` (``use_attn``).
     """
 
     def __init__(
@@ -284,16 +279,12 @@ class LITStage(nn.Module):
             use_attn: bool,
             num_heads: int,
             mlp_ratio: float = 4.,
-            qkv_bias: bool = True,
             pos_embed_grid: Optional[Tuple[int, int]] = None,
             num_prefix_tokens: int = 0,
-            rel_pos_grid: Optional[Tuple[int, int]] = None,
             proj_drop: float = 0.,
-            attn_drop: float = 0.,
             drop_path: Sequence[float] = (),
             norm_layer: Any = nn.LayerNorm,
-            attn_impl: str = 'fused',
-            max_chunk_logits: Optional[int] = None,
+            attn_kwargs: Optional[Dict[str, Any]] = None,
             recompute_mlp_act: bool = True,
             device=None,
             dtype=None,
@@ -312,9 +303,7 @@ class LITStage(nn.Module):
             self.register_parameter('pos_embed', None)
         drop_path = list(drop_path) or [0.] * depth
         if use_attn:
-            block_fn = partial(
-                AttentionBlock, num_heads=num_heads, qkv_bias=qkv_bias, rel_pos_grid=rel_pos_grid,
-                attn_drop=attn_drop, attn_impl=attn_impl, max_chunk_logits=max_chunk_logits)
+            block_fn = partial(AttentionBlock, num_heads=num_heads, attn_kwargs=attn_kwargs)
         else:
             block_fn = partial(MLPBlock, recompute_act=recompute_mlp_act)
         self.blocks = nn.ModuleList([
@@ -349,7 +338,7 @@ class LITStage(nn.Module):
             x = torch.cat([prefix_tokens, x], dim=1)
         for block in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(block, x, feat_size)
+                x = grad_checkpoint(block, x, feat_size)
             else:
                 x = block(x, feat_size)
         if prefix_tokens is not None:
@@ -447,7 +436,9 @@ class LIT(nn.Module):
         num_stages = len(depths)
         if not (len(embed_dims) == len(num_heads) == len(mlp_ratios) == len(attn_stages) == num_stages):
             raise ValueError('embed_dims, depths, num_heads, mlp_ratios and attn_stages need one entry per stage.')
-        check_attn_impl(attn_impl)
+        attn_kwargs = dict(
+            qkv_bias=qkv_bias, attn_drop=attn_drop_rate, attn_impl=check_attn_impl(attn_impl),
+            max_chunk_logits=max_chunk_logits)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.img_size = to_2tuple(img_size)
@@ -478,7 +469,7 @@ class LIT(nn.Module):
         self.feature_info = []
         for i in range(num_stages):
             stride = patch_size * 2 ** i
-            grid = (self.img_size[0] // stride, self.img_size[1] // stride)
+            stage_grid = (self.img_size[0] // stride, self.img_size[1] // stride)
             stages.append(LITStage(
                 dim=embed_dims[max(i - 1, 0)],
                 dim_out=embed_dims[i],
@@ -487,16 +478,12 @@ class LIT(nn.Module):
                 use_attn=attn_stages[i],
                 num_heads=num_heads[i],
                 mlp_ratio=mlp_ratios[i],
-                qkv_bias=qkv_bias,
-                pos_embed_grid=grid if pos_embed == 'abs' else None,
+                pos_embed_grid=stage_grid if pos_embed == 'abs' else None,
                 num_prefix_tokens=self.num_prefix_tokens if i == num_stages - 1 else 0,
-                rel_pos_grid=grid if pos_embed == 'rel' and attn_stages[i] else None,
                 proj_drop=proj_drop_rate,
-                attn_drop=attn_drop_rate,
                 drop_path=dpr[i],
                 norm_layer=norm_layer,
-                attn_impl=attn_impl,
-                max_chunk_logits=max_chunk_logits,
+                attn_kwargs=dict(attn_kwargs, rel_pos_grid=stage_grid if pos_embed == 'rel' else None),
                 recompute_mlp_act=recompute_mlp_act,
                 **dd,
             ))
@@ -599,27 +586,28 @@ class LIT(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_index = len(self.stages) - 1
         stages = self.stages[:max_index + 1] if stop_early and not torch.jit.is_scripting() else self.stages
+        class_token_stage = None
+        if self.cls_token is not None and len(stages) == len(self.stages):
+            *stages, class_token_stage = stages
 
         intermediates = []
         x = self.patch_embed(x)
         for i, stage in enumerate(stages):
-            reads_class_token = self.cls_token is not None and i == last_index
-            if intermediates_only and reads_class_token and i not in take_indices:
-                break  # nothing more to compute: the class-token stage's input is only the final output
-            x = stage.merge(x)
-            if i in take_indices or not reads_class_token:
-                feat = stage.forward_blocks(x)
-                if i in take_indices:
-                    feat_out = self.norm(feat) if norm and i == last_index else feat
-                    if output_fmt == 'NCHW':
-                        feat_out = feat_out.permute(0, 3, 1, 2).contiguous()
-                    intermediates.append(feat_out)
-            if not reads_class_token:
-                x = feat
+            x = stage(x)
+            if i in take_indices:
+                intermediates.append(self._intermediate(x, norm and i == last_index, output_fmt))
+        if class_token_stage is not None and (last_index in take_indices or not intermediates_only):
+            x = class_token_stage.merge(x)  # the final output, as forward_features
+            if last_index in take_indices:  # the stage's blocks without the class token
+                intermediates.append(self._intermediate(class_token_stage.forward_blocks(x), norm, output_fmt))
 
         if intermediates_only:
             return intermediates
         return (x if self.cls_token is not None else self.norm(x)), intermediates
+
+    def _intermediate(self, x: torch.Tensor, norm: bool, output_fmt: str) -> torch.Tensor:
+        x = self.norm(x) if norm else x
+        return x.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else x
 
     def prune_intermediate_layers(
             self,

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange, reduce
 from timm.layers import register_notrace_module, to_2tuple
-from timm.models import checkpoint
+from timm.models import checkpoint as grad_checkpoint
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .banded_attention import ATTN_IMPLS, check_attn_impl
@@ -140,9 +140,9 @@ def _checkpoint_updating_stats_once(fn, *inputs: torch.Tensor, owner: nn.Module)
     statistics of ``owner``'s BatchNorms a second time, so training with checkpointing leaves the same statistics as
     without."""
     if torch.compiler.is_compiling():  # the traced recomputation applies no update (and dynamo takes no context_fn)
-        return checkpoint(fn, *inputs, use_reentrant=False)
-    return checkpoint(fn, *inputs, use_reentrant=False,
-                      context_fn=lambda: (nullcontext(), _running_stats_frozen(owner)))
+        return grad_checkpoint(fn, *inputs, use_reentrant=False)
+    return grad_checkpoint(fn, *inputs, use_reentrant=False,
+                           context_fn=lambda: (nullcontext(), _running_stats_frozen(owner)))
 
 
 @register_notrace_module  # shape checks and grid-dependent tables: a leaf for FX
