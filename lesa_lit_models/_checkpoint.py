@@ -42,7 +42,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, clean_state_dict, resolve_pretrained_cfg
-from timm.models._builder import _resolve_pretrained_source  # timm's source priority; timm exports no public one
+
+from ._timm import _resolve_pretrained_source
 
 __all__ = [
     'CheckpointError', 'UnsafeCheckpointError', 'DownloadError', 'InertObject', 'allowed_globals',

@@ -49,9 +49,9 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, calculate_drop_path_rates, create_classifier, get_device_dtype, to_2tuple
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
 from ._checkpoint import backbone_state_dict, build_model_with_weights, release_file_note
+from ._timm import feature_take_indices
 from .layers.banded_attention import check_attn_impl
 from .layers.deform_conv import DeformConv2dPack
 from .layers.lesa_attention import Lesa

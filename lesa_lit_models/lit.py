@@ -38,9 +38,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, get_device_dtype, \
     register_notrace_function, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import checkpoint as grad_checkpoint, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
 from ._checkpoint import backbone_state_dict, build_model_with_weights
+from ._timm import feature_take_indices
 from .layers.deform_merge import DeformableTokenMerging
 from .layers.banded_attention import banded_bias_attention, banded_bias_attention_op, check_attn_impl
 from .layers.rel_pos import bias_from_grid, bias_rows_keys_reversed, bias_rows_keys_reversed_vjp, bias_table_size, \
