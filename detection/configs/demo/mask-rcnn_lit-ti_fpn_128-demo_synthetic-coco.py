@@ -46,19 +46,8 @@ model = dict(
         rpn=dict(nms_pre=200, max_per_img=100),
         rcnn=dict(max_per_img=20)))
 
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-    dict(type='Resize', scale=(image_size, image_size), keep_ratio=True),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PackDetInputs'),
-]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(image_size, image_size), keep_ratio=True),
-    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-    dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
-]
+train_pipeline = [dict(t, scale=(image_size, image_size)) if t.type == 'Resize' else t for t in _base_.train_pipeline]
+test_pipeline = [dict(t, scale=(image_size, image_size)) if t.type == 'Resize' else t for t in _base_.test_pipeline]
 train_dataloader = dict(batch_size=batch_size, num_workers=0, persistent_workers=False,
                         dataset=dict(metainfo=dict(classes=classes), pipeline=train_pipeline))
 test_dataloader = dict(num_workers=0, persistent_workers=False,

@@ -26,7 +26,6 @@ lit_optim_wrapper = dict(
     type='AmpOptimWrapper',
     loss_scale='dynamic',
     paramwise_cfg=dict(custom_keys={
-        'absolute_pos_embed': dict(decay_mult=0.),
         'relative_position_bias_table': dict(decay_mult=0.),
         'norm': dict(decay_mult=0.),
     }))
