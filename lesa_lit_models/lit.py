@@ -189,8 +189,8 @@ class MLPBlock(nn.Module):
 
     With ``recompute_act`` (the default), training keeps only ``fc1``'s output for backward and recomputes the
     GELU and ``fc2`` from it: the MLP's widest tensors (``mlp_ratio`` x the width, at strides 4 and 8) are then
-    held once instead of twice. Same values and gradients, for one more GELU and ``fc2`` in backward; at 800x1344
-    LIT-Ti's training step peaks about 0.5 GiB lower (README, Performance).
+    held once instead of twice. Same values and gradients, for one more GELU and ``fc2`` in backward (the memory
+    it saves: ``benchmarks/results/``).
     """
 
     def __init__(

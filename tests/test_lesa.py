@@ -204,7 +204,7 @@ def test_classification_lesa_rejects_other_grids_naming_the_image_size():
 # ------------------------------------------------------------------------------------------------- the models
 
 def test_parameter_counts_equal_upstream():
-    """Counts of the authors' models built with their code (UPSTREAM-PARITY.md): the ImageNet models with the
+    """Counts of the authors' models built with their code: the ImageNet models with the
     classifier, the COCO backbones without, measured there at 256x256 (R50) and 320x320 (WRN) inputs."""
     def count(name, **kwargs):
         with torch.device('meta'):

@@ -21,7 +21,7 @@ from lesa_lit_models.lit import AttentionBlock, LITAttention, MLPBlock, detectio
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
-# sum(p.numel()) of the authors' models with the 1000-class head (LIT-upstream-notes.md, UPSTREAM-PARITY.md)
+# sum(p.numel()) of the authors' models with the 1000-class head, built with their code
 PARAM_COUNTS = {'lit_ti': 19_886_272, 'lit_s': 27_973_720, 'lit_m': 49_372_264, 'lit_b': 87_292_384}
 
 
@@ -139,7 +139,7 @@ def _assert_same_outputs_and_grads(model: nn.Module, expected: nn.Module, x: tor
         torch.testing.assert_close(p.grad, p_expected.grad, rtol=1e-4, atol=1e-5, msg=n)
 
 
-# upstream key layouts (LIT-upstream-notes.md section 7), written independently of the package's filter
+# the authors' key layouts, written independently of the package's filter
 def _to_upstream_ti(sd):
     out = {}
     for k, v in sd.items():

@@ -32,8 +32,8 @@ def check_attn_impl(attn_impl: str) -> str:
 
 
 def default_max_chunk_logits(device: torch.device) -> int:
-    """Logits per band when none is set: bands that stay in a CPU's caches (2^22, 16 MB in float32; on 2 cores
-    LIT-S's stage-3 attention is ~3x faster than with 2^26), larger on CUDA, where each band is a kernel launch."""
+    """Logits per band when none is set: bands that stay in a CPU's caches (2^22, 16 MB in float32), larger on
+    CUDA, where each band is a kernel launch (the timings that chose them: ``benchmarks/results/``)."""
     return 2 ** 26 if device.type == 'cuda' else 2 ** 22
 
 
