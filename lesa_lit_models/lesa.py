@@ -52,7 +52,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from ._checkpoint import backbone_state_dict, build_model_with_weights, release_file_note
 from ._timm import feature_take_indices
-from .layers.banded_attention import check_attn_impl
+from .layers.attn_impl import set_attn_impl
 from .layers.deform_conv import DeformConv2dPack
 from .layers.lesa_attention import Lesa
 from .layers.lesa_rel_pos import resample_rel_table
@@ -288,10 +288,7 @@ class LesaResNet(nn.Module):
     @torch.jit.ignore
     def set_attn_impl(self, attn_impl: str):
         """Switch every LESA module between ``'fused'`` and ``'reference'``."""
-        attn_impl = check_attn_impl(attn_impl)
-        for m in self.modules():
-            if isinstance(m, Lesa):
-                m.attn_impl = attn_impl
+        set_attn_impl(self, attn_impl, Lesa)
 
     @property
     def grad_checkpointing(self) -> bool:

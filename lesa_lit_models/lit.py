@@ -42,7 +42,8 @@ from timm.models import checkpoint as grad_checkpoint, generate_default_cfgs, re
 from ._checkpoint import backbone_state_dict, build_model_with_weights
 from ._timm import feature_take_indices
 from .layers.deform_merge import DeformableTokenMerging
-from .layers.banded_attention import banded_bias_attention, banded_bias_attention_op, check_attn_impl
+from .layers.attn_impl import check_attn_impl, set_attn_impl
+from .layers.banded_attention import banded_bias_attention, banded_bias_attention_op
 from .layers.rel_pos import bias_from_grid, bias_rows_keys_reversed, bias_rows_keys_reversed_vjp, bias_table_size, \
     relative_position_bias_grid, resample_bias_table
 
@@ -539,10 +540,7 @@ class LIT(nn.Module):
     @torch.jit.ignore
     def set_attn_impl(self, attn_impl: str):
         """Switch every attention block between ``'fused'`` and ``'reference'``."""
-        attn_impl = check_attn_impl(attn_impl)
-        for module in self.modules():
-            if isinstance(module, LITAttention):
-                module.attn_impl = attn_impl
+        set_attn_impl(self, attn_impl, LITAttention)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

@@ -18,17 +18,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['ATTN_IMPLS', 'check_attn_impl', 'banded_bias_attention', 'banded_bias_attention_op',
-           'default_max_chunk_logits', 'row_band_size']
-
-# the attention switch of both families: 'fused' (exact, no tokens x tokens tensor kept) or 'reference'
-ATTN_IMPLS = ('fused', 'reference')
-
-
-def check_attn_impl(attn_impl: str) -> str:
-    if attn_impl not in ATTN_IMPLS:
-        raise ValueError(f'attn_impl={attn_impl!r} is not supported: use one of {ATTN_IMPLS}.')
-    return attn_impl
+__all__ = ['banded_bias_attention', 'banded_bias_attention_op', 'default_max_chunk_logits', 'row_band_size']
 
 
 def default_max_chunk_logits(device: torch.device) -> int:

@@ -41,7 +41,7 @@ from timm.layers import register_notrace_module, to_2tuple
 from timm.models import checkpoint as grad_checkpoint
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .banded_attention import ATTN_IMPLS, check_attn_impl
+from .attn_impl import ATTN_IMPLS, check_attn_impl
 from .deform_conv import DeformConv2dPack
 from .lesa_fused import detection_qr_binary
 from .lesa_rel_pos import expand_relative_logits, offset_index, relative_logits_2d, resample_rel_table
