@@ -43,7 +43,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .attn_impl import ATTN_IMPLS, check_attn_impl
 from .deform_conv import DeformConv2dPack
-from .lesa_fused import detection_qr_binary
+from . import lesa_fused
 from .lesa_rel_pos import expand_relative_logits, offset_index, relative_logits_2d, resample_rel_table
 
 __all__ = [
@@ -277,7 +277,8 @@ class Lesa(nn.Module):
         rel_height = resample_rel_table(self.rel_height, 2 * H - 1)
         rel_width = resample_rel_table(self.rel_width, 2 * W - 1)
         if self.attn_impl == 'fused':
-            sv = detection_qr_binary(q, k, v, rel_height, rel_width, (H, W), self.bn_similarity, self.max_chunk_logits)
+            sv = lesa_fused.detection_qr_binary(
+                q, k, v, rel_height, rel_width, (H, W), self.bn_similarity, self.max_chunk_logits)
         else:
             sv = detection_qr_binary_reference(q, k, v, rel_height, rel_width, (H, W), self.bn_similarity)
         return rearrange(sv, 'n g l c -> n (g c) l')  # a view of the fused term's output
