@@ -1,6 +1,7 @@
 # CPU demo (detection/demo.sh): the LIT-Ti Mask R-CNN of configs/lit/ at 128 pixels, trained from scratch on the
 # synthetic dataset (detection/tools/make_synthetic_coco.py; pass its folder with --data-root), then evaluated once
-# with test.sh (no validation during training). Not a paper setting; its results: detection/README.md.
+# with test.sh (no validation during training); its results: detection/README.md.
+# Not a paper setting. The paper's LIT-Ti Mask R-CNN (LIT, arXiv 2105.14217): COCO val2017 box AP 42.0, mask AP 39.1.
 #
 # What differs from the paper config, and why (a short from-scratch run on a CPU):
 # - one head per shape: the dataset's three categories (tv, clock, kite), not COCO's 80;
