@@ -17,8 +17,9 @@ What the authors' files carry besides tensors, and what it becomes here:
 * mmengine's ``HistoryBuffer`` (``message_hub``): the real class when mmengine's logging is loaded (a training
   run that resumes), otherwise an :class:`InertObject` holding the same attributes.
 
-Families' ``checkpoint_filter_fn`` then map keys and resample tables; :func:`verify_state_dict` is the one strict
-check of the result.
+Families' ``checkpoint_filter_fn`` then map keys and resample tables, and timm's ``load_pretrained`` adapts the
+result (classifier, input channels) and loads it; :func:`strict_filter` checks what timm finally loads with
+:func:`verify_state_dict`, the one strict check of weights.
 """
 import _compat_pickle
 import argparse
@@ -34,19 +35,21 @@ import urllib.parse
 import urllib.request
 import zipfile
 from collections import OrderedDict
-from typing import IO, Any, Dict, Iterable, List, Optional, Tuple, Union
+from functools import wraps
+from typing import IO, Any, Callable, Dict, Iterable, List, Optional, Tuple, Type, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
-from timm.models import clean_state_dict, resolve_pretrained_cfg
-from timm.models._builder import _resolve_pretrained_source  # timm's own source priority, not a copy of it
+from timm.models import build_model_with_cfg, clean_state_dict, resolve_pretrained_cfg
+
+from ._timm import _resolve_pretrained_source
 
 __all__ = [
     'CheckpointError', 'UnsafeCheckpointError', 'DownloadError', 'InertObject', 'allowed_globals',
     'load_checkpoint_file', 'load_checkpoint', 'download_cached', 'is_url', 'register_mmengine_loader',
-    'unwrap_state_dict', 'strip_prefix', 'verify_state_dict', 'release_file_note', 'resolve_pretrained_weights',
-    'release_loaded_weights',
+    'unwrap_state_dict', 'strip_prefix', 'backbone_state_dict', 'verify_state_dict', 'strict_filter',
+    'release_file_note', 'resolve_pretrained_weights', 'release_loaded_weights', 'build_model_with_weights',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -340,6 +343,7 @@ def register_mmengine_loader() -> None:
                 checkpoint = load_checkpoint(filename, map_location, cache_dir=model_dir, progress=False)
         return checkpoint
 
+    # mmengine registers its own loaders for these prefixes: replacing them needs force
     CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
     CheckpointLoader.register_scheme(prefixes=('http://', 'https://'), loader=load_from_http, force=True)
 
@@ -373,41 +377,32 @@ def strip_prefix(state_dict: Dict[str, torch.Tensor], prefix: str, keep_others: 
     }
 
 
+def backbone_state_dict(checkpoint: Any) -> Dict[str, torch.Tensor]:
+    """The tensors of a checkpoint (:func:`unwrap_state_dict`); of an mmdet detector only its ``backbone.*`` ones,
+    without the prefix."""
+    return strip_prefix(unwrap_state_dict(checkpoint), 'backbone.', keep_others=False)
+
+
 def verify_state_dict(
         state_dict: Dict[str, torch.Tensor],
         model: nn.Module,
         ignore_shape_of: Iterable[str] = (),
+        may_miss: Iterable[str] = (),
         max_listed: int = 8,
 ) -> Dict[str, torch.Tensor]:
     """Check that ``state_dict`` fits ``model`` key for key and shape for shape; return it unchanged.
 
-    The one strict check of pretrained weights: every family's ``checkpoint_filter_fn`` ends with it. It leaves
-    out what timm's ``load_pretrained`` adapts right after the filter, as read from ``model.pretrained_cfg``:
-    the ``classifier`` keys when the model's ``num_classes`` differs from the weights' (timm drops them), and the
-    input-channel dimension of the ``first_conv`` weight (timm adapts it to ``in_chans``). ``ignore_shape_of``
-    names further key prefixes whose shapes are not checked.
-
+    ``ignore_shape_of`` names key prefixes whose shapes are not checked, ``may_miss`` keys that may be absent.
     Raises :class:`CheckpointError` listing missing, unexpected and mis-shaped keys.
     """
     expected = model.state_dict()
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    dropped: Tuple[str, ...] = ()
-    if cfg.get('classifier') and getattr(model, 'num_classes', cfg.get('num_classes')) != cfg.get('num_classes'):
-        dropped = tuple(f'{c}.' for c in _as_tuple(cfg['classifier']))
-    first_convs = tuple(f'{c}.weight' for c in _as_tuple(cfg.get('first_conv')))
-    ignore_shape_of = tuple(ignore_shape_of) + dropped
-
-    def shape_fits(k: str) -> bool:
-        have, want = state_dict[k].shape, expected[k].shape
-        if k in first_convs and len(have) == len(want) > 1:  # only the input channels may differ
-            have, want = have[:1] + have[2:], want[:1] + want[2:]
-        return have == want or k.startswith(ignore_shape_of)
-
-    missing = [k for k in expected if k not in state_dict and not k.startswith(dropped)]
-    unexpected = [k for k in state_dict if k not in expected and not k.startswith(dropped)]
+    ignore_shape_of, may_miss = tuple(ignore_shape_of), set(may_miss)
+    missing = [k for k in expected if k not in state_dict and k not in may_miss]
+    unexpected = [k for k in state_dict if k not in expected]
     mismatched = [
         f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}'
-        for k, v in expected.items() if k in state_dict and not shape_fits(k)
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape and not k.startswith(ignore_shape_of)
     ]
     if missing or unexpected or mismatched:
         def listing(title, items):
@@ -415,7 +410,7 @@ def verify_state_dict(
                 return ''
             more = f' ... and {len(items) - max_listed} more' if len(items) > max_listed else ''
             return f'\n  {len(items)} {title}: ' + ', '.join(items[:max_listed]) + more
-        name = cfg.get('architecture', type(model).__name__)
+        name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture', type(model).__name__)
         raise CheckpointError(
             f'Checkpoint does not match architecture {name!r}:'
             + listing('missing keys', missing) + listing('unexpected keys', unexpected)
@@ -424,10 +419,30 @@ def verify_state_dict(
     return state_dict
 
 
-def _as_tuple(value: Any) -> Tuple[Any, ...]:
-    if value is None:
-        return ()
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+FilterFn = Callable[[Dict[str, Any], nn.Module], Dict[str, torch.Tensor]]
+
+
+def strict_filter(filter_fn: FilterFn) -> FilterFn:
+    """``filter_fn`` for timm's ``load_pretrained``, followed by :func:`verify_state_dict` of what timm then loads.
+
+    timm adapts the filtered weights (drops a classifier of other classes, adapts the stem to ``in_chans``) and
+    loads them strictly, with torch's terse error; the check runs at that load (a ``load_state_dict`` pre-hook), on
+    timm's result: keys timm dropped may be missing, anything else that does not fit is a :class:`CheckpointError`
+    that lists it.
+    """
+    @wraps(filter_fn)
+    def filter_and_check(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+        state_dict = filter_fn(state_dict, model)
+        filtered_keys = set(state_dict)
+
+        def check(module, loaded, prefix, *args):
+            hook.remove()
+            verify_state_dict(loaded, module, may_miss=filtered_keys - loaded.keys())
+
+        hook = model.register_load_state_dict_pre_hook(check)
+        return state_dict
+
+    return filter_and_check
 
 
 # ------------------------------------------------------------------------------------------------ timm models
@@ -484,6 +499,30 @@ def _no_weights_message(variant: str, cfg: Dict[str, Any]) -> str:
         f'or convert it once and load the converted copy:\n'
         f'    lesa-lit-convert {name} /path/to/file.pth OUT_DIR\n'
         f"    timm.create_model('local-dir:OUT_DIR', pretrained=True)")
+
+
+def build_model_with_weights(
+        model_cls: Type[nn.Module],
+        variant: str,
+        pretrained: bool,
+        filter_fn: FilterFn,
+        kwargs_for_checkpoint: Optional[Callable[[Dict[str, Any], Dict[str, Any]], Dict[str, Any]]] = None,
+        **kwargs: Any,
+) -> nn.Module:
+    """timm's ``build_model_with_cfg`` for a family of this package: the pretrained weights are read by
+    :func:`resolve_pretrained_weights`, converted by ``filter_fn`` and checked by :func:`strict_filter`, and the
+    model keeps no reference to the file (:func:`release_loaded_weights`).
+
+    ``kwargs_for_checkpoint(checkpoint, kwargs)`` returns the model kwargs for a checkpoint that was read (e.g. a
+    layout the checkpoint needs), before the model is built.
+    """
+    kwargs = resolve_pretrained_weights(variant, pretrained, kwargs)
+    checkpoint = (kwargs.get('pretrained_cfg_overlay') or {}).get('state_dict')
+    if pretrained and checkpoint is not None and kwargs_for_checkpoint is not None:
+        kwargs = kwargs_for_checkpoint(checkpoint, kwargs)
+    model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=strict_filter(filter_fn),
+                                 **kwargs)
+    return release_loaded_weights(model)
 
 
 def release_loaded_weights(model: nn.Module) -> nn.Module:

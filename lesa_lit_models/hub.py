@@ -9,7 +9,7 @@ export is timm's own (``save_for_hf`` / ``push_to_hf_hub``); an output folder ho
 * ``config.json``: ``architecture``, ``num_classes``, ``model_args`` (non-default kwargs such as
   ``img_size``) and ``pretrained_cfg``, read by ``timm.create_model('local-dir:DIR')`` and
   ``timm.create_model('hf-hub:ORG/NAME')``,
-* ``README.md``: a model card (``timm.models._hub.generate_readme``).
+* ``README.md``: a model card (timm's ``generate_readme``).
 """
 import hashlib
 import json
@@ -21,11 +21,10 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import timm
 import torch
 import torch.nn as nn
-from timm.models import push_to_hf_hub, save_for_hf
-from timm.models._hub import generate_readme
-from timm.models._input import get_model_input_config
+from timm.models import get_model_input_config, push_to_hf_hub, save_for_hf
 
 from ._checkpoint import download_cached, is_url
+from ._timm import generate_readme
 
 __all__ = [
     'ConversionError', 'HubError', 'ExportedFile', 'ConversionResult', 'EXPORT_FILES', 'package_models',

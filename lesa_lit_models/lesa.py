@@ -24,7 +24,8 @@ Models:
 * ``lesa_resnet50_det`` / ``lesa_wrn50_det``: the backbones of the authors' Mask R-CNN (1024x1024) and HTC
   (1280x1280) detectors. Stage strides (1, 2, 2, 2); mmcv-layout DCN v1 3x3 convs in stages 2-4, also in the
   unary term of LESA; the ``detection_qr`` 2-D position embedding, whose tables are resampled to the grid of
-  any input whose sides are multiples of 32 (see :func:`~lesa_lit_models.layers.lesa_attention.resample_rel_table`).
+  any input whose sides are multiples of 32 (see
+  :func:`~lesa_lit_models.layers.lesa_rel_pos.resample_rel_table`).
   No classifier (``num_classes=0``); ``features_only=True, out_indices=(1, 2, 3, 4)`` gives C2-C5. To start
   from ImageNet weights as the authors' detectors did, load an ImageNet checkpoint into them (``pretrained=True,
   pretrained_cfg_overlay=dict(file=...)``): :func:`checkpoint_filter_fn` adapts it.
@@ -40,22 +41,23 @@ decayed every parameter); DCN main weights get the Kaiming init of the convs the
 all DCN offset convs start at zero. Neither init matters when loading weights.
 """
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, calculate_drop_path_rates, create_classifier, get_device_dtype, to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import generate_default_cfgs, register_model
 
-from ._checkpoint import release_file_note, release_loaded_weights, resolve_pretrained_weights, strip_prefix, \
-    unwrap_state_dict, verify_state_dict
+from ._checkpoint import backbone_state_dict, build_model_with_weights, release_file_note
+from ._timm import feature_take_indices
+from .layers.attn_impl import set_attn_impl
 from .layers.deform_conv import DeformConv2dPack
-from .layers.lesa_attention import Lesa, resample_rel_table
+from .layers.lesa_attention import Lesa
+from .layers.lesa_rel_pos import resample_rel_table
 
-__all__ = ['LesaResNet', 'LesaBottleneck']
+__all__ = ['LesaResNet', 'LesaBottleneck', 'checkpoint_filter_fn', 'keys_kept_at_init']
 
 _logger = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ class LesaBottleneck(nn.Module):
             spatial_mixer: str = 'conv',
             feat_size: Optional[Tuple[int, int]] = None,
             input_reduction: Optional[int] = None,
-            lesa_args: Optional[Dict[str, Any]] = None,
+            attn_kwargs: Optional[Dict[str, Any]] = None,
             drop_path: float = 0.,
             device=None,
             dtype=None,
@@ -92,7 +94,8 @@ class LesaBottleneck(nn.Module):
             spatial_mixer: ``'conv'``, ``'dcn'`` or ``'lesa'``.
             feat_size: Token grid of the block input (LESA only).
             input_reduction: Stride of the block input w.r.t. the image (LESA error messages only).
-            lesa_args: Extra :class:`Lesa` kwargs (groups, pos_embed, deformable, attn_impl).
+            attn_kwargs: Further :class:`Lesa` kwargs (groups, pos_embed, deformable, attn_impl, max_chunk_logits,
+                recompute_gate).
             drop_path: Stochastic depth rate.
         """
         super().__init__()
@@ -104,7 +107,7 @@ class LesaBottleneck(nn.Module):
         self.act1 = nn.ReLU(inplace=True)
         if spatial_mixer == 'lesa':
             self.conv2 = Lesa(
-                width, feat_size, stride=stride, input_reduction=input_reduction, **(lesa_args or {}), **dd)
+                width, feat_size, stride=stride, input_reduction=input_reduction, **(attn_kwargs or {}), **dd)
             self.bn2 = nn.Identity()
         elif spatial_mixer == 'dcn':
             self.conv2 = DeformConv2dPack(width, width, 3, stride=stride, padding=1, bias=False, **dd)
@@ -151,7 +154,7 @@ class LesaResNet(nn.Module):
             plain_first_block: Sequence[bool] = (True, True, True, False),
             dcn_stages: Sequence[bool] = (False, False, False, False),
             lesa_groups: int = 8,
-            attn_impl: Optional[str] = None,
+            attn_impl: str = 'fused',
             max_chunk_logits: Optional[int] = None,
             recompute_gate: bool = True,
             num_classes: int = 1000,
@@ -175,7 +178,8 @@ class LesaResNet(nn.Module):
             plain_first_block: Keep a conv in the first block of a LESA stage.
             dcn_stages: Stages whose 3x3 convs (and LESA unary convs) are deformable.
             lesa_groups: Attention heads / unary conv groups.
-            attn_impl: LESA ``detection_qr`` binary term, ``'fused'`` (default) or ``'reference'`` (same results).
+            attn_impl: LESA ``detection_qr`` binary term, ``'fused'`` (default) or ``'reference'`` (same results;
+                also :meth:`set_attn_impl`).
             max_chunk_logits: Logits per band of the fused binary term (see :class:`Lesa`).
             recompute_gate: In training, the LESA modules recompute their terms' norms and fusion gate in backward
                 instead of keeping them (exact; see :class:`Lesa`). Independent of :meth:`set_grad_checkpointing`.
@@ -205,8 +209,8 @@ class LesaResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.feature_info = [dict(num_chs=64, reduction=2, module='act1')]
 
-        lesa_args = dict(groups=lesa_groups, pos_embed=pos_embed, attn_impl=attn_impl,
-                         max_chunk_logits=max_chunk_logits, recompute_gate=recompute_gate)
+        attn_kwargs = dict(groups=lesa_groups, pos_embed=pos_embed, attn_impl=attn_impl,
+                           max_chunk_logits=max_chunk_logits, recompute_gate=recompute_gate)
         dpr = calculate_drop_path_rates(drop_path_rate, list(layers), stagewise=True)  # linear over all blocks
         in_chs = 64
         reduction = 4
@@ -231,7 +235,7 @@ class LesaResNet(nn.Module):
                     spatial_mixer='lesa' if use_lesa else 'dcn' if dcn_stages[stage_idx] else 'conv',
                     feat_size=(self.img_size[0] // reduction, self.img_size[1] // reduction),
                     input_reduction=reduction,
-                    lesa_args=dict(lesa_args, deformable=dcn_stages[stage_idx]),
+                    attn_kwargs=dict(attn_kwargs, deformable=dcn_stages[stage_idx]),
                     drop_path=dpr[stage_idx][i],
                     **dd,
                 ))
@@ -263,8 +267,9 @@ class LesaResNet(nn.Module):
         return dict(stem=r'^conv1|bn1|maxpool', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
 
     @torch.jit.ignore
-    def no_weight_decay(self):
-        return {'*.relative', '*.rel_height', '*.rel_width'}
+    def no_weight_decay(self) -> set:
+        tables = ('.relative', '.rel_height', '.rel_width')
+        return {name for name, _ in self.named_parameters() if name.endswith(tables)}
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
@@ -279,6 +284,11 @@ class LesaResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, Lesa):
                 m.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_attn_impl(self, attn_impl: str):
+        """Switch every LESA module between ``'fused'`` and ``'reference'``."""
+        set_attn_impl(self, attn_impl, Lesa)
 
     @property
     def grad_checkpointing(self) -> bool:
@@ -384,7 +394,37 @@ _DET_KEYS_NOT_IN_IMAGENET = ('.conv_offset.', '.rel_height', '.rel_width')
 _DET_KEYS_RESHAPED_FROM_IMAGENET = ('.bn_similarity.', '.bn_output.')
 
 
-def _imagenet_to_detection(state_dict: Dict[str, torch.Tensor], model_sd: Dict[str, torch.Tensor]):
+def _is_imagenet(state_dict: Dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith('fc.') or k.endswith('.relative') for k in state_dict)
+
+
+def _norms_reshaped_from_imagenet(state_dict: Dict[str, torch.Tensor], model_sd: Dict[str, torch.Tensor]) -> Set[str]:
+    """The ``bn_similarity`` / ``bn_output`` modules whose ImageNet tensors have the classification shapes."""
+    return {k.rsplit('.', 1)[0] for k, v in state_dict.items() if any(
+        p in k for p in _DET_KEYS_RESHAPED_FROM_IMAGENET) and k in model_sd and model_sd[k].shape != v.shape}
+
+
+def keys_kept_at_init(checkpoint: Any, model: LesaResNet) -> List[str]:
+    """Keys of ``model`` that :func:`checkpoint_filter_fn` takes from the model's own init, not from ``checkpoint``.
+
+    None, except for ImageNet weights in a COCO backbone (as the authors' detector init): the DCN offset convs and
+    the 2-D position tables, and from the classification layout ``bn_similarity`` / ``bn_output`` too (whose
+    statistics the detection adapter then keeps training under ``norm_eval``).
+    """
+    state_dict = backbone_state_dict(checkpoint)
+    if model.pos_embed != 'detection_qr' or not _is_imagenet(state_dict):
+        return []
+    model_sd = model.state_dict()
+    fresh_norms = _norms_reshaped_from_imagenet(state_dict, model_sd)
+    return [k for k in model_sd if (k not in state_dict or _dropped_from_imagenet(k, fresh_norms)) and (
+        any(p in k for p in _DET_KEYS_NOT_IN_IMAGENET) or k.rsplit('.', 1)[0] in fresh_norms)]
+
+
+def _dropped_from_imagenet(key: str, fresh_norms: Set[str]) -> bool:
+    return key.startswith('fc.') or key.endswith(_IMAGENET_KEYS_DROPPED) or key.rsplit('.', 1)[0] in fresh_norms
+
+
+def _imagenet_to_detection(state_dict: Dict[str, torch.Tensor], model: LesaResNet) -> Dict[str, torch.Tensor]:
     """ImageNet weights -> COCO backbone, as the authors' detector init does.
 
     Two ImageNet layouts exist. The authors' COCO backbones start from separate "detection pretrain" files whose
@@ -392,15 +432,12 @@ def _imagenet_to_detection(state_dict: Dict[str, torch.Tensor], model_sd: Dict[s
     init, ``fc``, ``relative``, ``flatten_index``, ``rel_height`` and ``rel_width`` are dropped and every other
     tensor of the file loads (an unexpected key or shape is an error). The classification weights (3G / 2C
     shapes) load the same way except for ``bn_similarity`` / ``bn_output``, which keep their fresh init (this
-    package's extension: the detection adapter keeps training their statistics under ``norm_eval``). The DCN
-    offset convs and the 2-D position tables keep the model's fresh init in both cases.
+    package's extension). :func:`keys_kept_at_init` names the tensors that keep the model's fresh init.
     """
-    fresh_norms = {k.rsplit('.', 1)[0] for k, v in state_dict.items() if any(
-        p in k for p in _DET_KEYS_RESHAPED_FROM_IMAGENET) and k in model_sd and model_sd[k].shape != v.shape}
-    out = {k: v for k, v in state_dict.items() if not (
-        k.startswith('fc.') or k.endswith(_IMAGENET_KEYS_DROPPED) or k.rsplit('.', 1)[0] in fresh_norms)}
-    fresh = [k for k in model_sd if k not in out and (
-        any(p in k for p in _DET_KEYS_NOT_IN_IMAGENET) or k.rsplit('.', 1)[0] in fresh_norms)]
+    model_sd = model.state_dict()
+    fresh_norms = _norms_reshaped_from_imagenet(state_dict, model_sd)
+    fresh = keys_kept_at_init(state_dict, model)
+    out = {k: v for k, v in state_dict.items() if not _dropped_from_imagenet(k, fresh_norms)}
     layout = 'classification' if fresh_norms else 'detection pretrain'
     _logger.info(f'ImageNet weights ({layout} layout) into a COCO backbone: {len(fresh)} tensors keep their fresh '
                  f'init (DCN offsets, 2-D position tables{", bn_similarity / bn_output" if fresh_norms else ""}).')
@@ -420,36 +457,34 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LesaResNet) -> Dict[
     * ImageNet weights (a file with the ``fc`` classifier or ``relative`` tables: the authors' detection pretrain
       or classification files) are adapted as the authors' detector init does (:func:`_imagenet_to_detection`);
     * COCO weights load completely; ``rel_height`` / ``rel_width`` are resampled
-      (:func:`~lesa_lit_models.layers.lesa_attention.resample_rel_table`) when ``img_size`` differs.
+      (:func:`~lesa_lit_models.layers.lesa_rel_pos.resample_rel_table`) when ``img_size`` differs.
 
-    Raises :class:`~lesa_lit_models._checkpoint.CheckpointError` listing what does not match
-    (:func:`~lesa_lit_models._checkpoint.verify_state_dict`).
+    A checkpoint without the ``fc`` classifier (a COCO backbone) keeps the model's own, as LIT's filter does.
+    Loading through timm checks the result strictly (:func:`~lesa_lit_models._checkpoint.strict_filter`).
     """
-    state_dict = unwrap_state_dict(state_dict)
-    if any(k.startswith('backbone.') for k in state_dict):
-        state_dict = strip_prefix(state_dict, 'backbone.', keep_others=False)
-    state_dict = {k: v for k, v in state_dict.items() if not k.endswith('.flatten_index')}
+    state_dict = {k: v for k, v in backbone_state_dict(state_dict).items() if not k.endswith('.flatten_index')}
     model_sd = model.state_dict()
-    if model.pos_embed == 'detection_qr':
-        if any(k.startswith('fc.') or k.endswith('.relative') for k in state_dict):
-            state_dict = _imagenet_to_detection(state_dict, model_sd)
-        else:
-            for k, v in state_dict.items():
-                if k.endswith(('.rel_height', '.rel_width')) and k in model_sd and v.shape[1:] == model_sd[k].shape[1:]:
-                    state_dict[k] = resample_rel_table(v.float(), model_sd[k].shape[0]).to(v.dtype)
-    return verify_state_dict(state_dict, model)
+    if model.pos_embed == 'detection_qr' and _is_imagenet(state_dict):
+        state_dict = _imagenet_to_detection(state_dict, model)
+    elif model.pos_embed == 'detection_qr':
+        for k, v in state_dict.items():
+            if k.endswith(('.rel_height', '.rel_width')) and k in model_sd and v.shape[1:] == model_sd[k].shape[1:]:
+                state_dict[k] = resample_rel_table(v.float(), model_sd[k].shape[0]).to(v.dtype)
+    if not any(k.startswith('fc.') for k in state_dict):  # a COCO backbone: the model's classifier, if any, stays
+        state_dict.update({k: v for k, v in model_sd.items() if k.startswith('fc.')})
+    return state_dict
 
 
 def _create_lesa(variant: str, pretrained: bool = False, **kwargs) -> LesaResNet:
-    kwargs = resolve_pretrained_weights(variant, pretrained, kwargs)
-    model = build_model_with_cfg(
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3, 4))
+    return build_model_with_weights(
         LesaResNet,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
         **kwargs,
     )
-    return release_loaded_weights(model)
 
 
 _PAPER = dict(

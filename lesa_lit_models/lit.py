@@ -37,27 +37,19 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, get_device_dtype, \
     register_notrace_function, resample_abs_pos_embed, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import checkpoint as grad_checkpoint, generate_default_cfgs, register_model
 
-try:  # timm >= 1.0.31: construction args recorded here go into save_for_hf / push_to_hf_hub exports
-    from timm.models._input import update_model_args
-except ImportError:  # older timm only exports the model_args passed to it
-    update_model_args = None
-
-from ._checkpoint import release_loaded_weights, resolve_pretrained_weights, strip_prefix, unwrap_state_dict, \
-    verify_state_dict
+from ._checkpoint import backbone_state_dict, build_model_with_weights
+from ._timm import feature_take_indices
 from .layers.deform_merge import DeformableTokenMerging
-from .layers.banded_attention import ATTN_IMPLS, banded_bias_attention, banded_bias_attention_op
+from .layers.attn_impl import check_attn_impl, set_attn_impl
+from .layers.banded_attention import banded_bias_attention, banded_bias_attention_op
 from .layers.rel_pos import bias_from_grid, bias_rows_keys_reversed, bias_rows_keys_reversed_vjp, bias_table_size, \
     relative_position_bias_grid, resample_bias_table
 
-__all__ = ['LIT', 'checkpoint_filter_fn', 'detection_output_norms']
+__all__ = ['LIT', 'checkpoint_filter_fn', 'detection_output_norms', 'OUTPUT_NORM_KEY']
 
 _logger = logging.getLogger(__name__)
-
-# the names this family used before the switch was named as LESA's
-_ATTN_IMPL_ALIASES = {'sdpa': 'fused', 'explicit': 'reference'}
 
 
 @register_notrace_function  # FX leaf (no leading underscore: FX does not autowrap private names)
@@ -71,31 +63,27 @@ def check_input_size(x: torch.Tensor, patch: int, num_stages: int):
 
 
 @register_notrace_function  # FX leaf: the output size is the input grid's
-def resample_grid_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int], feat_size: Tuple[int, int]):
-    """Bilinear (``align_corners=False``) resampling of a ``(1, Gh * Gw, C)`` embedding to ``feat_size``.
+def resample_grid_pos_embed(pos_embed: torch.Tensor, pos_embed_grid: Tuple[int, int], feat_size: Tuple[int, int]):
+    """Bilinear (``align_corners=False``) resampling of a ``(1, Gh * Gw, C)`` embedding of a ``pos_embed_grid``
+    ``(Gh, Gw)`` to ``feat_size``.
 
     In the embedding's precision, at least float32: timm's ``resample_abs_pos_embed`` always rounds to float32,
     which would make float64 results depend on the order of float32 operations.
     """
-    grid = pos_embed.unflatten(1, grid).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.to(torch.promote_types(grid.dtype, torch.float32)), size=feat_size,
-                         mode='bilinear', align_corners=False)
-    return grid.to(pos_embed.dtype).flatten(2).transpose(1, 2)
+    embed_map = pos_embed.unflatten(1, pos_embed_grid).permute(0, 3, 1, 2)
+    embed_map = F.interpolate(embed_map.to(torch.promote_types(embed_map.dtype, torch.float32)), size=feat_size,
+                              mode='bilinear', align_corners=False)
+    return embed_map.to(pos_embed.dtype).flatten(2).transpose(1, 2)
 
 
-def _check_attn_impl(attn_impl: str) -> str:
-    attn_impl = _ATTN_IMPL_ALIASES.get(attn_impl, attn_impl)
-    if attn_impl not in ATTN_IMPLS:
-        raise ValueError(f'attn_impl={attn_impl!r} is not supported: use one of {ATTN_IMPLS}.')
-    return attn_impl
-
-
-def _bias_of_rows(query_bias, grid, start, stop, feat_size):
+# the bias function of banded_bias_attention (query_bias, shared_bias, start, stop, grid): the shared bias is the
+# offset bias, the grid the feature map's (H, W)
+def _bias_of_rows(query_bias, offset_bias, start, stop, feat_size):
     width = feat_size[1]
-    return bias_rows_keys_reversed(grid, feat_size, (start // width, stop // width)).unsqueeze(0)
+    return bias_rows_keys_reversed(offset_bias, feat_size, (start // width, stop // width)).unsqueeze(0)
 
 
-def _bias_of_rows_vjp(grad, query_bias, grid, start, stop, feat_size):
+def _bias_of_rows_vjp(grad, query_bias, offset_bias, start, stop, feat_size):
     width = feat_size[1]
     return None, bias_rows_keys_reversed_vjp(grad.squeeze(0), feat_size, (start // width, stop // width))
 
@@ -108,19 +96,19 @@ def attend_in_row_bands(
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        grid: torch.Tensor,
+        offset_bias: torch.Tensor,
         feat_size: Tuple[int, int],
         max_logits: Optional[int] = None,
 ) -> torch.Tensor:
     """``softmax(q k^T * scale + bias) v`` over an ``H x W`` map, one band of query rows at a time.
 
     Each band holds at most ``max_logits`` logits (at least one row) and expands only its rows of the bias from the
-    ``(heads, 2H - 1, 2W - 1)`` offset ``grid``, against keys and values in reverse order (where the bias of a band
-    is a plain strided copy of the grid); see :func:`~lesa_lit_models.layers.banded_attention.banded_bias_attention`.
+    ``(heads, 2H - 1, 2W - 1)`` ``offset_bias``, against keys and values in reverse order (where the bias of a band
+    is a plain strided copy of it); see :func:`~lesa_lit_models.layers.banded_attention.banded_bias_attention`.
     Nothing of size ``(heads, N, N)`` is kept for backward.
     """
-    return banded_bias_attention(
-        _offset_bias_attention, q, k.flip(-2), v.flip(-2), feat_size, shared_bias=grid, max_logits=max_logits)
+    return banded_bias_attention(_offset_bias_attention, q, k.flip(-2), v.flip(-2), feat_size,
+                                 shared_bias=offset_bias, max_logits=max_logits)
 
 
 class LITAttention(nn.Module):
@@ -132,11 +120,10 @@ class LITAttention(nn.Module):
     (see :mod:`lesa_lit_models.layers.rel_pos`).
 
     ``attn_impl``: ``'fused'`` (default) or ``'reference'`` (the upstream formulation, materialising
-    ``softmax(q k^T * scale + bias) v``, for benchmarks and checks); ``'sdpa'`` / ``'explicit'`` are accepted as
-    their older names. ``'fused'`` without a bias is one ``F.scaled_dot_product_attention`` call; with a bias it
-    attends in bands of query rows of at most ``max_chunk_logits`` logits (batch x heads x queries x keys) each
-    (:func:`attend_in_row_bands`), exact, keeping no ``(heads, N, N)`` tensor. Attention dropout (no LIT uses it)
-    runs the reference computation.
+    ``softmax(q k^T * scale + bias) v``, for benchmarks and checks). ``'fused'`` without a bias is one
+    ``F.scaled_dot_product_attention`` call; with a bias it attends in bands of query rows of at most
+    ``max_chunk_logits`` logits (batch x heads x queries x keys) each (:func:`attend_in_row_bands`), exact, keeping
+    no ``(heads, N, N)`` tensor. Attention dropout (no LIT uses it) runs the reference computation.
     """
 
     def __init__(
@@ -159,7 +146,7 @@ class LITAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.attn_impl = _check_attn_impl(attn_impl)
+        self.attn_impl = check_attn_impl(attn_impl)
         self.max_chunk_logits = max_chunk_logits
 
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
@@ -178,18 +165,19 @@ class LITAttention(nn.Module):
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        grid = None
+        offset_bias = None
         if self.relative_position_bias_table is not None:
-            grid = relative_position_bias_grid(self.relative_position_bias_table, self.table_size, feat_size, q.dtype)
+            offset_bias = relative_position_bias_grid(
+                self.relative_position_bias_table, self.table_size, feat_size, q.dtype)
         dropout_p = self.attn_drop.p if self.training else 0.
-        if grid is None and self.attn_impl == 'fused':
+        if offset_bias is None and self.attn_impl == 'fused':
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         elif self.attn_impl == 'fused' and not dropout_p:
-            x = attend_in_row_bands(q, k, v, grid, feat_size, self.max_chunk_logits)
+            x = attend_in_row_bands(q, k, v, offset_bias, feat_size, self.max_chunk_logits)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
-            if grid is not None:
-                attn = attn + bias_from_grid(grid, feat_size).unsqueeze(0)
+            if offset_bias is not None:
+                attn = attn + bias_from_grid(offset_bias, feat_size).unsqueeze(0)
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
@@ -202,8 +190,8 @@ class MLPBlock(nn.Module):
 
     With ``recompute_act`` (the default), training keeps only ``fc1``'s output for backward and recomputes the
     GELU and ``fc2`` from it: the MLP's widest tensors (``mlp_ratio`` x the width, at strides 4 and 8) are then
-    held once instead of twice. Same values and gradients, for one more GELU and ``fc2`` in backward; at 800x1344
-    LIT-Ti's training step peaks about 0.5 GiB lower (README, Performance).
+    held once instead of twice. Same values and gradients, for one more GELU and ``fc2`` in backward (the memory
+    it saves: ``benchmarks/results/``).
     """
 
     def __init__(
@@ -232,45 +220,35 @@ class MLPBlock(nn.Module):
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         hidden = self.mlp.fc1(self.norm2(x))
         if self.recompute_act and self.training and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            out = checkpoint(self.mlp_after_fc1, hidden)
+            out = grad_checkpoint(self.mlp_after_fc1, hidden)
         else:
             out = self.mlp_after_fc1(hidden)
         return x + self.drop_path(out)
 
 
 class AttentionBlock(nn.Module):
-    """Stage 3-4 block: ``x + DropPath(MSA(LN(x)))`` then ``x + DropPath(MLP(LN(x)))``."""
+    """Stage 3-4 block: ``x + DropPath(MSA(LN(x)))`` then ``x + DropPath(MLP(LN(x)))``.
+
+    ``attn_kwargs`` are the further :class:`LITAttention` arguments (``qkv_bias``, ``rel_pos_grid``, ``attn_drop``,
+    ``attn_impl``, ``max_chunk_logits``).
+    """
 
     def __init__(
             self,
             dim: int,
             num_heads: int,
             mlp_ratio: float = 4.,
-            qkv_bias: bool = True,
-            rel_pos_grid: Optional[Tuple[int, int]] = None,
             proj_drop: float = 0.,
-            attn_drop: float = 0.,
             drop_path: float = 0.,
             norm_layer: Any = nn.LayerNorm,
-            attn_impl: str = 'fused',
-            max_chunk_logits: Optional[int] = None,
+            attn_kwargs: Optional[Dict[str, Any]] = None,
             device=None,
             dtype=None,
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         self.norm1 = norm_layer(dim, **dd)
-        self.attn = LITAttention(
-            dim,
-            num_heads=num_heads,
-            qkv_bias=qkv_bias,
-            rel_pos_grid=rel_pos_grid,
-            attn_drop=attn_drop,
-            proj_drop=proj_drop,
-            attn_impl=attn_impl,
-            max_chunk_logits=max_chunk_logits,
-            **dd,
-        )
+        self.attn = LITAttention(dim, num_heads=num_heads, proj_drop=proj_drop, **(attn_kwargs or {}), **dd)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, **dd)
@@ -290,6 +268,7 @@ class LITStage(nn.Module):
     The position embedding (``(1, num_prefix_tokens + Gh * Gw, C)``, prefix slots first) is stored for the
     ``pos_embed_grid`` grid and resampled bilinearly (``align_corners=False``) to the actual grid when that
     differs, as the authors' detection backbone does, but comparing against this stage's own grid.
+    ``attn_kwargs`` are those of its :class:`AttentionBlock` (``use_attn``).
     """
 
     def __init__(
@@ -301,16 +280,12 @@ class LITStage(nn.Module):
             use_attn: bool,
             num_heads: int,
             mlp_ratio: float = 4.,
-            qkv_bias: bool = True,
             pos_embed_grid: Optional[Tuple[int, int]] = None,
             num_prefix_tokens: int = 0,
-            rel_pos_grid: Optional[Tuple[int, int]] = None,
             proj_drop: float = 0.,
-            attn_drop: float = 0.,
             drop_path: Sequence[float] = (),
             norm_layer: Any = nn.LayerNorm,
-            attn_impl: str = 'fused',
-            max_chunk_logits: Optional[int] = None,
+            attn_kwargs: Optional[Dict[str, Any]] = None,
             recompute_mlp_act: bool = True,
             device=None,
             dtype=None,
@@ -329,9 +304,7 @@ class LITStage(nn.Module):
             self.register_parameter('pos_embed', None)
         drop_path = list(drop_path) or [0.] * depth
         if use_attn:
-            block_fn = partial(
-                AttentionBlock, num_heads=num_heads, qkv_bias=qkv_bias, rel_pos_grid=rel_pos_grid,
-                attn_drop=attn_drop, attn_impl=attn_impl, max_chunk_logits=max_chunk_logits)
+            block_fn = partial(AttentionBlock, num_heads=num_heads, attn_kwargs=attn_kwargs)
         else:
             block_fn = partial(MLPBlock, recompute_act=recompute_mlp_act)
         self.blocks = nn.ModuleList([
@@ -366,7 +339,7 @@ class LITStage(nn.Module):
             x = torch.cat([prefix_tokens, x], dim=1)
         for block in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(block, x, feat_size)
+                x = grad_checkpoint(block, x, feat_size)
             else:
                 x = block(x, feat_size)
         if prefix_tokens is not None:
@@ -389,10 +362,11 @@ class LIT(nn.Module):
             bias table per attention block (LIT-S/M/B).
         class_token: Prepend a class token to the last stage (LIT-Ti); the token's position slot is the first
             entry of that stage's position embedding.
-        pos_img_size: Input size the position parameters are laid out for (stage grids ``pos_img_size / 4 / 2^i``):
+        img_size: Input size the position parameters are laid out for (stage grids ``img_size / 4 / 2^i``):
             224 for the ImageNet checkpoints; the authors' COCO LIT-S tables are laid out for 800 (99x99 and
             49x49 tables), ADE20K for 512. Any input size runs whatever this is. When loading an original
-            checkpoint without this argument, it is taken from the checkpoint's tables (see ``_create_lit``).
+            checkpoint without this argument, it is taken from the checkpoint's tables
+            (see ``_kwargs_for_checkpoint``).
         norm_eps: LayerNorm eps of the blocks and the final norm (LIT-Ti 1e-6; the stem always uses 1e-5).
         drop_rate: Classifier dropout.
         proj_drop_rate, attn_drop_rate: Dropout after the MLP/projection layers and on attention weights.
@@ -442,7 +416,7 @@ class LIT(nn.Module):
             qkv_bias: bool = True,
             pos_embed: str = 'rel',
             class_token: bool = False,
-            pos_img_size: Union[int, Tuple[int, int]] = 224,
+            img_size: Union[int, Tuple[int, int]] = 224,
             norm_eps: float = 1e-5,
             drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
@@ -463,12 +437,12 @@ class LIT(nn.Module):
         num_stages = len(depths)
         if not (len(embed_dims) == len(num_heads) == len(mlp_ratios) == len(attn_stages) == num_stages):
             raise ValueError('embed_dims, depths, num_heads, mlp_ratios and attn_stages need one entry per stage.')
-        _check_attn_impl(attn_impl)
+        attn_kwargs = dict(
+            qkv_bias=qkv_bias, attn_drop=attn_drop_rate, attn_impl=check_attn_impl(attn_impl),
+            max_chunk_logits=max_chunk_logits)
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.pos_img_size = to_2tuple(pos_img_size)
-        if update_model_args is not None and self.pos_img_size != (224, 224):
-            update_model_args(self, pos_img_size=self.pos_img_size)  # e.g. COCO tables: exports rebuild them
+        self.img_size = to_2tuple(img_size)
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.num_prefix_tokens = 1 if class_token else 0
         self.output_fmt = 'NHWC'
@@ -496,7 +470,7 @@ class LIT(nn.Module):
         self.feature_info = []
         for i in range(num_stages):
             stride = patch_size * 2 ** i
-            grid = (self.pos_img_size[0] // stride, self.pos_img_size[1] // stride)
+            stage_grid = (self.img_size[0] // stride, self.img_size[1] // stride)
             stages.append(LITStage(
                 dim=embed_dims[max(i - 1, 0)],
                 dim_out=embed_dims[i],
@@ -505,16 +479,12 @@ class LIT(nn.Module):
                 use_attn=attn_stages[i],
                 num_heads=num_heads[i],
                 mlp_ratio=mlp_ratios[i],
-                qkv_bias=qkv_bias,
-                pos_embed_grid=grid if pos_embed == 'abs' else None,
+                pos_embed_grid=stage_grid if pos_embed == 'abs' else None,
                 num_prefix_tokens=self.num_prefix_tokens if i == num_stages - 1 else 0,
-                rel_pos_grid=grid if pos_embed == 'rel' and attn_stages[i] else None,
                 proj_drop=proj_drop_rate,
-                attn_drop=attn_drop_rate,
                 drop_path=dpr[i],
                 norm_layer=norm_layer,
-                attn_impl=attn_impl,
-                max_chunk_logits=max_chunk_logits,
+                attn_kwargs=dict(attn_kwargs, rel_pos_grid=stage_grid if pos_embed == 'rel' else None),
                 recompute_mlp_act=recompute_mlp_act,
                 **dd,
             ))
@@ -570,10 +540,7 @@ class LIT(nn.Module):
     @torch.jit.ignore
     def set_attn_impl(self, attn_impl: str):
         """Switch every attention block between ``'fused'`` and ``'reference'``."""
-        attn_impl = _check_attn_impl(attn_impl)
-        for module in self.modules():
-            if isinstance(module, LITAttention):
-                module.attn_impl = attn_impl
+        set_attn_impl(self, attn_impl, LITAttention)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -617,27 +584,28 @@ class LIT(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_index = len(self.stages) - 1
         stages = self.stages[:max_index + 1] if stop_early and not torch.jit.is_scripting() else self.stages
+        class_token_stage = None
+        if self.cls_token is not None and len(stages) == len(self.stages):
+            *stages, class_token_stage = stages
 
         intermediates = []
         x = self.patch_embed(x)
         for i, stage in enumerate(stages):
-            reads_class_token = self.cls_token is not None and i == last_index
-            if intermediates_only and reads_class_token and i not in take_indices:
-                break  # nothing more to compute: the class-token stage's input is only the final output
-            x = stage.merge(x)
-            if i in take_indices or not reads_class_token:
-                feat = stage.forward_blocks(x)
-                if i in take_indices:
-                    feat_out = self.norm(feat) if norm and i == last_index else feat
-                    if output_fmt == 'NCHW':
-                        feat_out = feat_out.permute(0, 3, 1, 2).contiguous()
-                    intermediates.append(feat_out)
-            if not reads_class_token:
-                x = feat
+            x = stage(x)
+            if i in take_indices:
+                intermediates.append(self._intermediate(x, norm and i == last_index, output_fmt))
+        if class_token_stage is not None and (last_index in take_indices or not intermediates_only):
+            x = class_token_stage.merge(x)  # the final output, as forward_features
+            if last_index in take_indices:  # the stage's blocks without the class token
+                intermediates.append(self._intermediate(class_token_stage.forward_blocks(x), norm, output_fmt))
 
         if intermediates_only:
             return intermediates
         return (x if self.cls_token is not None else self.norm(x)), intermediates
+
+    def _intermediate(self, x: torch.Tensor, norm: bool, output_fmt: str) -> torch.Tensor:
+        x = self.norm(x) if norm else x
+        return x.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else x
 
     def prune_intermediate_layers(
             self,
@@ -699,8 +667,9 @@ _UPSTREAM_SMB_RENAMES = (
     (re.compile(r'^layers\.(\d+)\.blocks\.'), lambda m: f'stages.{m[1]}.blocks.'),
 )
 # LayerNorms the authors' detection/segmentation LIT backbone applies to its outputs (norm1..3; mmseg also norm0)
-_OUTPUT_NORM = re.compile(r'^norm\d\.')
+OUTPUT_NORM_KEY = re.compile(r'^norm(\d+)\.')
 _READOUT_KEYS = ('cls_token', 'norm.', 'head.')
+_BIAS_TABLE_KEY = re.compile(r'^(?:layers|stages)\.(\d+)\.blocks\.\d+\.attn\.relative_position_bias_table$')
 
 
 def _rename(key: str, renames) -> str:
@@ -711,24 +680,25 @@ def _rename(key: str, renames) -> str:
     return key
 
 
-def _backbone_state_dict(checkpoint: Any) -> Dict[str, torch.Tensor]:
-    """Tensors of a bare / ``{'model'}`` / ``{'state_dict'}`` checkpoint; for mmdet files only ``backbone.*``."""
-    return strip_prefix(unwrap_state_dict(checkpoint), 'backbone.', keep_others=False)
-
-
 def detection_output_norms(checkpoint: Any) -> Dict[str, torch.Tensor]:
     """The output LayerNorms (``norm1.*``, ``norm2.*``, ``norm3.*``) of the authors' LIT-S COCO backbone.
 
     They normalise detection outputs 2-4 and are not part of the timm model: :func:`checkpoint_filter_fn` drops
-    them, and the detection adapter loads them from the same checkpoint with this function (keys unprefixed).
+    them, and the detection adapter loads them from the same checkpoint with this function (keys unprefixed, as
+    matched by ``OUTPUT_NORM_KEY``, whose group is the output level).
     """
-    return {k: v for k, v in _backbone_state_dict(checkpoint).items() if _OUTPUT_NORM.match(k)}
+    return {k: v for k, v in backbone_state_dict(checkpoint).items() if OUTPUT_NORM_KEY.match(k)}
 
 
-def _square_grid(num_positions: int, what: str) -> Tuple[int, int]:
+def _square_side(num_positions: int) -> Optional[int]:
     side = math.isqrt(num_positions)
-    if side * side != num_positions:
-        raise ValueError(f'{what} has {num_positions} positions, not a square grid; cannot resample it.')
+    return side if side * side == num_positions else None
+
+
+def _square_grid(num_positions: int, key: str) -> Tuple[int, int]:
+    side = _square_side(num_positions)
+    if side is None:
+        raise ValueError(f'{key} has {num_positions} positions, not a square grid; cannot resample it.')
     return side, side
 
 
@@ -741,21 +711,21 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LIT) -> Dict[str, to
     Drops the rebuilt ``relative_position_index`` buffers and the detection output norms (see
     :func:`detection_output_norms`), resamples bias tables (bicubic) and position embeddings (bilinear) whose
     grid differs from the model's, and keeps the model's own class token / final norm / classifier when the
-    checkpoint is a detection backbone without them. Anything else that does not fit raises ``CheckpointError``.
+    checkpoint is a detection backbone without them.
     """
-    state_dict = _backbone_state_dict(state_dict)
+    state_dict = backbone_state_dict(state_dict)
     if not any(k.startswith('stages.') for k in state_dict):
         renames = _UPSTREAM_TI_RENAMES if any(k.startswith('patch_embed1.') for k in state_dict) \
             else _UPSTREAM_SMB_RENAMES
         state_dict = {_rename(k, renames): v for k, v in state_dict.items()}
 
-    dropped_norms = sorted(k for k in state_dict if _OUTPUT_NORM.match(k))
+    dropped_norms = sorted(k for k in state_dict if OUTPUT_NORM_KEY.match(k))
     if dropped_norms:
         _logger.info(f'Dropping detection output norms {dropped_norms}; the detection adapter loads them.')
     model_state = model.state_dict()
     out = {}
     for k, v in state_dict.items():
-        if k.endswith('relative_position_index') or _OUTPUT_NORM.match(k):
+        if k.endswith('relative_position_index') or OUTPUT_NORM_KEY.match(k):
             continue
         target = model_state.get(k)
         if target is not None and v.shape != target.shape:
@@ -779,43 +749,47 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LIT) -> Dict[str, to
         out.update({k: model_state[k] for k in kept})
         if kept:
             _logger.info(f'Checkpoint has no classifier; keeping initial {kept}.')
-    return verify_state_dict(out, model)
+    return out
 
 
-def _checkpoint_pos_img_size(state_dict: Dict[str, torch.Tensor], patch_size: int = 4) -> Optional[Tuple[int, int]]:
-    """The ``pos_img_size`` the relative bias tables of a checkpoint were laid out for (None if not derivable)."""
+def _checkpoint_img_size(state_dict: Dict[str, torch.Tensor], patch_size: int = 4) -> Optional[Tuple[int, int]]:
+    """The ``img_size`` the relative bias tables of a checkpoint were laid out for (None if not derivable)."""
     sizes = set()
     for k, v in state_dict.items():
-        m = re.match(r'^(?:layers|stages)\.(\d+)\.blocks\.\d+\.attn\.relative_position_bias_table$', k)
+        m = _BIAS_TABLE_KEY.match(k)
         if m is None:
             continue
-        side = math.isqrt(v.shape[0])
-        if side * side != v.shape[0] or side % 2 == 0:
+        side = _square_side(v.shape[0])
+        if side is None or side % 2 == 0:
             return None
         sizes.add((side + 1) // 2 * patch_size * 2 ** int(m[1]))
     return (sizes.pop(),) * 2 if len(sizes) == 1 else None
 
 
+def _kwargs_for_checkpoint(checkpoint: Any, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    if 'img_size' in kwargs:
+        return kwargs
+    # keep a checkpoint's bias tables at their own size (e.g. the 99x99/49x49 COCO tables), so the runtime
+    # resampling to the input grid reproduces the authors' detection backbone exactly; timm records the img_size,
+    # so exports rebuild these tables
+    img_size = _checkpoint_img_size(backbone_state_dict(checkpoint))
+    if img_size is None or img_size == (224, 224):
+        return kwargs
+    _logger.info(f'Building LIT with img_size={img_size} to match the checkpoint tables.')
+    return dict(kwargs, img_size=img_size)
+
+
 def _create_lit(variant: str, pretrained: bool = False, **kwargs) -> LIT:
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    kwargs = resolve_pretrained_weights(variant, pretrained, kwargs)
-    checkpoint_file = (kwargs.get('pretrained_cfg_overlay') or {}).get('state_dict')
-    if pretrained and checkpoint_file is not None and 'pos_img_size' not in kwargs:
-        # keep a checkpoint's bias tables at their own size (e.g. the 99x99/49x49 COCO tables), so the runtime
-        # resampling to the input grid reproduces the authors' detection backbone exactly
-        pos_img_size = _checkpoint_pos_img_size(_backbone_state_dict(checkpoint_file))
-        if pos_img_size is not None and pos_img_size != (224, 224):
-            _logger.info(f'Building {variant} with pos_img_size={pos_img_size} to match the checkpoint tables.')
-            kwargs['pos_img_size'] = pos_img_size
-    model = build_model_with_cfg(
+    return build_model_with_weights(
         LIT,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        checkpoint_filter_fn,
+        kwargs_for_checkpoint=_kwargs_for_checkpoint,
         feature_cfg=dict(feature_cls='getter', flatten_sequential=True, out_indices=out_indices),
         **kwargs,
     )
-    return release_loaded_weights(model)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:

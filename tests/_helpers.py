@@ -5,6 +5,7 @@ pickles that would run code if a loader let them.
 The key renames below are written from the authors' code (LIT-upstream-notes.md section 7), independently of the
 package's checkpoint filters, which the tests check against them.
 """
+import math
 import os
 import re
 import sys
@@ -106,12 +107,34 @@ def lit_smb_upstream_key(key: str) -> str:
     return re.sub(r'^stages\.(\d)\.blocks\.', r'layers.\1.blocks.', key)
 
 
-def to_upstream(state_dict: Mapping[str, torch.Tensor], model_name: str) -> dict:
-    """A timm state dict of ``model_name`` with the authors' key names (LESA keeps theirs: torchvision's)."""
+def upstream_key(key: str, model_name: str) -> str:
+    """A timm key of ``model_name`` as the authors' code names it (LESA keeps theirs: torchvision's)."""
     if model_name.startswith('lesa'):
-        return dict(state_dict)
-    rename = lit_ti_upstream_key if model_name == 'lit_ti' else lit_smb_upstream_key
-    return {rename(k): v for k, v in state_dict.items()}
+        return key
+    return lit_ti_upstream_key(key) if model_name == 'lit_ti' else lit_smb_upstream_key(key)
+
+
+def swin_relative_position_index(h: int, w: int) -> torch.Tensor:
+    """Swin's relative position index of an h x w window (written from its definition)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    rel[:, :, 0] += h - 1
+    rel[:, :, 1] += w - 1
+    rel[:, :, 0] *= 2 * w - 1
+    return rel.sum(-1)
+
+
+def to_upstream(state_dict: Mapping[str, torch.Tensor], model_name: str) -> dict:
+    """A timm state dict of ``model_name`` as the authors' classification code saves it: their key names, and in
+    LIT-S/M/B the persistent ``relative_position_index`` buffer beside each table."""
+    out = {}
+    for k, v in state_dict.items():
+        k = upstream_key(k, model_name)
+        out[k] = v
+        if k.endswith('relative_position_bias_table'):
+            side = (math.isqrt(v.shape[0]) + 1) // 2
+            out[k.replace('bias_table', 'index')] = swin_relative_position_index(side, side)
+    return out
 
 
 def upstream_detector(state_dict: Mapping[str, torch.Tensor], model_name: str, prefix: str = '') -> dict:
@@ -122,7 +145,7 @@ def upstream_detector(state_dict: Mapping[str, torch.Tensor], model_name: str, p
     for k, v in state_dict.items():
         if k.startswith(prefix):
             k = re.sub(r'^body\.(model\.)?', '', k[len(prefix):])
-            k = 'backbone.' + next(iter(to_upstream({k: None}, model_name)))
+            k = 'backbone.' + upstream_key(k, model_name)
         out[k] = v
     return out
 

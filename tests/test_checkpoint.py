@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from timm.models import load_pretrained
 
 from lesa_lit_models._checkpoint import (
     CheckpointError, DownloadError, UnsafeCheckpointError, load_checkpoint, load_checkpoint_file,
-    resolve_pretrained_weights, unwrap_state_dict, verify_state_dict,
+    resolve_pretrained_weights, strict_filter, unwrap_state_dict, verify_state_dict,
 )
 from _helpers import CfgNode, EvaluatesCode, OpensAFile, RunsAShellCommand, assert_same_tensors, save_crafted, \
     save_with_module
@@ -337,19 +338,24 @@ def test_mismatch_lists_missing_unexpected_and_misshaped_keys():
     assert verify_state_dict(state_dict, model, ignore_shape_of=('1.',)) is state_dict
 
 
-def test_verify_leaves_out_what_timm_adapts_next():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Linear(4, 5))
-    model.num_classes = 5
-    model.pretrained_cfg = dict(architecture='toy', first_conv='0', classifier='1', num_classes=1000)
-    weights = {'0.weight': torch.zeros(4, 3, 3, 3), '0.bias': torch.zeros(4), '1.weight': torch.zeros(1000, 4),
+def test_strict_filter_checks_what_timm_loads_after_adapting_it():
+    cfg = dict(architecture='toy', first_conv='0', classifier='1', num_classes=1000, input_size=(3, 8, 8))
+    weights = {'0.weight': torch.randn(4, 3, 3, 3), '0.bias': torch.zeros(4), '1.weight': torch.zeros(1000, 4),
                '1.bias': torch.zeros(1000)}
-    assert verify_state_dict(weights, model) is weights  # classifier dropped by timm, stem adapted to in_chans
-    assert verify_state_dict({k: v for k, v in weights.items() if not k.startswith('1.')}, model)
-    with pytest.raises(CheckpointError, match=r'0.weight: checkpoint \(8, 3, 3, 3\)'):  # not just the channels
-        verify_state_dict(dict(weights, **{'0.weight': torch.zeros(8, 3, 3, 3)}), model)
-    model.num_classes = 1000
+
+    def load(num_classes, state_dict):
+        model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Linear(4, num_classes))
+        load_pretrained(model, dict(cfg, state_dict=dict(state_dict)), num_classes=num_classes, in_chans=1,
+                        filter_fn=strict_filter(lambda sd, m: sd))
+        assert not model._load_state_dict_pre_hooks  # the check runs once, at this load
+        return model
+
+    model = load(5, weights)  # classifier dropped by timm, stem adapted to in_chans
+    torch.testing.assert_close(model[0].weight, weights['0.weight'].sum(dim=1, keepdim=True))
+    with pytest.raises(CheckpointError, match=r'0.weight: checkpoint \(8, 1, 3, 3\)'):  # not just the channels
+        load(5, dict(weights, **{'0.weight': torch.zeros(8, 3, 3, 3)}))
     with pytest.raises(CheckpointError, match='2 missing keys: 1.weight, 1.bias'):
-        verify_state_dict({k: v for k, v in weights.items() if not k.startswith('1.')}, model)
+        load(1000, {k: v for k, v in weights.items() if not k.startswith('1.')})
 
 
 def test_file_overlay_is_read_into_a_state_dict(tmp_path, weights):

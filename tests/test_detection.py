@@ -354,7 +354,8 @@ def make_backbone(model_name, **kwargs):
 
 
 @pytest.mark.parametrize('model_name, kwargs, frozen, trainable', [
-    ('lesa_resnet50_det', dict(img_size=64, out_indices=(1, 2, 3, 4)), ['conv1', 'bn1', 'layer1'], ['layer2']),
+    ('lesa_resnet50_det', dict(img_size=64, out_indices=(1, 2, 3, 4)), ['model.conv1', 'model.bn1', 'model.layer1'],
+     ['model.layer2']),
     ('lit_ti', dict(out_indices=(0, 1, 2, 3)), ['model.patch_embed', 'model.stages.0'], ['model.stages.1']),
 ])
 def test_frozen_stages_and_norm_eval_follow_mmdet(model_name, kwargs, frozen, trainable):
@@ -406,7 +407,7 @@ def test_an_empty_batch_gives_empty_features(model_name, kwargs, training):
 @pytest.mark.parametrize('model_name, kwargs, flagged', [
     ('lesa_resnet50_det', dict(img_size=64, out_indices=(1, 2, 3, 4)), 'Lesa'),
     ('lit_s', dict(), 'LITStage'),
-    ('resnet18', dict(out_indices=(1, 2, 3, 4)), 'FeatureListNet'),
+    ('resnet18', dict(out_indices=(1, 2, 3, 4)), 'ResNet'),
 ])
 def test_with_cp_uses_the_models_own_checkpointing(model_name, kwargs, flagged):
     torch.manual_seed(0)
@@ -446,9 +447,9 @@ def test_weights_load_in_init_weights_only(tmp_path):
 
 def upstream_backbone_key(key, model_name):
     """A key of the adapter (without ``backbone.``) in the authors' mmdet 2.x layout of that backbone."""
-    if model_name.startswith('lesa'):  # LESA keeps the authors' (torchvision) names
-        return key.replace('body.', '', 1)
     key = key.replace('body.model.', '', 1)
+    if model_name.startswith('lesa'):  # LESA keeps the authors' (torchvision) names
+        return key
     if model_name == 'lit_ti':
         key = re.sub(r'^stages\.(\d)\.downsample\.', lambda m: f'patch_embed{int(m[1]) + 1}.', key)
         key = re.sub(r'^stages\.(\d)\.pos_embed$', lambda m: f'pos_embed{int(m[1]) + 1}', key)
@@ -469,14 +470,14 @@ def to_upstream(state_dict, model_name, prefix=''):
 
 def test_out_norms_load_from_the_authors_lit_s_coco_checkpoint(tmp_path):
     torch.manual_seed(0)
-    source = make_backbone('lit_s', out_norms=(1, 2, 3), pos_img_size=800)
+    source = make_backbone('lit_s', out_norms=(1, 2, 3), img_size=800)
     with torch.no_grad():
         for norm in source.out_norms.values():
             norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
     path = tmp_path / 'lit_s_coco.pth'
     meta = dict(mmdet_version='2.11.0', CLASSES=np.array(['person']))  # numpy in meta, as mmcv saves it
     torch.save({'meta': meta, 'state_dict': to_upstream(source.state_dict(), 'lit_s')}, path)
-    loaded = make_backbone('lit_s', out_norms=(1, 2, 3), pos_img_size=800, init_cfg=pretrained(path))
+    loaded = make_backbone('lit_s', out_norms=(1, 2, 3), img_size=800, init_cfg=pretrained(path))
     loaded.init_weights()
     assert loaded.body.model.stages[2].blocks[0].attn.relative_position_bias_table.shape[0] == 99 * 99
     for k, v in source.state_dict().items():

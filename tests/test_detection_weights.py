@@ -162,7 +162,7 @@ def test_lesa_detection_pretrain_loads_as_the_authors_init(tmp_path):
     source = lesa_imagenet_file(path, pos_embed='detection_qr', img_size=224)
     assert source['layer3.1.conv2.bn_similarity.weight'].shape == (16,)  # 2G
     backbone = lesa_backbone(path)
-    loaded = backbone.body.state_dict()
+    loaded = backbone.body.model.state_dict()
     dropped = ('fc.', '.rel_height', '.rel_width', '.flatten_index')
     compared = [k for k in source if not (k.startswith(dropped) or k.endswith(dropped))]
     assert any('bn_similarity' in k for k in compared) and any('bn_output' in k for k in compared)
@@ -185,7 +185,7 @@ def test_classification_initialised_bn_similarity_trains_while_frozen_norms_do_n
     source = lesa_imagenet_file(path)
     assert source['layer3.1.conv2.bn_similarity.weight'].shape == (24,)  # 3G: keeps its fresh init
     backbone = lesa_backbone(path).train()
-    loaded = backbone.body.state_dict()
+    loaded = backbone.body.model.state_dict()
     torch.testing.assert_close(loaded['layer3.1.conv1.weight'], source['layer3.1.conv1.weight'])
     fresh = {m for name, m in backbone.body.named_modules() if name.endswith(('bn_similarity', 'bn_output'))}
     assert fresh and set(backbone._untrained_norms) == fresh

@@ -1,5 +1,5 @@
 """lesa-lit-convert: original checkpoint -> timm hub files, reloading them through the real local-dir: and
-hf-hub: paths (an offline Hugging Face cache, timm-conventions.md section 1.8), and pushing.
+hf-hub: paths (an offline Hugging Face cache), and pushing.
 
 Checkpoints are written in the upstream containers (LESA ImageNet ``{'net': {'module.' + k}}``, mmdet
 ``{'meta': <numpy>, 'state_dict': {'backbone.' + k, 'neck.*', ...}}``, a bare state dict). The LIT key renaming

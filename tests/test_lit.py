@@ -17,13 +17,12 @@ from lesa_lit_models._checkpoint import CheckpointError, load_checkpoint_file
 from lesa_lit_models.layers.deform_merge import DeformableTokenMerging
 from lesa_lit_models.layers.rel_pos import bias_from_grid, relative_position_bias, relative_position_bias_grid, \
     resample_bias_table
-from lesa_lit_models import lit
 from lesa_lit_models.lit import AttentionBlock, LITAttention, MLPBlock, detection_output_norms
-from _helpers import SMALL, assert_same_tensors, load_file, mmdet2_checkpoint, randomise, small_model, to_upstream
+from _helpers import SMALL, assert_same_tensors, swin_relative_position_index, load_file, mmdet2_checkpoint, randomise, small_model, to_upstream
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
-# sum(p.numel()) of the authors' models with the 1000-class head (LIT-upstream-notes.md, UPSTREAM-PARITY.md)
+# sum(p.numel()) of the authors' models with the 1000-class head, built with their code
 PARAM_COUNTS = {'lit_ti': 19_886_272, 'lit_s': 27_973_720, 'lit_m': 49_372_264, 'lit_b': 87_292_384}
 
 
@@ -75,23 +74,13 @@ def _deform_conv_k2s2_reference(x, offset, weight, bias):
     return out
 
 
-def _swin_index(h, w):
-    """Swin's relative position index for an h x w window."""
-    coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
-    rel[:, :, 0] += h - 1
-    rel[:, :, 1] += w - 1
-    rel[:, :, 0] *= 2 * w - 1
-    return rel.sum(-1)
-
-
 def _upstream_detection_bias(table, table_grid, h, w):
     """The authors' detection RelPosAttention bias: bicubic table resize to (2h-1, 2w-1), then Swin index."""
     heads = table.shape[1]
     grid = F.interpolate(table.permute(1, 0).reshape(1, heads, *table_grid), size=(2 * h - 1, 2 * w - 1),
                          mode='bicubic')
     grid = grid.reshape(heads, -1).permute(1, 0)
-    return grid[_swin_index(h, w).view(-1)].view(h * w, h * w, -1).permute(2, 0, 1)
+    return grid[swin_relative_position_index(h, w).view(-1)].view(h * w, h * w, -1).permute(2, 0, 1)
 
 
 def _explicit_attention(attn: LITAttention, x, feat_size):
@@ -157,7 +146,7 @@ def test_dtm_with_random_offsets_matches_bilinear_reference():
 def test_relative_position_bias_layout_is_swin(feat_size):
     h, w = feat_size
     table = torch.randn((2 * h - 1) * (2 * w - 1), 3)
-    expected = table[_swin_index(h, w).view(-1)].view(h * w, h * w, 3).permute(2, 0, 1)
+    expected = table[swin_relative_position_index(h, w).view(-1)].view(h * w, h * w, 3).permute(2, 0, 1)
     assert torch.equal(relative_position_bias(table, (2 * h - 1, 2 * w - 1), feat_size), expected)
 
 
@@ -185,7 +174,7 @@ def test_attention_equals_explicit_softmax(with_table):
     if with_table:
         nn.init.normal_(attn.relative_position_bias_table, std=1.)
     x = torch.randn(2, 15, 48)
-    for impl in ('fused', 'reference', 'sdpa', 'explicit'):  # the last two: the older names of the first two
+    for impl in ('fused', 'reference'):
         attn.attn_impl = impl
         torch.testing.assert_close(attn(x, (3, 5)), _explicit_attention(attn, x, (3, 5)), rtol=1e-5, atol=1e-5)
 
@@ -522,7 +511,7 @@ def test_loads_lit_s_upstream_classification_checkpoint_and_adapts_head(tmp_path
 
 
 def test_loads_lit_s_coco_checkpoint_with_its_99x99_tables(tmp_path):
-    coco = small_model('lit_s', seed=5, pos_img_size=800).state_dict()
+    coco = small_model('lit_s', seed=5, img_size=800).state_dict()
     assert coco['stages.2.blocks.0.attn.relative_position_bias_table'].shape == (99 * 99, 2)
     assert coco['stages.3.blocks.0.attn.relative_position_bias_table'].shape == (49 * 49, 4)
     backbone = {k: v for k, v in to_upstream(coco, 'lit_s').items()
@@ -532,7 +521,7 @@ def test_loads_lit_s_coco_checkpoint_with_its_99x99_tables(tmp_path):
     torch.save(mmdet2_checkpoint({**backbone, **norms}), path)
 
     features = load_file('lit_s', path, features_only=True, **TINY)
-    assert features.model.pos_img_size == (800, 800)  # tables kept at the checkpoint's size
+    assert features.model.img_size == (800, 800)  # tables kept at the checkpoint's size
     assert_same_tensors(features.model, coco)
     with torch.no_grad():
         assert [f.shape[1] for f in features(torch.randn(1, 3, 64, 96))] == list(TINY['embed_dims'])
@@ -556,7 +545,7 @@ def test_imagenet_tables_resampled_for_a_coco_sized_model(tmp_path):
     source = small_model('lit_s', seed=7).state_dict()
     path = tmp_path / 'lit_s.pth'
     torch.save({'model': to_upstream(source, 'lit_s')}, path)
-    model = load_file('lit_s', path, pos_img_size=800, **TINY)
+    model = load_file('lit_s', path, img_size=800, **TINY)
     key = 'stages.2.blocks.0.attn.relative_position_bias_table'
     # the authors' mmcv_custom loader: square bicubic resize 27x27 -> 99x99
     expected = F.interpolate(source[key].permute(1, 0).reshape(1, 2, 27, 27), size=(99, 99), mode='bicubic')
@@ -587,14 +576,13 @@ def test_wrong_architecture_and_corrupt_files_raise_checkpoint_error(tmp_path):
         load_file('lit_s', truncated, **TINY)
 
 
-@pytest.mark.skipif(lit.update_model_args is None, reason='timm < 1.0.31 does not record construction args')
 def test_export_of_a_coco_checkpoint_rebuilds_its_tables(tmp_path):
-    coco = small_model('lit_s', seed=9, pos_img_size=800).state_dict()
+    coco = small_model('lit_s', seed=9, img_size=800).state_dict()
     path = tmp_path / 'retina_lit_s.pth'
     backbone = {k: v for k, v in to_upstream(coco, 'lit_s').items() if not k.startswith('head.')}
     torch.save(mmdet2_checkpoint(backbone), path)
     model = load_file('lit_s', path, **TINY)  # table size taken from the checkpoint, not passed by the user
     timm.models.save_for_hf(model, tmp_path / 'export', safe_serialization=True)
     reloaded = _create(f'local-dir:{tmp_path / "export"}', pretrained=True)
-    assert reloaded.pos_img_size == (800, 800)
+    assert reloaded.img_size == (800, 800)
     assert_same_tensors(reloaded, model.state_dict())

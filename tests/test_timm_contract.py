@@ -1,4 +1,4 @@
-"""timm's generic model contract (timm ``tests/test_models.py``, see timm-conventions.md section 4, method B),
+"""timm's generic model contract (the checks of timm's own ``tests/test_models.py``),
 asserted for every model this package registers.
 
 Models are found in timm's registry (every entrypoint defined in ``lesa_lit_models``), so a new model is
@@ -11,10 +11,10 @@ covered without editing this file. To fit a few minutes on 2 CPU cores:
 
 Input sizes follow timm's harness: the cfg's ``input_size`` for ``fixed_input_size`` models, else ``SMALL`` px;
 a flexible model whose constructor sizes its tables by ``img_size`` (the LESA ``_det`` backbones) is built
-with ``img_size=SMALL``. The whole file takes about 230 s of CPU time (2-3 minutes on 2 idle cores).
+with ``img_size=SMALL``.
 
 TorchScript is not
-covered: no model of the package runs scripted (LESA imports inside forward, LIT-S list sizes, and the shared
+covered: no model of the package runs scripted (LIT-S list sizes, and the shared
 DeformConv2dPack's ``torch.autocast(device_type=x.device.type)`` is not a constant).
 """
 import functools

@@ -1,19 +1,20 @@
-"""Any timm model with ``features_only=True`` as an mmdetection 3.x backbone (LESA, LIT and stock timm models).
+"""Any timm model with ``forward_intermediates`` as an mmdetection 3.x backbone (LESA, LIT and stock timm models).
 
 The adapter translates mmdet's backbone arguments (``out_indices``, ``frozen_stages``, ``norm_eval``, ``with_cp``,
-``init_cfg``) into a timm feature extractor and returns its feature maps as a tuple. The only layers it adds are
+``init_cfg``) into timm's feature extractor over ``forward_intermediates`` (``features_only=True,
+feature_cls='getter'``: the whole model under ``body.model``, with its own module names) and returns its feature
+maps as a tuple. The only layers it adds are
 optional output LayerNorms (``out_norms``), which LIT-S's COCO backbone puts on feature levels 2-4.
 
 Building it reads no weights. As every mmdet backbone, it loads them in :meth:`TimmBackbone.init_weights` (which
 mmengine's Runner calls before training) from ``init_cfg=dict(type='Pretrained', checkpoint=PATH_OR_URL)``. The
-file is read by the package's safe loader (through mmengine's ``CheckpointLoader``) and translated by the model
-family's ``checkpoint_filter_fn``, reached through timm's pretrained loading.
+file is read by the package's safe loader (through mmengine's ``CheckpointLoader``), translated by the model
+family's ``checkpoint_filter_fn`` and loaded into the backbone's model by timm's ``load_pretrained``.
 """
+import importlib
 import logging
 import os.path as osp
-import re
-import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -22,9 +23,12 @@ from mmdet.registry import MODELS
 from mmengine.model import BaseModule
 from mmengine.runner import CheckpointLoader
 from timm.layers import LayerNorm2d
+from timm.models import load_pretrained
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lesa_lit_models._checkpoint import CheckpointError, strip_prefix, unwrap_state_dict, verify_state_dict
+from lesa_lit_models._checkpoint import CheckpointError, backbone_state_dict, strict_filter, verify_state_dict
+from lesa_lit_models.lesa import LesaResNet, keys_kept_at_init
+from lesa_lit_models.lit import OUTPUT_NORM_KEY, detection_output_norms
 
 from .loading import HF_HUB_PREFIX
 
@@ -32,7 +36,6 @@ __all__ = ['TimmBackbone', 'read_checkpoint']
 
 _logger = logging.getLogger(__name__)
 
-_OUT_NORM = re.compile(r'^norm(\d+)\.')
 _REMOTE_PREFIXES = ('http://', 'https://', HF_HUB_PREFIX)
 
 
@@ -47,13 +50,12 @@ class TimmBackbone(BaseModule):
         frozen_stages: as mmdet's ResNet: -1 trains everything, 0 freezes the stem, ``k`` freezes the stem and the
             first ``k`` stages (the levels of stride >= 4). Frozen parts also stay in eval mode.
         norm_eval: keep the BatchNorms in eval mode while training (frozen running statistics). BatchNorms whose
-            statistics the ``init_cfg`` checkpoint did not provide (still at their (0, 1) init after loading, e.g.
-            LESA's ``bn_similarity`` / ``bn_output`` when a COCO backbone starts from the classification weights)
-            keep training, so that their statistics get estimated.
+            statistics the ``init_cfg`` checkpoint does not provide (LESA's ``bn_similarity`` / ``bn_output`` when
+            a COCO backbone starts from the classification weights, see
+            :func:`~lesa_lit_models.lesa.keys_kept_at_init`) keep training, so that their statistics get estimated.
         out_norms: feature levels (values of ``out_indices``) followed by a channel LayerNorm (eps 1e-5), e.g.
             ``(1, 2, 3)`` for LIT-S's COCO backbone. Their weights are ``out_norms.<level>.*``.
-        with_cp: gradient checkpointing as the model defines it (LESA: unary and binary terms; LIT: blocks), per
-            top-level module for models that define none.
+        with_cp: gradient checkpointing as the model defines it (LESA: unary and binary terms; LIT: blocks).
         init_cfg: None (timm's random init) or ``dict(type='Pretrained', checkpoint=...)``: a path, an http(s)
             URL or ``hf-hub:ORG/NAME`` of an ImageNet checkpoint (the authors' release or a converted file), an
             authors' COCO checkpoint (mmdet 2.x, its ``backbone.*`` keys) or a checkpoint of this backbone
@@ -93,13 +95,13 @@ class TimmBackbone(BaseModule):
                              f'{self.out_indices}: {sorted(missing_levels)}.')
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
-        self._model_kwargs = dict(model_kwargs, features_only=True, out_indices=self.out_indices)
+        self._model_kwargs = dict(model_kwargs, features_only=True, feature_cls='getter', out_indices=self.out_indices)
         self.body = timm.create_model(model_name, pretrained=False, **self._model_kwargs)
         channels = self.body.feature_info.channels()
         self.out_norms = nn.ModuleDict({
             str(level): LayerNorm2d(channels[self.out_indices.index(level)], eps=1e-5) for level in out_norms})
         if with_cp:
-            _enable_grad_checkpointing(self.body)
+            self.body.model.set_grad_checkpointing(True)  # the model's own: LESA's unary and binary terms, LIT's blocks
         self._untrained_norms: List[nn.Module] = []
         self._frozen_modules = self._find_frozen_modules()
         self._freeze()
@@ -122,40 +124,53 @@ class TimmBackbone(BaseModule):
 
     def load_weights(self, checkpoint: Dict[str, Any], source: str):
         """Load a checkpoint in any layout :class:`TimmBackbone` takes (see ``init_cfg``); ``source`` names it in
-        messages. Marks the BatchNorms the checkpoint left at their init (see ``norm_eval``)."""
-        state_dict = strip_prefix(unwrap_state_dict(checkpoint), 'backbone.', keep_others=False)
+        messages. Notes the BatchNorms whose statistics the checkpoint does not provide (see ``norm_eval``)."""
+        state_dict = backbone_state_dict(checkpoint)
+        model = self.body.model
         if any(k.startswith('body.') for k in state_dict):
             try:
                 verify_state_dict(state_dict, self)
             except CheckpointError as e:
                 raise CheckpointError(f'{source} is a checkpoint of this adapter for another backbone: {e}') from e
             self.load_state_dict(state_dict)
+            kept_at_init = []
         else:
-            kwargs = dict(self._model_kwargs, pretrained_cfg_overlay=dict(state_dict=state_dict))
-            pos_img_size = getattr(self._root(), 'pos_img_size', None)
-            if pos_img_size is not None:  # LIT would lay out its tables as the checkpoint's: keep the built layout
-                kwargs.setdefault('pos_img_size', pos_img_size)
-            try:  # the family's checkpoint_filter_fn translates the layout while timm loads a reference model
-                reference = timm.create_model(self.model_name, pretrained=True, **kwargs)
+            try:
+                load_pretrained(model, dict(model.pretrained_cfg, source='', state_dict=state_dict), num_classes=0,
+                                in_chans=self._model_kwargs.get('in_chans', 3),
+                                filter_fn=strict_filter(self._checkpoint_filter(model)))
             except CheckpointError as e:
                 raise CheckpointError(f'{source} does not fit backbone {self.model_name!r}: {e}') from e
-            self.body.load_state_dict(reference.state_dict())
             if self.out_norms:
                 self._load_out_norms(state_dict, source)
-        self._untrained_norms = [m for m in self.body.modules() if _has_initial_statistics(m)]
+            kept_at_init = keys_kept_at_init(state_dict, model) if isinstance(model, LesaResNet) else []
+        self._untrained_norms = [model.get_submodule(k.rsplit('.', 1)[0]) for k in kept_at_init
+                                 if k.endswith('.running_mean')]
         if self._untrained_norms:
             _logger.info(f'{len(self._untrained_norms)} BatchNorms of {self.model_name} have no statistics in '
                          f'{source}: they keep training under norm_eval.')
         _logger.info(f'Loaded the {self.model_name} backbone from {source}.')
         self.train(self.training)
 
+    def _checkpoint_filter(self, model: nn.Module) -> Callable:
+        """The family's ``checkpoint_filter_fn`` (timm's convention: a function of the model's module), then the
+        keys of what the feature extractor pruned are dropped."""
+        family_filter = getattr(importlib.import_module(type(model).__module__), 'checkpoint_filter_fn', None)
+        pruned_stages = tuple(f'{info["module"]}.' for info in model.feature_info[max(self.body.out_indices) + 1:])
+
+        def filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+            state_dict = family_filter(state_dict, model) if family_filter is not None else state_dict
+            return {k: v for k, v in state_dict.items() if not _pruned(model, k, pruned_stages)}
+
+        return filter_fn
+
     def _load_out_norms(self, state_dict: Dict[str, torch.Tensor], source: str):
-        """Output norms come from the model family's ``detection_output_norms`` (upstream ``norm<level>.*``)."""
-        family = sys.modules[timm.models.model_entrypoint(timm.models.get_arch_name(self.model_name)).__module__]
-        reader = getattr(family, 'detection_output_norms', None)
-        norms = reader(state_dict) if reader is not None else {}
-        state = {_OUT_NORM.sub(lambda m: f'{m[1]}.', k): v for k, v in norms.items()
-                 if _OUT_NORM.match(k)[1] in self.out_norms}
+        """Output norms ``out_norms.<level>.*`` from the authors' ``norm<level>.*`` (LIT-S's COCO backbone)."""
+        state = {}
+        for k, v in detection_output_norms(state_dict).items():
+            level = OUTPUT_NORM_KEY.match(k)
+            if level[1] in self.out_norms:
+                state[f'{level[1]}.{k[level.end():]}'] = v
         if not state:
             _logger.info(f'{source} has no output norms for levels {list(self.out_norms)}: they start as identity.')
             return
@@ -174,12 +189,8 @@ class TimmBackbone(BaseModule):
         if self.frozen_stages > len(stage_modules):
             raise ValueError(f'frozen_stages={self.frozen_stages} but the model has {len(stage_modules)} stages.')
         if self.frozen_stages == 0:
-            return _modules_before(self._root(), stage_modules[0], inclusive=False)
-        return _modules_before(self._root(), stage_modules[self.frozen_stages - 1], inclusive=True)
-
-    def _root(self) -> nn.Module:
-        # FeatureGetterNet keeps the whole model (original module names); FeatureListNet is the model, flattened
-        return getattr(self.body, 'model', self.body)
+            return _modules_before(self.body.model, stage_modules[0], inclusive=False)
+        return _modules_before(self.body.model, stage_modules[self.frozen_stages - 1], inclusive=True)
 
     def _freeze(self):
         for module in self._frozen_modules:
@@ -222,38 +233,30 @@ def read_checkpoint(source: str, origin_url: Optional[str] = None) -> Dict[str, 
     return checkpoint
 
 
-def _has_initial_statistics(module: nn.Module) -> bool:
-    """A BatchNorm whose running statistics were never estimated (mean 0, variance 1)."""
-    return (isinstance(module, _BatchNorm) and module.track_running_stats
-            and not module.running_mean.any() and bool((module.running_var == 1).all()))
+def _pruned(model: nn.Module, key: str, pruned_stages: Tuple[str, ...]) -> bool:
+    """Whether ``key`` belongs to what a feature extractor pruned from ``model``: a stage after the last output, or
+    a module or tensor replaced by an Identity or None (classifier, final norm, class token)."""
+    if key.startswith(pruned_stages):
+        return True
+    owner, _, name = key.rpartition('.')
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:
+        return False
+    return isinstance(module, nn.Identity) or (hasattr(module, name) and getattr(module, name) is None)
 
 
 def _modules_before(root: nn.Module, path: str, inclusive: bool) -> Sequence[nn.Module]:
     """Children of ``root`` (recursively along ``path``) registered before the module at ``path``.
 
     Relies on timm's feature-extraction assumption that modules are registered in execution order.
-    FeatureListNet flattens ``stages.0`` into a child named ``stages_0``; both spellings are matched.
     """
-    parts = path.split('.')
+    name, _, rest = path.partition('.')
     modules = []
-    for name, child in root.named_children():
-        if name == parts[0] or name == '_'.join(parts[:2]):
-            consumed = 1 if name == parts[0] else 2
-            if consumed == len(parts):
+    for child_name, child in root.named_children():
+        if child_name == name:
+            if not rest:
                 return modules + ([child] if inclusive else [])
-            return modules + list(_modules_before(child, '.'.join(parts[consumed:]), inclusive))
+            return modules + list(_modules_before(child, rest, inclusive))
         modules.append(child)
     raise ValueError(f'Module {path!r} of feature_info is not a child of {type(root).__name__}.')
-
-
-def _enable_grad_checkpointing(body: nn.Module):
-    """Use the model's own checkpointing where it has one, else timm's per-module feature checkpointing."""
-    model = getattr(body, 'model', None)
-    if model is not None and hasattr(model, 'set_grad_checkpointing'):
-        model.set_grad_checkpointing(True)
-        return
-    flagged = [m for m in body.modules() if m is not body and hasattr(m, 'grad_checkpointing')]
-    for module in flagged:
-        module.grad_checkpointing = True
-    if not flagged:
-        body.set_grad_checkpointing(True)

@@ -120,20 +120,18 @@ def set_data_root(cfg: Config, root: str):
 
 
 def set_input_size(cfg: Config, size: int):
-    """Resize to ``size`` instead of the configured scale (for quick runs), and size LESA's tables for it.
+    """Resize to ``size`` instead of the configured scale (for quick runs).
 
-    ``keep_ratio`` stays as configured: fixed-size configs (LESA) get ``size x size`` images, the others images
-    whose longer side is at most ``size``.
+    ``keep_ratio`` stays as configured: fixed-size configs (LESA) get ``size x size`` images and a backbone built
+    for that size (``img_size``), the others images whose longer side is at most ``size`` and the backbone as
+    configured (LIT-S keeps its tables laid out as the checkpoint's and resamples them to each input).
     """
-    resized = 0
-    for loader in _loaders(cfg):
-        for transform in _dataset(loader).pipeline:
-            if transform['type'] == 'Resize':
-                transform['scale'] = (size, size)
-                resized += 1
-    if not resized:
+    resizes = [t for loader in _loaders(cfg) for t in _dataset(loader).pipeline if t['type'] == 'Resize']
+    if not resizes:
         raise ValueError('set_input_size: the config pipelines have no Resize transform to change.')
-    if 'img_size' in cfg.model.backbone:
+    for transform in resizes:
+        transform['scale'] = (size, size)
+    if not any(t.get('keep_ratio', False) for t in resizes) and 'img_size' in cfg.model.backbone:
         cfg.model.backbone.img_size = size
 
 

@@ -23,6 +23,7 @@ class DetectorInferencer(DetInferencer):
         super().__init__(model, weights, device, **kwargs)
 
     def _load_weights_to_model(self, model: nn.Module, checkpoint: Optional[dict], cfg: Optional[Config]):
+        # the one step between reading and loading the weights, which no public hook of DetInferencer reaches
         if checkpoint is not None:
             checkpoint = dict(checkpoint, state_dict=detector_state_dict(model, checkpoint, self.weights))
         super()._load_weights_to_model(model, checkpoint, cfg)

@@ -33,4 +33,5 @@ def load_from_hf_hub(name: str, map_location: Any = None) -> Any:
 def register_checkpoint_loader():
     """Make the package's safe loaders mmengine's for paths, http(s) URLs and ``hf-hub:`` ids."""
     register_mmengine_loader()
+    # force: registering again (the package imported anew, or called by hand) replaces the loader instead of failing
     CheckpointLoader.register_scheme(prefixes=HF_HUB_PREFIX, loader=load_from_hf_hub, force=True)

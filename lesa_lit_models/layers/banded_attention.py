@@ -18,16 +18,12 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['ATTN_IMPLS', 'banded_bias_attention', 'banded_bias_attention_op', 'default_max_chunk_logits',
-           'row_band_size']
-
-# the attention switch of both families: 'fused' (exact, no tokens x tokens tensor kept) or 'reference'
-ATTN_IMPLS = ('fused', 'reference')
+__all__ = ['banded_bias_attention', 'banded_bias_attention_op', 'default_max_chunk_logits', 'row_band_size']
 
 
 def default_max_chunk_logits(device: torch.device) -> int:
-    """Logits per band when none is set: bands that stay in a CPU's caches (2^22, 16 MB in float32; on 2 cores
-    LIT-S's stage-3 attention is ~3x faster than with 2^26), larger on CUDA, where each band is a kernel launch."""
+    """Logits per band when none is set: bands that stay in a CPU's caches (2^22, 16 MB in float32), larger on
+    CUDA, where each band is a kernel launch (the timings that chose them: ``benchmarks/results/``)."""
     return 2 ** 26 if device.type == 'cuda' else 2 ** 22
 
 

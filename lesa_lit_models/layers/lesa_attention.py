@@ -18,11 +18,13 @@ Two position embeddings, as upstream:
 * ``'classification'`` (ImageNet models): one table ``relative`` (2*dqk+dv, 2L-1) over the flattened token
   index, used by queries, keys and values. It is tied to the L = H*W tokens it was built for.
 * ``'detection_qr'`` (COCO backbones): two tables ``rel_height`` (2H-1, dqk) / ``rel_width`` (2W-1, dqk) of
-  2-D offsets, used by the queries only. On another grid they are resampled by :func:`resample_rel_table`.
+  2-D offsets, used by the queries only. On another grid they are resampled by
+  :func:`~lesa_lit_models.layers.lesa_rel_pos.resample_rel_table`.
 
-The binary term is a function of tensors (``*_binary_reference`` below, written straight from the formulas).
-``attn_impl='fused'`` swaps in the memory-lean exact ``detection_qr`` version of ``lesa_fused.py`` (same
-signature); the ``classification`` term has no exact fused form and always runs the reference.
+The binary term is a function of tensors (``*_binary_reference`` below, written straight from the formulas; the
+relative logits come from ``lesa_rel_pos.py``). ``attn_impl='fused'`` swaps in the memory-lean exact
+``detection_qr`` version of ``lesa_fused.py`` (same signature); the ``classification`` term has no exact fused
+form and always runs the reference.
 
 Parameter names follow the authors' code (``Chenglin-Yang/LESA_classification`` / ``LESA_detection``), so
 their checkpoints load without renaming. Deviation: the authors' ``flatten_index`` buffer is not stored; the
@@ -34,30 +36,21 @@ from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from einops import rearrange, reduce
 from timm.layers import register_notrace_module, to_2tuple
-from timm.models import checkpoint
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from timm.models import checkpoint as grad_checkpoint
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .banded_attention import ATTN_IMPLS
+from .attn_impl import ATTN_IMPLS, check_attn_impl
 from .deform_conv import DeformConv2dPack
+from . import lesa_fused
+from .lesa_rel_pos import expand_relative_logits, offset_index, relative_logits_2d, resample_rel_table
 
 __all__ = [
-    'Lesa', 'classification_binary_reference', 'detection_qr_binary_reference', 'relative_logits_2d',
-    'relative_logits_of_rows', 'relative_tables_2d', 'expand_relative_logits',
-    'resample_rel_table', 'POS_EMBED_TYPES', 'ATTN_IMPLS', 'DEFAULT_ATTN_IMPL',
+    'Lesa', 'classification_binary_reference', 'detection_qr_binary_reference', 'POS_EMBED_TYPES', 'ATTN_IMPLS',
 ]
 
 POS_EMBED_TYPES = ('classification', 'detection_qr')
-DEFAULT_ATTN_IMPL = 'fused'
-
-
-def _offset_index(size: int, device: torch.device) -> torch.Tensor:
-    """``index[a, b] = a - b + size - 1``: row of a relative table for the offset ``a - b``."""
-    pos = torch.arange(size, device=device)
-    return pos[:, None] - pos[None, :] + size - 1
 
 
 def classification_binary_reference(
@@ -83,7 +76,7 @@ def classification_binary_reference(
     """
     N, G, L, dqk = q.shape
     dv = v.shape[-1]
-    embed = relative.index_select(1, _offset_index(L, q.device).flatten()).view(-1, L, L)
+    embed = relative.index_select(1, offset_index(L, q.device).flatten()).view(-1, L, L)
     embed_q, embed_k, embed_v = embed.split([dqk, dqk, dv], dim=0)
     qk = q @ k.transpose(-1, -2)
     qr = torch.einsum('ngic,cij->ngij', q, embed_q)
@@ -93,50 +86,6 @@ def classification_binary_reference(
     sv = attn @ v
     sve = torch.einsum('ngij,cij->ngic', attn, embed_v)
     return sv, sve
-
-
-def relative_tables_2d(
-        rel_height: torch.Tensor, rel_width: torch.Tensor, grid: Tuple[int, int],
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``height_table[x, x'] = rel_height[x' - x + H - 1]`` (H, H, d), the key-row offset seen from query row x, and
-    ``width_table[y, y'] = rel_width[y' - y + W - 1]`` (W, W, d)."""
-    height, width = grid
-    return tuple(rel.index_select(0, _offset_index(size, rel.device).t().flatten()).view(size, size, rel.shape[1])
-                 for rel, size in ((rel_height, height), (rel_width, width)))
-
-
-def relative_logits_2d(
-        q: torch.Tensor,
-        rel_height: torch.Tensor,
-        rel_width: torch.Tensor,
-        grid: Tuple[int, int],
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Each query against every key row and key column offset: ``rh`` (N, G, L, H) and ``rw`` (N, G, L, W).
-
-    Tokens are in raster order over ``grid = (H, W)``: token i sits at row ``x_i = i // W``, column ``y_i = i % W``;
-    ``rh[i, x'] = q_i . rel_height[x' - x_i + H - 1]`` and ``rw[i, y'] = q_i . rel_width[y' - y_i + W - 1]``.
-    q: (N, G, H*W, d); rel_height: (2H-1, d); rel_width: (2W-1, d). The 2-D relative logits are
-    :func:`expand_relative_logits` of the pair.
-    """
-    return relative_logits_of_rows(q, *relative_tables_2d(rel_height, rel_width, grid))
-
-
-def relative_logits_of_rows(
-        q: torch.Tensor, height_table: torch.Tensor, width_table: torch.Tensor,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`relative_logits_2d` of queries that fill whole rows of the grid, q (N, G, rows * W, d), from the rows
-    of ``height_table`` they sit on (rows, H, d) and ``width_table`` (W, W, d) (:func:`relative_tables_2d`)."""
-    batch, groups, tokens, dim = q.shape
-    (rows, height), width = height_table.shape[:2], width_table.shape[0]
-    q_grid = q.reshape(batch, groups, rows, width, dim)
-    rh = torch.einsum('ngxyd,xad->ngxya', q_grid, height_table).reshape(batch, groups, tokens, height)
-    rw = torch.einsum('ngxyd,ybd->ngxyb', q_grid, width_table).reshape(batch, groups, tokens, width)
-    return rh, rw
-
-
-def expand_relative_logits(rh: torch.Tensor, rw: torch.Tensor) -> torch.Tensor:
-    """``qr[..., i, j] = rh[..., i, x_j] + rw[..., i, y_j]`` for every key j of the grid: (..., Lq, H * W)."""
-    return (rh[..., :, None] + rw[..., None, :]).flatten(-2)
 
 
 def detection_qr_binary_reference(
@@ -168,21 +117,6 @@ def detection_qr_binary_reference(
     return logits.softmax(dim=-1) @ v
 
 
-def resample_rel_table(table: torch.Tensor, length: int) -> torch.Tensor:
-    """Resample a (2S-1, d) table of 1-D relative offsets to (length, d), length = 2S'-1.
-
-    Linear interpolation along the offset axis with ``align_corners=True``: the zero offset (centre row)
-    and the two extreme offsets stay put, and offset ``o`` on the new grid reads the old table at
-    ``o * (S-1) / (S'-1)``, i.e. offsets scale with the image, as when resizing the input.
-    """
-    # a size only known as a symbol (torch.export / dynamic shapes) interpolates: exact at equal sizes, no specialising
-    if statically_known_true(table.shape[0] == length):
-        return table
-    if length == 1:  # a 1-token side only has the zero offset
-        centre = (table.shape[0] - 1) // 2
-        return table[centre:centre + 1]
-    return F.interpolate(table.t()[None], size=length, mode='linear', align_corners=True)[0].t()
-
 
 @contextmanager
 def _running_stats_frozen(module: nn.Module):
@@ -206,9 +140,9 @@ def _checkpoint_updating_stats_once(fn, *inputs: torch.Tensor, owner: nn.Module)
     statistics of ``owner``'s BatchNorms a second time, so training with checkpointing leaves the same statistics as
     without."""
     if torch.compiler.is_compiling():  # the traced recomputation applies no update (and dynamo takes no context_fn)
-        return checkpoint(fn, *inputs, use_reentrant=False)
-    return checkpoint(fn, *inputs, use_reentrant=False,
-                      context_fn=lambda: (nullcontext(), _running_stats_frozen(owner)))
+        return grad_checkpoint(fn, *inputs, use_reentrant=False)
+    return grad_checkpoint(fn, *inputs, use_reentrant=False,
+                           context_fn=lambda: (nullcontext(), _running_stats_frozen(owner)))
 
 
 @register_notrace_module  # shape checks and grid-dependent tables: a leaf for FX
@@ -241,7 +175,7 @@ class Lesa(nn.Module):
             groups: int = 8,
             pos_embed: str = 'classification',
             deformable: bool = False,
-            attn_impl: Optional[str] = None,
+            attn_impl: str = 'fused',
             max_chunk_logits: Optional[int] = None,
             input_reduction: Optional[int] = None,
             recompute_gate: bool = True,
@@ -261,9 +195,7 @@ class Lesa(nn.Module):
         self.feat_size = to_2tuple(feat_size)
         self.stride = stride
         self.pos_embed = pos_embed
-        self.attn_impl = attn_impl or DEFAULT_ATTN_IMPL
-        if self.attn_impl not in ATTN_IMPLS:
-            raise ValueError(f'Unknown LESA attn_impl {self.attn_impl!r}; use one of {ATTN_IMPLS}.')
+        self.attn_impl = check_attn_impl(attn_impl)
         self.max_chunk_logits = max_chunk_logits
         self.input_reduction = input_reduction
         self.recompute_gate = recompute_gate
@@ -345,8 +277,8 @@ class Lesa(nn.Module):
         rel_height = resample_rel_table(self.rel_height, 2 * H - 1)
         rel_width = resample_rel_table(self.rel_width, 2 * W - 1)
         if self.attn_impl == 'fused':
-            from .lesa_fused import detection_qr_binary  # imported lazily: it imports this file
-            sv = detection_qr_binary(q, k, v, rel_height, rel_width, (H, W), self.bn_similarity, self.max_chunk_logits)
+            sv = lesa_fused.detection_qr_binary(
+                q, k, v, rel_height, rel_width, (H, W), self.bn_similarity, self.max_chunk_logits)
         else:
             sv = detection_qr_binary_reference(q, k, v, rel_height, rel_width, (H, W), self.bn_similarity)
         return rearrange(sv, 'n g l c -> n (g c) l')  # a view of the fused term's output

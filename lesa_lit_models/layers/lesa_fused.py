@@ -17,8 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .banded_attention import banded_bias_attention, banded_bias_attention_op
-from .lesa_attention import expand_relative_logits, relative_logits_2d, relative_logits_of_rows, \
-    relative_tables_2d
+from .lesa_rel_pos import expand_relative_logits, relative_logits_2d, relative_logits_of_rows, relative_tables_2d
 
 __all__ = ['detection_qr_binary']
 

@@ -51,9 +51,9 @@ def resample_bias_table(
     num_heads = table.shape[1]
     if table.shape[0] != table_size[0] * table_size[1]:
         raise ValueError(f'Bias table has {table.shape[0]} rows, expected {table_size[0]}x{table_size[1]}.')
-    grid = table.t().reshape(num_heads, *table_size)
-    grid = _resample_grid(grid.float(), new_table_size).to(table.dtype)
-    return grid.reshape(num_heads, -1).t().contiguous()
+    per_head = table.t().reshape(num_heads, *table_size)
+    per_head = _resample_grid(per_head.float(), new_table_size).to(table.dtype)
+    return per_head.reshape(num_heads, -1).t().contiguous()
 
 
 @register_notrace_function  # FX: shapes depend on the input grid
@@ -69,32 +69,32 @@ def relative_position_bias_grid(
     attention dtype under autocast), so the large bias expanded from it is only ever materialised once.
     """
     num_heads = table.shape[1]
-    grid = _resample_grid(table.t().reshape(num_heads, *table_size), bias_table_size(feat_size))
-    return grid if dtype is None else grid.to(dtype)
+    offset_bias = _resample_grid(table.t().reshape(num_heads, *table_size), bias_table_size(feat_size))
+    return offset_bias if dtype is None else offset_bias.to(dtype)
 
 
 @register_notrace_function  # FX: shapes depend on the input grid
 def bias_rows_keys_reversed(
-        grid: torch.Tensor,
+        offset_bias: torch.Tensor,
         feat_size: Tuple[int, int],
         query_rows: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
     """Bias of the queries in map rows ``[start, stop)`` against every key, keys in *reverse* raster order.
 
     Returns ``(heads, (stop - start) * W, H * W)``. With the keys reversed, key ``u * W + w`` is the token at
-    ``(H - 1 - u, W - 1 - w)`` and the bias of query ``(y, x)`` is ``grid[:, y + u, x + w]``: the keys of each query
-    read one contiguous ``H x W`` window of the grid, so the band is a strided view of the grid, copied once.
+    ``(H - 1 - u, W - 1 - w)`` and the bias of query ``(y, x)`` is ``offset_bias[:, y + u, x + w]``: the keys of each
+    query read one contiguous ``H x W`` window of the offset grid, so the band is a strided view of it, copied once.
     Attention is the same with keys and values reversed together (see ``docs/attention.md``).
     """
     height, width = feat_size
     start, stop = query_rows or (0, height)
     if torch.compiler.is_exporting():  # unfold's window sizes would fix the grid of the exported program
-        arange = partial(torch.arange, device=grid.device)
+        arange = partial(torch.arange, device=offset_bias.device)
         rows, cols = arange(start, stop)[:, None] + arange(height), arange(width)[:, None] + arange(width)
-        windows = grid[:, rows[:, None, :, None], cols[None, :, None, :]]
-    else:
-        windows = grid[:, start:stop + height - 1].unfold(1, height, 1).unfold(2, width, 1)  # heads, rows, W, H, W
-    return windows.reshape(grid.shape[0], (stop - start) * width, height * width)
+        windows = offset_bias[:, rows[:, None, :, None], cols[None, :, None, :]]
+    else:  # heads, rows, W, H, W
+        windows = offset_bias[:, start:stop + height - 1].unfold(1, height, 1).unfold(2, width, 1)
+    return windows.reshape(offset_bias.shape[0], (stop - start) * width, height * width)
 
 
 @register_notrace_function  # FX: shapes depend on the input grid
@@ -103,7 +103,7 @@ def bias_rows_keys_reversed_vjp(
         feat_size: Tuple[int, int],
         query_rows: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
-    """Gradient of the offset grid from that of :func:`bias_rows_keys_reversed`'s ``(heads, rows * W, H * W)`` band.
+    """Gradient of the offset bias from that of :func:`bias_rows_keys_reversed`'s ``(heads, rows * W, H * W)`` band.
 
     Each query's keys read an ``H x W`` window of the grid, so the windows' gradients add up where they overlap:
     ``F.fold`` (col2im) of the band, one channel per head, into the grid rows the band read; (heads, 2H - 1, 2W - 1).
@@ -115,7 +115,7 @@ def bias_rows_keys_reversed_vjp(
 
 
 def bias_from_grid(
-        grid: torch.Tensor,
+        offset_bias: torch.Tensor,
         feat_size: Tuple[int, int],
         query_rows: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
@@ -124,7 +124,7 @@ def bias_from_grid(
     Returns ``(heads, (stop - start) * W, H * W)``, a slice of :func:`relative_position_bias` computed without
     the rest of it (keys in raster order: :func:`bias_rows_keys_reversed` with the keys put back in order).
     """
-    return bias_rows_keys_reversed(grid, feat_size, query_rows).flip(-1)
+    return bias_rows_keys_reversed(offset_bias, feat_size, query_rows).flip(-1)
 
 
 def relative_position_bias(

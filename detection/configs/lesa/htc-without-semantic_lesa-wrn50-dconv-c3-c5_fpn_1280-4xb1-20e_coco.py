@@ -8,11 +8,5 @@ model = dict(
     data_preprocessor=dict(pad_seg=False),
     roi_head=dict(semantic_roi_extractor=None, semantic_head=None))
 
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-    dict(type='Resize', scale=(1280, 1280), keep_ratio=False),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PackDetInputs'),
-]
+train_pipeline = [dict(t, with_seg=False) if t.type == 'LoadAnnotations' else t for t in _base_.train_pipeline]
 train_dataloader = dict(dataset=dict(data_prefix=dict(_delete_=True, img='train2017/'), pipeline=train_pipeline))

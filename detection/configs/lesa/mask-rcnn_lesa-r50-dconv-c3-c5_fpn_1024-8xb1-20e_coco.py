@@ -30,19 +30,10 @@ model = dict(
                         'EsV_fGZY-uhEkciwVckp4c8BlInA1GFv7gett1_LOZ0vFg?e=g1If75'))),
     neck=dict(in_channels=_base_.lesa_neck_in_channels))
 
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-    dict(type='Resize', scale=(image_size, image_size), keep_ratio=False),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PackDetInputs'),
-]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(image_size, image_size), keep_ratio=False),
-    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-    dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
-]
+# the stock pipelines at LESA's fixed size
+fixed_size = dict(type='Resize', scale=(image_size, image_size), keep_ratio=False)
+train_pipeline = [fixed_size if t.type == 'Resize' else t for t in _base_.train_pipeline]
+test_pipeline = [fixed_size if t.type == 'Resize' else t for t in _base_.test_pipeline]
 train_dataloader = dict(batch_size=1, num_workers=1, dataset=dict(pipeline=train_pipeline))
 val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
 test_dataloader = val_dataloader

@@ -13,7 +13,7 @@ lit_backbone = dict(
     out_indices=(0, 1, 2, 3),
     out_norms=(1, 2, 3),
     drop_path_rate=0.2,
-    pos_img_size=800,  # relative-position tables laid out for 800x800 (99x99, 49x49), as the authors' backbone
+    img_size=800,  # relative-position tables laid out for 800x800 (99x99, 49x49), as the authors' backbone
     with_cp=True,
     # the authors' ImageNet LIT-S (GitHub release, downloaded into the torch hub cache when training starts);
     # a local copy (original or converted) works too: --cfg-options model.backbone.init_cfg.checkpoint=PATH
@@ -26,7 +26,6 @@ lit_optim_wrapper = dict(
     type='AmpOptimWrapper',
     loss_scale='dynamic',
     paramwise_cfg=dict(custom_keys={
-        'absolute_pos_embed': dict(decay_mult=0.),
         'relative_position_bias_table': dict(decay_mult=0.),
         'norm': dict(decay_mult=0.),
     }))
