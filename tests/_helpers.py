@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import types
+from pathlib import Path
 from typing import Callable, Mapping, Union
 
 import numpy as np
@@ -224,3 +225,57 @@ def save_crafted(path, marker, payload: type = RunsAShellCommand, state_dict=Non
     state_dict = {'w': torch.zeros(2)} if state_dict is None else state_dict
     torch.save({'state_dict': state_dict, 'meta': {'note': payload(marker)}}, path, **save_kwargs)
     return path
+
+
+# ------------------------------------------------------------------------------------------------------ detection
+
+ROOT = Path(__file__).resolve().parents[1]
+DETECTION = ROOT / 'detection'
+LESA_CONFIGS, LIT_CONFIGS = DETECTION / 'configs' / 'lesa', DETECTION / 'configs' / 'lit'
+DEMO_CONFIG = DETECTION / 'configs' / 'demo' / 'mask-rcnn_lit-ti_fpn_128-demo_synthetic-coco.py'
+MASK_RCNN_LESA = LESA_CONFIGS / 'mask-rcnn_lesa-r50-dconv-c3-c5_fpn_1024-8xb1-20e_coco.py'
+HTC_LESA = LESA_CONFIGS / 'htc_lesa-wrn50-dconv-c3-c5_fpn_1280-4xb1-20e_coco.py'
+HTC_LESA_NO_SEM = LESA_CONFIGS / 'htc-without-semantic_lesa-wrn50-dconv-c3-c5_fpn_1280-4xb1-20e_coco.py'
+RETINA_LIT_TI = LIT_CONFIGS / 'retinanet_lit-ti_fpn_1x_coco.py'
+RETINA_LIT_S = LIT_CONFIGS / 'retinanet_lit-s_fpn_amp-1x_coco.py'
+MASK_RCNN_LIT_TI = LIT_CONFIGS / 'mask-rcnn_lit-ti_fpn_1x_coco.py'
+MASK_RCNN_LIT_S = LIT_CONFIGS / 'mask-rcnn_lit-s_fpn_amp-1x_coco.py'
+DETECTION_SIZE = 128  # input side for CPU steps; a multiple of 32, so LESA's grids stay exact
+# the synthetic COCO dataset of the tests (conftest.py ``coco``)
+COCO_SPEC = dict(num_train=4, num_val=2, num_test=2, min_side=96, max_side=144)
+
+
+def reduced_depth(model_name: str) -> dict:
+    """The block counts of ``SMALL[model_name]``: the same channels (the neck's inputs), fewer blocks."""
+    return {k: v for k, v in SMALL.get(model_name, {}).items() if k in ('layers', 'depths')}
+
+
+def small_config(path, data_root=None, size=DETECTION_SIZE, full_depth=False, **cfg_options):
+    """A paper config at a small input, random backbone init, fewer proposals and (unless ``full_depth``) the
+    backbone's stages one or two blocks deep: seconds per step on a CPU."""
+    from lesa_lit_det.engine import load_config, reduce_proposals
+    cfg = load_config(str(path), dict(cfg_options, **{'model.backbone.init_cfg': None}),
+                      data_root=None if data_root is None else str(data_root), input_size=size)
+    if not full_depth:
+        cfg.model.backbone.update(reduced_depth(cfg.model.backbone.model_name))
+    reduce_proposals(cfg, proposals=50, samples=32)
+    return cfg
+
+
+def build(cfg):
+    """The detector of ``cfg``, its weights initialised as mmengine's runner does."""
+    from mmdet.registry import MODELS
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    return model
+
+
+def make_backbone(model_name, **kwargs):
+    """The adapter (``lesa_lit_det.TimmBackbone``) for ``model_name``."""
+    from mmdet.registry import MODELS
+    return MODELS.build(dict(type='TimmBackbone', model_name=model_name, **kwargs))
+
+
+def pretrained(path, **kwargs):
+    """An mmengine ``init_cfg`` reading the weights from ``path``."""
+    return dict(type='Pretrained', checkpoint=str(path), **kwargs)

@@ -124,6 +124,7 @@ def offline_hub(tmp_path, monkeypatch):
 def coco(tmp_path_factory):
     """A synthetic COCO dataset (train 4, val 2, test-dev 2 images of 96-144 pixels) in the layout mmdet reads."""
     from lesa_lit_det.synthetic import SyntheticCocoSpec, make_synthetic_coco
+    from _helpers import COCO_SPEC
     root = tmp_path_factory.mktemp('synthetic') / 'coco'
-    make_synthetic_coco(str(root), SyntheticCocoSpec(num_train=4, num_val=2, num_test=2, min_side=96, max_side=144))
+    make_synthetic_coco(str(root), SyntheticCocoSpec(**COCO_SPEC))
     return root

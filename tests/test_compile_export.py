@@ -6,7 +6,7 @@ result by percents at C5, so fp32 gaps would be rounding, not bugs). Compilation
 so the models are small configurations of each family that run the same code as the registered ones: fewer blocks,
 narrower stages, 64x64 inputs, LIT's row bands forced to one row (``max_chunk_logits``) so that the banded,
 recomputed attention runs on a 4x4 grid. LESA-WRN50 and LIT-M/B are LESA-ResNet50 and LIT-S at other widths and
-depths. Empty batches run on every registered model at full size.
+depths. Empty batches run on every registered model, at its SMALL configuration.
 
 TorchScript is not supported (see the README); compile and export are.
 """
@@ -23,16 +23,17 @@ from lesa_lit_models.hub import package_models
 from lesa_lit_models.layers.lesa_attention import Lesa
 from lesa_lit_models.layers.lesa_fused import detection_qr_binary
 from lesa_lit_models.lit import LITStage, attend_in_row_bands
+from _helpers import SMALL, randomise
 
 MODELS = package_models()
 SIZE = 64
-SMALL = {  # the code of each family at a fraction of the cost
-    'lesa_resnet50': dict(layers=(1, 1, 2, 1), img_size=SIZE),  # the 1-D classification table, on a 4x4 grid
-    # max_chunk_logits=1: the banded attention one query row per band
-    'lesa_resnet50_det': dict(layers=(1, 1, 2, 1), img_size=SIZE, max_chunk_logits=1),  # DCN, 2-D tables, fused
-    'lit_ti': dict(depths=(1, 1, 1, 1), embed_dims=(8, 16, 32, 32), num_heads=(1, 2, 2, 4)),  # class token
-    'lit_s': dict(depths=(1, 1, 1, 1), embed_dims=(8, 16, 32, 32), num_heads=(1, 2, 2, 4),
-                  max_chunk_logits=1),  # bias in row bands
+# SMALL (_helpers.py) of each family, plus: LESA's tables for 64x64 inputs; the banded attention one query row per
+# band (max_chunk_logits=1), so that it attends in several bands at 64x64
+CASE_KWARGS = {
+    'lesa_resnet50': dict(img_size=SIZE),  # the 1-D classification table, on a 4x4 grid
+    'lesa_resnet50_det': dict(img_size=SIZE, max_chunk_logits=1),  # DCN, 2-D tables, banded
+    'lit_ti': dict(),  # class token, plain SDPA
+    'lit_s': dict(max_chunk_logits=1),  # offset bias, banded
 }
 
 
@@ -45,15 +46,7 @@ def fresh_dynamo():
 
 def _small(name: str, dtype=torch.float64, **kwargs) -> nn.Module:
     torch.manual_seed(0)
-    model = timm.create_model(name, dtype=dtype, **{**SMALL[name], **kwargs})
-    with torch.no_grad():  # non-trivial statistics and DCN offsets: nothing that hides a wrong term
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-.2, .2)
-                m.running_var.uniform_(.8, 1.2)
-            elif hasattr(m, 'conv_offset'):
-                m.conv_offset.weight.normal_(0, .02)
-    return model
+    return randomise(timm.create_model(name, dtype=dtype, **{**SMALL[name], **CASE_KWARGS[name], **kwargs}))
 
 
 def _images(batch: int = 2, size: int = SIZE, dtype=torch.float64) -> torch.Tensor:
@@ -89,7 +82,7 @@ def _assert_same(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]):
 def test_an_empty_batch_gives_an_empty_output(name):
     """Batch 0 in, batch 0 out, classifier and features, eval and train, with zero gradients and unchanged
     BatchNorm statistics."""
-    kwargs = dict(img_size=SIZE) if name.endswith('_det') else {}
+    kwargs = dict(SMALL[name], **(dict(img_size=SIZE) if name.endswith('_det') else {}))
     size = timm.get_pretrained_cfg(name).input_size[-1] if timm.get_pretrained_cfg(name).fixed_input_size else SIZE
     for features_only in (False, True):
         model = timm.create_model(name, features_only=features_only, **kwargs).eval()
@@ -118,10 +111,11 @@ def _set_model_checkpointing(model: nn.Module, enable: bool):
             m.grad_checkpointing = enable
 
 
-# Each family as a classifier and as features: with inductor (C++ code generation, minutes per graph on 2 CPU
-# cores) the way its detectors use the detection backbones, with aot_eager (dynamo + AOTAutograd: the graphs
-# inductor would compile, run by eager kernels) otherwise
-_INDUCTOR = {('lesa_resnet50', False), ('lesa_resnet50_det', True), ('lit_ti', False), ('lit_s', True)}
+# Each family as a classifier and as features through aot_eager (dynamo + AOTAutograd: the graphs inductor would
+# compile, run by eager kernels); with inductor (C++ code generation, minutes per graph on 2 CPU cores) one case per
+# attention kind: plain SDPA (LIT-Ti), LESA's and LIT's banded operators, the latter two as their detectors use them.
+# The full-size compile matrix is in benchmarks (python -m benchmarks.run --compile).
+_INDUCTOR = {('lit_ti', False), ('lesa_resnet50_det', True), ('lit_s', True)}
 
 
 def _compile_case(name: str, features_only: bool, device: str = 'cpu'):
@@ -134,8 +128,8 @@ def _compile_case(name: str, features_only: bool, device: str = 'cpu'):
 
 
 # every case on the CPU; on CUDA (inductor's Triton kernels) the features, as the detectors use them
-COMPILE_CASES = [_compile_case(name, features_only) for name in SMALL for features_only in (False, True)] + [
-    _compile_case(name, True, 'cuda') for name in SMALL]
+COMPILE_CASES = [_compile_case(name, features_only) for name in CASE_KWARGS for features_only in (False, True)] + [
+    _compile_case(name, True, 'cuda') for name in CASE_KWARGS]
 
 
 @pytest.mark.parametrize('name, features_only, backend, device', COMPILE_CASES)
@@ -243,7 +237,7 @@ def test_compiled_banded_attention_keeps_no_tokens_by_tokens_tensor_for_backward
 # -------------------------------------------------------------------------------------------------- torch.export
 
 EXPORT_CASES = [pytest.param(name, features_only, 'fused', id=f'{name}-{"features" if features_only else "classifier"}')
-                for name in SMALL for features_only in (False, True)] + [
+                for name in CASE_KWARGS for features_only in (False, True)] + [
     pytest.param('lit_s', True, 'reference', id='lit_s-features-reference')]  # the dense bias, gathered
 
 
@@ -264,7 +258,7 @@ def test_exported_program_matches_eager(name, features_only, attn_impl):
         inputs.append(torch.randn(2, 3, 96, 128, dtype=torch.float64))
     program = torch.export.export(model, (inputs[0],), dynamic_shapes=dynamic_shapes)
     banded = [t for t in _called(program.graph_module) if getattr(t, 'namespace', None) == 'lesa_lit_models']
-    assert bool(banded) == ('max_chunk_logits' in SMALL[name] and attn_impl == 'fused')
+    assert bool(banded) == ('max_chunk_logits' in CASE_KWARGS[name] and attn_impl == 'fused')
     with torch.no_grad():
         for x in inputs:
             for got, want in zip(_as_list(program.module()(x)), _as_list(model(x))):

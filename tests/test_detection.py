@@ -18,8 +18,7 @@ import torch
 import lesa_lit_det  # noqa: F401  (registers TimmBackbone)
 import lesa_lit_models  # noqa: F401  (registers the timm models)
 from lesa_lit_det.convert import convert_coco_checkpoint, load_detector_checkpoint
-from lesa_lit_det.engine import DatasetNotFoundError, adapt_to_device, check_dataset_paths, load_config, \
-    reduce_proposals
+from lesa_lit_det.engine import DatasetNotFoundError, adapt_to_device, check_dataset_paths, load_config
 from lesa_lit_det.synthetic import COCO_CATEGORIES, DatasetExistsError, SHAPE_CATEGORIES, SyntheticCocoSpec, \
     make_synthetic_coco
 from lesa_lit_models._checkpoint import CheckpointError
@@ -27,20 +26,13 @@ from mmdet.registry import DATASETS, MODELS
 from mmdet.utils import register_all_modules
 from mmengine.dataset import pseudo_collate
 
+from _helpers import COCO_SPEC, DETECTION, HTC_LESA, HTC_LESA_NO_SEM, MASK_RCNN_LESA, MASK_RCNN_LIT_S, \
+    MASK_RCNN_LIT_TI, RETINA_LIT_S, RETINA_LIT_TI, DETECTION_SIZE, build, make_backbone, pretrained, reduced_depth, \
+    small_config, upstream_detector
+
 register_all_modules()
 
-ROOT = Path(__file__).resolve().parents[1]
-DETECTION = ROOT / 'detection'
 CONFIGS = sorted(p for p in (DETECTION / 'configs').rglob('*.py') if '_base_' not in p.parts)  # not the fragments
-LESA = DETECTION / 'configs' / 'lesa'
-LIT = DETECTION / 'configs' / 'lit'
-MASK_RCNN_LESA = LESA / 'mask-rcnn_lesa-r50-dconv-c3-c5_fpn_1024-8xb1-20e_coco.py'
-HTC_LESA = LESA / 'htc_lesa-wrn50-dconv-c3-c5_fpn_1280-4xb1-20e_coco.py'
-HTC_LESA_NO_SEM = LESA / 'htc-without-semantic_lesa-wrn50-dconv-c3-c5_fpn_1280-4xb1-20e_coco.py'
-RETINA_LIT_TI = LIT / 'retinanet_lit-ti_fpn_1x_coco.py'
-RETINA_LIT_S = LIT / 'retinanet_lit-s_fpn_amp-1x_coco.py'
-MASK_RCNN_LIT_TI = LIT / 'mask-rcnn_lit-ti_fpn_1x_coco.py'
-MASK_RCNN_LIT_S = LIT / 'mask-rcnn_lit-s_fpn_amp-1x_coco.py'
 
 # The papers' recipes: optimizer, lr, weight decay, images per GPU, epochs, AMP, box AP (mask AP) in the header.
 RECIPES = {
@@ -53,7 +45,6 @@ RECIPES = {
     MASK_RCNN_LIT_S: ('AdamW', 2e-4, 1e-4, 2, 12, True, ['42.9', '39.6']),
 }
 PAPER_CONFIGS = list(RECIPES)
-SMALL = 128  # input side for CPU steps; a multiple of 32, so LESA's grids stay exact
 
 
 @pytest.fixture(autouse=True)
@@ -63,27 +54,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope='module')
-def coco(tmp_path_factory):
-    root = tmp_path_factory.mktemp('synthetic') / 'coco'
-    make_synthetic_coco(str(root), SyntheticCocoSpec(num_train=4, num_val=2, num_test=2, min_side=96, max_side=144))
-    return root
-
-
-def small_config(path, data_root=None, size=SMALL, **cfg_options):
-    """A paper config at a small input, random backbone init, fewer proposals: seconds per step on a CPU."""
-    cfg = load_config(str(path), dict(cfg_options, **{'model.backbone.init_cfg': None}),
-                      data_root=None if data_root is None else str(data_root), input_size=size)
-    reduce_proposals(cfg, proposals=50, samples=32)
-    return cfg
-
-
-def build(cfg):
-    model = MODELS.build(cfg.model)
-    model.init_weights()
-    return model
 
 
 def batch(cfg, split, indices):
@@ -100,7 +70,7 @@ def test_synthetic_dataset_is_coco_and_deterministic(tmp_path, coco):
     from pycocotools.coco import COCO
 
     again = tmp_path / 'again'
-    make_synthetic_coco(str(again), SyntheticCocoSpec(num_train=4, num_val=2, num_test=2, min_side=96, max_side=144))
+    make_synthetic_coco(str(again), SyntheticCocoSpec(**COCO_SPEC))
     files = sorted(p.relative_to(coco) for p in coco.rglob('*') if p.is_file())
     assert files == sorted(p.relative_to(again) for p in again.rglob('*') if p.is_file())
     assert all((coco / f).read_bytes() == (again / f).read_bytes() for f in files)
@@ -349,10 +319,6 @@ def test_paper_detector_train_and_predict_step(path, coco):
 # the adapter
 
 
-def make_backbone(model_name, **kwargs):
-    return MODELS.build(dict(type='TimmBackbone', model_name=model_name, **kwargs))
-
-
 @pytest.mark.parametrize('model_name, kwargs, frozen, trainable', [
     ('lesa_resnet50_det', dict(img_size=64, out_indices=(1, 2, 3, 4)), ['model.conv1', 'model.bn1', 'model.layer1'],
      ['model.layer2']),
@@ -425,10 +391,6 @@ def test_with_cp_uses_the_models_own_checkpointing(model_name, kwargs, flagged):
     assert all(p.grad is not None for p in checkpointed.parameters() if p.requires_grad)
 
 
-def pretrained(path, **kwargs):
-    return dict(type='Pretrained', checkpoint=str(path), **kwargs)
-
-
 def test_weights_load_in_init_weights_only(tmp_path):
     with pytest.raises(ValueError, match='init_cfg=dict'):
         make_backbone('resnet18', pretrained=True)
@@ -445,29 +407,6 @@ def test_weights_load_in_init_weights_only(tmp_path):
     backbone.init_weights()  # initialised once: mmengine calls it again only on a new model
 
 
-def upstream_backbone_key(key, model_name):
-    """A key of the adapter (without ``backbone.``) in the authors' mmdet 2.x layout of that backbone."""
-    key = key.replace('body.model.', '', 1)
-    if model_name.startswith('lesa'):  # LESA keeps the authors' (torchvision) names
-        return key
-    if model_name == 'lit_ti':
-        key = re.sub(r'^stages\.(\d)\.downsample\.', lambda m: f'patch_embed{int(m[1]) + 1}.', key)
-        key = re.sub(r'^stages\.(\d)\.pos_embed$', lambda m: f'pos_embed{int(m[1]) + 1}', key)
-        key = re.sub(r'^stages\.(\d)\.blocks\.', lambda m: f'block{int(m[1]) + 1}.', key)
-        return re.sub(r'^patch_embed\.', 'patch_embed1.', key)
-    key = re.sub(r'^out_norms\.(\d)\.', r'norm\1.', key)  # LIT-S/M/B
-    key = re.sub(r'^stages\.(\d)\.downsample\.', lambda m: f'layers.{int(m[1]) - 1}.downsample.', key)
-    return re.sub(r'^stages\.(\d)\.blocks\.', r'layers.\1.blocks.', key)
-
-
-def to_upstream(state_dict, model_name, prefix=''):
-    """A state dict in the authors' mmdet 2.x layout: backbone keys renamed, neck and heads as they are."""
-    return {
-        (f'backbone.{upstream_backbone_key(k[len(prefix):], model_name)}' if k.startswith(prefix) else k): v
-        for k, v in state_dict.items()
-    }
-
-
 def test_out_norms_load_from_the_authors_lit_s_coco_checkpoint(tmp_path):
     torch.manual_seed(0)
     source = make_backbone('lit_s', out_norms=(1, 2, 3), img_size=800)
@@ -476,7 +415,7 @@ def test_out_norms_load_from_the_authors_lit_s_coco_checkpoint(tmp_path):
             norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
     path = tmp_path / 'lit_s_coco.pth'
     meta = dict(mmdet_version='2.11.0', CLASSES=np.array(['person']))  # numpy in meta, as mmcv saves it
-    torch.save({'meta': meta, 'state_dict': to_upstream(source.state_dict(), 'lit_s')}, path)
+    torch.save({'meta': meta, 'state_dict': upstream_detector(source.state_dict(), 'lit_s')}, path)
     loaded = make_backbone('lit_s', out_norms=(1, 2, 3), img_size=800, init_cfg=pretrained(path))
     loaded.init_weights()
     assert loaded.body.model.stages[2].blocks[0].attn.relative_position_bias_table.shape[0] == 99 * 99
@@ -513,25 +452,6 @@ def test_lesa_config_without_its_imagenet_file_names_the_link_and_the_path(tmp_p
         model.init_weights()
     assert cfg.model.backbone.init_cfg.checkpoint in str(error.value)
     assert cfg.model.backbone.init_cfg.origin_url in str(error.value)
-
-
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    """A Hugging Face cache with chosen repos, and no network (the real hub code path)."""
-    import huggingface_hub.constants as constants
-    import safetensors.torch
-    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
-    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
-
-    def add_repo(repo_id, state_dict, commit='a' * 40):
-        repo = tmp_path / 'hub' / ('models--' + repo_id.replace('/', '--'))
-        (repo / 'refs').mkdir(parents=True)
-        (repo / 'refs' / 'main').write_text(commit)
-        snapshot = repo / 'snapshots' / commit
-        snapshot.mkdir(parents=True)
-        safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()},
-                                    str(snapshot / 'model.safetensors'))
-    return add_repo
 
 
 def test_init_weights_from_the_hub(offline_hub):
@@ -583,7 +503,7 @@ def test_detector_checkpoint_loading_is_strict_with_clear_errors(tmp_path):
 
     upstream = tmp_path / 'upstream.pth'  # the authors' layout converts on the fly
     meta = dict(mmdet_version='2.11.0', CLASSES=np.array(['a', 'b']))
-    torch.save({'meta': meta, 'state_dict': to_upstream(state_dict, 'lesa_resnet50_det', 'backbone.')}, upstream)
+    torch.save({'meta': meta, 'state_dict': upstream_detector(state_dict, 'lesa_resnet50_det', 'backbone.')}, upstream)
     again = build(cfg)
     assert load_detector_checkpoint(again, str(upstream))['mmdet_version'] == '2.11.0'
     torch.testing.assert_close(again.state_dict(), state_dict)
@@ -603,8 +523,9 @@ def test_detector_checkpoint_loading_is_strict_with_clear_errors(tmp_path):
 ], ids=lambda p: p.name)
 def test_converter_round_trips_the_authors_layout(path, tmp_path):
     torch.manual_seed(0)
-    options = {'model.backbone.img_size': SMALL} if 'lesa' in path.name else {}
+    options = {'model.backbone.img_size': DETECTION_SIZE} if 'lesa' in path.name else {}
     cfg = small_config(path, **options)
+    options.update({f'model.backbone.{k}': v for k, v in reduced_depth(cfg.model.backbone.model_name).items()})
     model = build(cfg)
     with torch.no_grad():  # nothing at its init value, so a dropped or swapped tensor shows
         for value in model.state_dict().values():
@@ -612,7 +533,7 @@ def test_converter_round_trips_the_authors_layout(path, tmp_path):
                 value.add_(torch.rand_like(value) * 0.1)
     upstream = tmp_path / 'upstream.pth'
     meta = dict(mmdet_version='2.11.0', CLASSES=np.array(['a', 'b']), epoch=12)
-    upstream_state = to_upstream(model.state_dict(), cfg.model.backbone.model_name, 'backbone.')
+    upstream_state = upstream_detector(model.state_dict(), cfg.model.backbone.model_name, 'backbone.')
     torch.save({'meta': meta, 'state_dict': upstream_state}, upstream)
     converted = tmp_path / 'converted.pth'
     cfg_options = dict(options, **{'model.backbone.init_cfg': None})
@@ -628,7 +549,7 @@ def test_converter_round_trips_the_authors_layout(path, tmp_path):
 def test_converter_refuses_a_checkpoint_of_another_backbone(tmp_path):
     lit_ti = build(small_config(MASK_RCNN_LIT_TI))
     upstream = tmp_path / 'lit_ti_mask_rcnn.pth'
-    torch.save({'state_dict': to_upstream(lit_ti.state_dict(), 'lit_ti', 'backbone.')}, upstream)
+    torch.save({'state_dict': upstream_detector(lit_ti.state_dict(), 'lit_ti', 'backbone.')}, upstream)
     with pytest.raises(CheckpointError, match='does not fit'):
         convert_coco_checkpoint(str(MASK_RCNN_LIT_S), str(upstream), str(tmp_path / 'out.pth'))
     result = subprocess.run(

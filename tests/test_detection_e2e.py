@@ -6,34 +6,21 @@ import os
 import pickle
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from lesa_lit_det.synthetic import SyntheticCocoSpec, make_synthetic_coco
-from test_detection import to_upstream
-from test_detection_weights import save_crafted
+from _helpers import DEMO_CONFIG, DETECTION, RETINA_LIT_TI, MASK_RCNN_LIT_TI, ROOT, SMALL, save_crafted, \
+    OpensAFile, upstream_detector
 
-ROOT = Path(__file__).resolve().parents[1]
-DETECTION = ROOT / 'detection'
-DEMO_CONFIG = DETECTION / 'configs' / 'demo' / 'mask-rcnn_lit-ti_fpn_128-demo_synthetic-coco.py'
-RETINA_LIT_TI = DETECTION / 'configs' / 'lit' / 'retinanet_lit-ti_fpn_1x_coco.py'
-MASK_RCNN_LIT_TI = DETECTION / 'configs' / 'lit' / 'mask-rcnn_lit-ti_fpn_1x_coco.py'
-# the demo config, smaller: 128-pixel images, 2 per step, single-process data loading
-QUICK = ['--input-size', '128', '--cfg-options', 'train_dataloader.batch_size=2', 'train_dataloader.num_workers=0',
-         'train_dataloader.persistent_workers=False', 'test_dataloader.num_workers=0',
-         'test_dataloader.persistent_workers=False']
+LIT_TI_DEPTHS = 'model.backbone.depths=({})'.format(','.join(map(str, SMALL['lit_ti']['depths'])))
+# the demo config, smaller: one block per LIT-Ti stage, 128-pixel images, 2 per step, single-process data loading
+QUICK = ['--input-size', '128', '--cfg-options', LIT_TI_DEPTHS, 'train_dataloader.batch_size=2',
+         'train_dataloader.num_workers=0', 'train_dataloader.persistent_workers=False',
+         'test_dataloader.num_workers=0', 'test_dataloader.persistent_workers=False']
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('hub_caches')]
-
-
-@pytest.fixture(scope='module')
-def coco(tmp_path_factory):
-    root = tmp_path_factory.mktemp('e2e') / 'coco'
-    make_synthetic_coco(str(root), SyntheticCocoSpec(num_train=4, num_val=2, num_test=2, min_side=96, max_side=144))
-    return root
 
 
 def run(script, *args, timeout=600, **env_vars):
@@ -80,7 +67,7 @@ def authors_layout(checkpoint_path, out):
     from mmengine.runner import CheckpointLoader
     state_dict = CheckpointLoader.load_checkpoint(str(checkpoint_path), map_location='cpu')['state_dict']
     meta = dict(mmdet_version='2.11.0', CLASSES=np.array(get_classes('coco')), epoch=12)
-    torch.save({'meta': meta, 'state_dict': to_upstream(state_dict, 'lit_ti', 'backbone.')}, out)
+    torch.save({'meta': meta, 'state_dict': upstream_detector(state_dict, 'lit_ti', 'backbone.')}, out)
     return out
 
 
@@ -128,7 +115,7 @@ def test_infer_tool_draws_and_writes_predictions(coco, trained, tmp_path, releas
     result = subprocess.run(
         [sys.executable, str(DETECTION / 'tools' / 'infer.py'), str(DEMO_CONFIG), url,
          str(coco / 'val2017'), '--out-dir', str(out), '--score-thr', '0', '--device', 'cpu', '--cfg-options',
-         'model.test_cfg.rcnn.score_thr=0.0'],
+         LIT_TI_DEPTHS, 'model.test_cfg.rcnn.score_thr=0.0'],
         cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
     ok(result)
     images = sorted(p.name for p in (coco / 'val2017').iterdir())
@@ -143,7 +130,7 @@ def test_crafted_checkpoints_are_refused_by_the_scripts(coco, trained, tmp_path)
     """test.sh, train.sh --resume and infer.py stop with an error naming the call; the file is never created."""
     from mmengine.runner import CheckpointLoader
     marker = tmp_path / 'created_by_the_checkpoint'
-    crafted = save_crafted(tmp_path / 'crafted.pth', marker, CheckpointLoader.load_checkpoint(
+    crafted = save_crafted(tmp_path / 'crafted.pth', marker, OpensAFile, CheckpointLoader.load_checkpoint(
         str(trained / 'epoch_2.pth'), map_location='cpu')['state_dict'])
     results = [
         run('test.sh', DEMO_CONFIG, crafted, 0, '--data-root', coco, '--work-dir', tmp_path / 'test', *QUICK),

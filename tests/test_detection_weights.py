@@ -20,29 +20,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lesa_lit_det.convert import convert_coco_checkpoint, load_detector_checkpoint
 from lesa_lit_det.engine import load_config
 from lesa_lit_models._checkpoint import CheckpointError, DownloadError, UnsafeCheckpointError
-from test_detection import MASK_RCNN_LIT_TI, build, make_backbone, pretrained, small_config, to_upstream, \
-    upstream_backbone_key
+from _helpers import MASK_RCNN_LIT_TI, OpensAFile, build, make_backbone, pretrained, save_crafted, small_config, \
+    upstream_detector, upstream_key
 
 LESA_IMG = 64  # LESA COCO backbones at 64x64: grids of 16, 8, 4, 2
 
 
 pytestmark = pytest.mark.usefixtures('hub_caches')
-
-
-class CreatesAFile:
-    """Unpickling this calls ``open(path, 'w')`` (pickled as ``io.open``): the file appears if a loader runs what a
-    checkpoint names."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return open, (self.path, 'w')
-
-
-def save_crafted(path, marker, state_dict):
-    torch.save({'meta': {'note': CreatesAFile(marker)}, 'state_dict': state_dict}, path)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -51,7 +35,7 @@ def save_crafted(path, marker, state_dict):
 
 def authors_lit_ti_imagenet(model):
     """A LIT-Ti ImageNet checkpoint in the authors' (DeiT-style) layout: ``model`` and ``args``."""
-    state_dict = {upstream_backbone_key(f'body.model.{k}', 'lit_ti'): v for k, v in model.state_dict().items()}
+    state_dict = {upstream_key(k, 'lit_ti'): v for k, v in model.state_dict().items()}
     return {'model': state_dict, 'args': argparse.Namespace(model='lit_ti', lr=5e-4), 'epoch': 299}
 
 
@@ -86,9 +70,9 @@ def test_crafted_checkpoint_is_refused_everywhere_and_runs_nothing(tmp_path, rel
     marker = tmp_path / 'created_by_the_checkpoint'
     cfg = small_config(MASK_RCNN_LIT_TI)
     model = build(cfg)
-    authors = to_upstream(model.state_dict(), 'lit_ti', 'backbone.')
-    crafted = save_crafted(tmp_path / 'crafted.pth', marker, authors)
-    save_crafted(release_server.root / 'crafted.pth', marker, authors)
+    authors = upstream_detector(model.state_dict(), 'lit_ti', 'backbone.')
+    crafted = save_crafted(tmp_path / 'crafted.pth', marker, OpensAFile, authors)
+    save_crafted(release_server.root / 'crafted.pth', marker, OpensAFile, authors)
 
     for source in (str(crafted), release_server.url('/crafted.pth')):
         with pytest.raises(UnsafeCheckpointError, match='io.open'):  # TimmBackbone weights, file and URL
