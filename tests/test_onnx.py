@@ -1,0 +1,151 @@
+"""ONNX: every model exports with ``torch.onnx.export(..., dynamo=True)`` and onnxruntime computes what eager does.
+
+onnxruntime (CPU) against eager PyTorch in float32 on the same input, judged against the model's own float32
+rounding: the error must be within 10x of eager float32 against eager float64, or within 1e-4 of the largest output
+where that is larger (a random deep network amplifies rounding, see ``docs/attention.md``). Weights are random
+everywhere (deformable offsets and LayerNorm affine parameters included) and BatchNorm statistics calibrated on
+random inputs, as a trained network's match its activations. Models are the registered ones at reduced depth (the
+exporter's tracing, not the arithmetic, is the cost): every path of each family, 64x64 inputs, the banded attention
+of the eager models one query row per band. Batch, height and width are dynamic where the model takes any size;
+each file runs at a second size and batch (a fixed-size LESA classifier: a second batch).
+"""
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+onnxruntime = pytest.importorskip('onnxruntime')
+pytest.importorskip('onnxscript')
+
+from lesa_lit_models.export import check_onnx, export_onnx, takes_any_size  # noqa: E402
+from lesa_lit_models.hub import package_models  # noqa: E402
+from lesa_lit_models.layers.lesa_fused import _relative_bias_attention  # noqa: E402
+from lesa_lit_models.layers.banded_attention import dense_bias_attention  # noqa: E402
+from lesa_lit_models.lit import _offset_bias_attention  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 64
+_LESA = dict(layers=(1, 1, 2, 1), img_size=SIZE)
+_LIT = dict(depths=(1, 1, 1, 1))
+REDUCED = {  # each registered model at reduced depth, its own widths; several bands in the eager banded attention
+    'lesa_resnet50': _LESA, 'lesa_wrn50': _LESA,
+    'lesa_resnet50_det': dict(_LESA, max_chunk_logits=1), 'lesa_wrn50_det': dict(_LESA, max_chunk_logits=1),
+    'lit_ti': _LIT, 'lit_s': dict(_LIT, max_chunk_logits=1), 'lit_m': dict(_LIT, max_chunk_logits=1),
+    'lit_b': dict(_LIT, max_chunk_logits=1),
+}
+
+
+def _as_list(out) -> List[torch.Tensor]:
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def _calibrated(name: str, features_only: bool) -> nn.Module:
+    """The reduced model in float64, random everywhere, its BatchNorm statistics those of random inputs."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, features_only=features_only, dtype=torch.float64, **REDUCED[name])
+    norms = []
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the calibration batches
+                norms.append(m)
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(.5, 1.5)
+                m.bias.normal_(0, .1)
+            elif hasattr(m, 'conv_offset'):
+                m.conv_offset.weight.normal_(0, .02)
+                m.conv_offset.bias.normal_(0, .1)
+        model.train()
+        for _ in range(4):
+            model(torch.randn(4, 3, SIZE, SIZE, dtype=torch.float64))
+    assert norms and all(m.num_batches_tracked == 4 for m in norms)
+    return model.eval()
+
+
+def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('features_only', [False, True], ids=['classifier', 'features'])
+@pytest.mark.parametrize('name', package_models())
+def test_onnxruntime_matches_eager_within_the_models_own_rounding(name, features_only, tmp_path):
+    """One export per model and mode, run by onnxruntime at the export size and at a second size (or batch)."""
+    model64 = _calibrated(name, features_only)
+    model = copy.deepcopy(model64).float()
+    any_size = takes_any_size(model)
+    assert any_size == (name not in ('lesa_resnet50', 'lesa_wrn50'))  # LESA's classification tables take one size
+    gen = torch.Generator().manual_seed(1)
+    path = export_onnx(model, tmp_path / 'model.onnx', torch.randn(2, 3, SIZE, SIZE, generator=gen))
+    session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    second = (3, 3, SIZE + 32, SIZE + 64) if any_size else (3, 3, SIZE, SIZE)
+    for shape in ((1, 3, SIZE, SIZE), second):
+        x = torch.randn(shape, dtype=torch.float64, generator=gen)
+        got = [torch.from_numpy(o) for o in session.run(None, {'image': x.float().numpy()})]
+        with torch.no_grad():
+            want, truth = _as_list(model(x.float())), _as_list(model64(x))
+        assert [g.shape for g in got] == [w.shape for w in want]
+        for i, (g, w, t) in enumerate(zip(got, want, truth)):
+            error, rounding, scale = _max_abs(g, w), _max_abs(w, t), t.abs().max().item()
+            print(f'{name} {"features" if features_only else "classifier"} {tuple(shape)} output {i}: onnxruntime '
+                  f'vs eager fp32 {error:.2e}, eager fp32 vs fp64 {rounding:.2e}, max |output| {scale:.3g}')
+            assert error <= max(10 * rounding, 1e-4 * scale), (error, rounding, scale)
+
+
+@pytest.mark.parametrize('op', [_relative_bias_attention, _offset_bias_attention], ids=['lesa', 'lit'])
+def test_dense_form_of_the_banded_attention_equals_the_operator(op):
+    """What an ONNX export records (all queries in one band, plain matmul / softmax) equals the operator's bands, in
+    float64, with the operator's output layout."""
+    grid, groups, dim = (5, 3), 2, 4
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, groups, grid[0] * grid[1], dim, dtype=torch.float64, generator=gen) for _ in range(3))
+    if op is _relative_bias_attention:
+        query_bias = torch.randn(*q.shape[:-1], dim + 1, dtype=torch.float64, generator=gen)
+        shared_bias = torch.randn(grid[0] ** 2 + grid[1] ** 2, dim, dtype=torch.float64, generator=gen)
+    else:
+        query_bias = None
+        shared_bias = torch.randn(groups, 2 * grid[0] - 1, 2 * grid[1] - 1, dtype=torch.float64, generator=gen)
+    for out_transposed in (False, True):
+        want = op(q, k, v, query_bias, shared_bias, list(grid), groups * 2 * grid[1] * q.shape[2], .5, out_transposed)
+        got = dense_bias_attention(op.bias_fn, q, k, v, query_bias, shared_bias, grid, .5, out_transposed)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        assert got.stride() == want.stride()
+
+
+@pytest.mark.slow
+def test_export_command_writes_a_checked_model_onnx_into_a_converted_folder(tmp_path):
+    """``lesa-lit-export FOLDER`` on a timm-format folder (what lesa-lit-convert writes): model.onnx beside its
+    weights, checked at the export size and another, exit status 0; the same file against other weights fails the
+    check."""
+    kwargs = dict(embed_dims=(8, 16, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), num_classes=10)
+    model = timm.create_model('lit_s', **kwargs)
+    folder = tmp_path / 'lit_s_tiny'
+    timm.models.save_for_hf(model, folder, model_args=kwargs)
+    result = subprocess.run([sys.executable, '-m', 'lesa_lit_models.export', str(folder), '--input-size', '64', '96'],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    onnx_file = folder / 'model.onnx'
+    assert f'-> {onnx_file} ({onnx_file.stat().st_size:,} bytes)' in result.stdout
+    assert 'dynamic batch, height and width' in result.stdout
+    checked = [line for line in result.stdout.splitlines() if line.startswith('Checked on a random')]
+    assert [line.split(' input:')[0] for line in checked] == ['Checked on a random 1x3x64x96',
+                                                              'Checked on a random 1x3x64x128']
+    assert all(line.endswith(': ok') for line in checked)
+
+    other = timm.create_model('lit_s', **kwargs)  # other random weights
+    checks = check_onnx(other, onnx_file, [torch.randn(1, 3, 64, 96)])
+    assert not checks[0].passed and 'FAILED' in checks[0].summary()
+
+
+def test_export_command_names_the_problem():
+    result = subprocess.run([sys.executable, '-m', 'lesa_lit_models.export', 'resnet50'], capture_output=True,
+                            text=True)
+    assert result.returncode == 1
+    assert 'neither a folder nor a model of this package' in result.stderr
