@@ -23,6 +23,7 @@ import torch.nn as nn
 onnxruntime = pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')
 
+from lesa_lit_models import timm_script  # noqa: E402
 from lesa_lit_models.export import check_onnx, export_onnx, takes_any_size  # noqa: E402
 from lesa_lit_models.hub import package_models  # noqa: E402
 from lesa_lit_models.layers.lesa_fused import _relative_bias_attention  # noqa: E402
@@ -149,3 +150,55 @@ def test_export_command_names_the_problem():
                             text=True)
     assert result.returncode == 1
     assert 'neither a folder nor a model of this package' in result.stderr
+
+
+# a stand-in for timm's validate.py (tests run without a timm checkout): the same timm calls, no edit for this package
+_VALIDATE_SCRIPT = '''
+import argparse
+
+import timm
+import torch
+from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.utils import ParseKwargs, accuracy
+
+parser = argparse.ArgumentParser()
+parser.add_argument('--data-dir', required=True)
+parser.add_argument('--model', required=True)
+parser.add_argument('--num-classes', type=int)
+parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+
+if __name__ == '__main__':
+    args = parser.parse_args()
+    model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs).eval()
+    config = resolve_data_config(vars(args), model=model)
+    loader = create_loader(create_dataset('', root=args.data_dir), batch_size=2, use_prefetcher=False, **config)
+    top1, count = 0., 0
+    with torch.no_grad():
+        for images, targets in loader:
+            top1 += accuracy(model(images), targets, topk=(1,))[0].item() * len(images)
+            count += len(images)
+    print(f'{args.model}: {count} images at {config["input_size"]}, top-1 {top1 / count:.1f}')
+'''
+
+
+@pytest.mark.slow
+def test_timm_scripts_run_with_the_models_registered(tmp_path):
+    """``python -m lesa_lit_models.timm_script validate.py --model lit_ti ...`` evaluates on an ImageFolder; the
+    same script run by itself does not know the model."""
+    from PIL import Image
+    for label in ('cat', 'dog'):
+        (tmp_path / 'data' / label).mkdir(parents=True)
+        for i in range(2):
+            Image.new('RGB', (40, 32), (80 * i, 60, 200)).save(tmp_path / 'data' / label / f'{i}.png')
+    script = tmp_path / 'validate.py'
+    script.write_text(_VALIDATE_SCRIPT)
+    args = [str(script), '--data-dir', str(tmp_path / 'data'), '--model', 'lit_ti', '--num-classes', '2',
+            '--model-kwargs', 'embed_dims=(8,16,32,32)', 'depths=(1,1,1,1)', 'num_heads=(1,2,2,4)']
+    result = subprocess.run([sys.executable, '-m', 'lesa_lit_models.timm_script', *args], capture_output=True,
+                            text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert 'lit_ti: 4 images at (3, 224, 224), top-1 ' in result.stdout
+    plain = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=tmp_path)
+    assert plain.returncode != 0 and 'Unknown model (lit_ti)' in plain.stderr
+    with pytest.raises(SystemExit, match='is not a file'):
+        timm_script.main([str(tmp_path / 'nope.py')])
