@@ -5,9 +5,11 @@ rounding: the error must be within 10x of eager float32 against eager float64, o
 where that is larger (a random deep network amplifies rounding, see ``docs/attention.md``). Weights are random
 everywhere (deformable offsets and LayerNorm affine parameters included) and BatchNorm statistics calibrated on
 random inputs, as a trained network's match its activations. Models are the registered ones at reduced depth (the
-exporter's tracing, not the arithmetic, is the cost): every path of each family, 64x64 inputs, the banded attention
-of the eager models one query row per band. Batch, height and width are dynamic where the model takes any size;
-each file runs at a second size and batch (a fixed-size LESA classifier: a second batch).
+exporter's tracing, not the arithmetic, is the cost: tens of seconds per export on 2 cores): every path of each
+family, 64x64 inputs, the banded attention of the eager models one query row per band. Each family's first model
+exports as a classifier and as features; the wider or deeper siblings (LESA-WRN50, LIT-M/B: the same code at other
+widths and depths) in the mode they are deployed in. Batch, height and width are dynamic where the model takes any
+size; each file runs at a second size and batch (a fixed-size LESA classifier: a second batch).
 """
 import copy
 import subprocess
@@ -37,9 +39,13 @@ _LIT = dict(depths=(1, 1, 1, 1))
 REDUCED = {  # each registered model at reduced depth, its own widths; several bands in the eager banded attention
     'lesa_resnet50': _LESA, 'lesa_wrn50': _LESA,
     'lesa_resnet50_det': dict(_LESA, max_chunk_logits=1), 'lesa_wrn50_det': dict(_LESA, max_chunk_logits=1),
-    'lit_ti': _LIT, 'lit_s': dict(_LIT, max_chunk_logits=1), 'lit_m': dict(_LIT, max_chunk_logits=1),
+    'lit_ti': _LIT, 'lit_s': dict(_LIT, max_chunk_logits=1), 'lit_m': dict(depths=(1, 1, 2, 1), max_chunk_logits=1),
     'lit_b': dict(_LIT, max_chunk_logits=1),
 }
+# (model, features_only): both modes of each family's first model, one of each sibling
+EXPORT_CASES = [(name, features_only) for name in ('lesa_resnet50', 'lesa_resnet50_det', 'lit_ti', 'lit_s')
+                for features_only in (False, True)] + [
+    ('lesa_wrn50', False), ('lesa_wrn50_det', True), ('lit_m', True), ('lit_b', False)]
 
 
 def _as_list(out) -> List[torch.Tensor]:
@@ -74,9 +80,14 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
+def test_every_registered_model_has_an_export_case():
+    assert {name for name, _ in EXPORT_CASES} == set(package_models()) == set(REDUCED)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize('features_only', [False, True], ids=['classifier', 'features'])
-@pytest.mark.parametrize('name', package_models())
+@pytest.mark.parametrize('name, features_only', [
+    pytest.param(name, features_only, id=f'{name}-{"features" if features_only else "classifier"}')
+    for name, features_only in EXPORT_CASES])
 def test_onnxruntime_matches_eager_within_the_models_own_rounding(name, features_only, tmp_path):
     """One export per model and mode, run by onnxruntime at the export size and at a second size (or batch)."""
     model64 = _calibrated(name, features_only)
