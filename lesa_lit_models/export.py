@@ -230,7 +230,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for check in checks:
             print(f'Checked on a random {check.summary()}')
         return 0 if all(c.passed for c in checks) else 1
-    except (ImportError, ValueError, RuntimeError, OSError) as e:
+    except (ImportError, TypeError, ValueError, RuntimeError, OSError) as e:
         print(f'{parser.prog}: error: {e}', file=sys.stderr)
         return 1
 
