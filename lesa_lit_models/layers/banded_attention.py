@@ -17,7 +17,8 @@ ONNX has no such operator: while ``torch.onnx.export`` traces a model, :func:`ba
 the same function in standard ops instead (:func:`dense_bias_attention`: the whole bias from the family's bias
 function, then ``MatMul``, ``Softmax``, ``MatMul``), so a plain ``torch.onnx.export(model, ..., dynamo=True)``
 needs no custom translation table, and the graph follows the input size through its shapes. That attention is
-dense (a tokens x tokens tensor per head), which inference can afford.
+dense: it holds a tokens x tokens tensor per head, as the authors' code does. A program made by
+``torch.export.export`` holds the operator itself, which has no ONNX translation: export the module.
 """
 from typing import Callable, List, Optional, Sequence, Tuple
 
