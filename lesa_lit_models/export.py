@@ -217,7 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         generator = torch.Generator().manual_seed(0)
         example = torch.randn(args.batch_size, 3, height, width, generator=generator)
         export_onnx(model, output, example, dynamic_size, args.opset)
-        shape = 'dynamic batch' + (', height and width (multiples of 32)' if dynamic_size else
+        shape = 'dynamic batch' + (', height and width in multiples of 32' if dynamic_size else
                                    f', {height}x{width} only')
         print(f'Exported {args.model}{" features" if args.features else ""} ({shape}) -> {output} '
               f'({output.stat().st_size:,} bytes)')
