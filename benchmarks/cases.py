@@ -83,6 +83,8 @@ class Case:
     ``bf16`` runs the model under ``torch.autocast(dtype=torch.bfloat16)`` (mixed precision, as the LIT detector
     configs train on GPU); otherwise fp32.
     ``compiled`` runs ``torch.compile(model)`` (inductor); its first call, the compilation, is timed apart.
+    ``onnxruntime`` (forward, CPU) exports the model to ONNX (dynamic batch, height and width) and runs the file with
+    onnxruntime's CPU provider, with as many intra-op threads as torch has; the export is timed apart.
     """
     model: str
     img_size: Tuple[int, int]
@@ -95,6 +97,7 @@ class Case:
     model_kwargs: Tuple[Tuple[str, object], ...] = ()
     bf16: bool = False
     compiled: bool = False
+    onnxruntime: bool = False
     warmup: int = 1
     iters: int = 3
 
@@ -103,6 +106,8 @@ class Case:
             raise ValueError(f'Unknown mode {self.mode!r}; use one of {MODES}.')
         if self.warmup < 1 or self.iters < 1:
             raise ValueError('A case needs at least one warm-up and one timed iteration.')
+        if self.onnxruntime and (self.mode != 'fwd' or self.compiled or self.bf16):
+            raise ValueError('An onnxruntime case is an fp32 forward of the exported model (not compiled).')
 
     @classmethod
     def from_dict(cls, d: Dict) -> 'Case':
@@ -115,9 +120,14 @@ class Case:
 
     @property
     def setting(self) -> Tuple:
-        """Everything but the mode and the iteration counts: one table row."""
+        """Everything but the mode and the iteration counts: one table row. The runtime (compiled, onnxruntime)
+        comes last."""
         return (self.model, self.img_size, self.batch_size, self.attn_impl, self.grad_checkpointing, self.frozen_stages,
-                self.detection, self.bf16, self.compiled)
+                self.detection, self.bf16, self.compiled, self.onnxruntime)
+
+    @property
+    def eager(self) -> bool:
+        return not (self.compiled or self.onnxruntime)
 
     @property
     def key(self) -> str:
@@ -133,6 +143,8 @@ class Case:
             parts.append('bf16')
         if self.compiled:
             parts.append('compiled')
+        if self.onnxruntime:
+            parts.append('onnxruntime')
         return '-'.join(parts)
 
     @property
@@ -140,7 +152,7 @@ class Case:
         """How the case differs from the plain fp32 one: `` +ckpt``, `` +frozen_stages=N``, `` +bf16``."""
         return (' +ckpt' if self.grad_checkpointing else '') + (
             f' +frozen_stages={self.frozen_stages}' if self.frozen_stages else '') + (' +bf16' if self.bf16 else '') + (
-            ' +compile' if self.compiled else '')
+            ' +compile' if self.compiled else '') + (' +onnxruntime' if self.onnxruntime else '')
 
 
 @dataclass(frozen=True)
@@ -231,7 +243,8 @@ def suite(quick: bool = False, device: str = 'cpu') -> List[Case]:
 
 def compile_suite(quick: bool = False, device: str = 'cpu') -> List[Case]:
     """Eager and ``torch.compile``-d pairs: the classifiers at 224 (batch 4) and the detection backbones at their
-    detection sizes (batch 1, as in :func:`suite`), fwd and fwd+bwd, default attention, no checkpointing."""
+    detection sizes (batch 1, as in :func:`suite`), fwd and fwd+bwd, default attention, no checkpointing; on the CPU
+    also the detection backbones' forward exported to ONNX and run by onnxruntime."""
     if quick:
         eager = [
             *[Case('lit_ti', (64, 64), mode, warmup=1, iters=1) for mode in MODES],
@@ -251,7 +264,9 @@ def compile_suite(quick: bool = False, device: str = 'cpu') -> List[Case]:
         ]
         if device.startswith('cuda'):
             eager = [replace(c, warmup=3, iters=10) for c in eager]
-    return [c for e in eager for c in (e, replace(e, compiled=True))]
+    onnx = [replace(e, onnxruntime=True) for e in eager
+            if e.detection and e.mode == 'fwd' and not device.startswith('cuda')]
+    return [c for e in eager for c in (e, replace(e, compiled=True))] + onnx
 
 
 # a compiled detection training step should be at least this much faster than the eager one
@@ -259,14 +274,16 @@ COMPILE_TARGET = dict(min_speed_ratio=1.2)
 
 
 def _compiled_vs_eager(cases: List[Case]) -> List[Comparison]:
-    eager = {c.setting[:-1] + (c.mode,): c for c in cases if not c.compiled}
+    """Each compiled and each onnxruntime case against the eager case of the same setting."""
+    eager = {c.setting[:-2] + (c.mode,): c for c in cases if c.eager}
     out = []
     for fast in cases:
-        slow = eager.get(fast.setting[:-1] + (fast.mode,)) if fast.compiled else None
+        slow = None if fast.eager else eager.get(fast.setting[:-2] + (fast.mode,))
         if slow is not None:
             h, w = fast.img_size
-            targets = COMPILE_TARGET if fast.detection and fast.mode == 'fwd+bwd' else {}
-            out.append(Comparison(f'{fast.model} {h}x{w} {fast.mode}: compiled vs eager', fast, slow, **targets))
+            targets = COMPILE_TARGET if fast.compiled and fast.detection and fast.mode == 'fwd+bwd' else {}
+            runtime = 'compiled' if fast.compiled else 'onnxruntime'
+            out.append(Comparison(f'{fast.model} {h}x{w} {fast.mode}: {runtime} vs eager', fast, slow, **targets))
     return out
 
 
@@ -286,7 +303,7 @@ def detection_cases(cases: List[Case]) -> Dict[tuple, Case]:
     """Eager detection cases by ``(model, img_size, mode, frozen_stages, bf16, attn_impl, grad_checkpointing)``;
     a backbone's plain case (fused, no freezing, fp32, no checkpointing) is ``plain_key(model, img_size, mode)``."""
     return {(c.model, c.img_size, c.mode, c.frozen_stages, c.bf16, c.attn_impl, c.grad_checkpointing): c
-            for c in cases if c.detection and not c.compiled}
+            for c in cases if c.detection and c.eager}
 
 
 def plain_key(model: str, img_size: Tuple[int, int], mode: str, attn_impl: Optional[str] = 'fused') -> tuple:
@@ -317,7 +334,7 @@ def comparisons(cases: List[Case]) -> List[Comparison]:
             theirs = det.get(plain_key(peer, size, 'fwd+bwd', attn_impl=None))
             if ours is not None and theirs is not None:
                 out.append(Comparison(f'{model} {size[0]}x{size[1]} fwd+bwd: fused vs {peer}', ours, theirs, **targets))
-    cls = {(c.model, c.mode): c for c in cases if not c.detection and not c.compiled}
+    cls = {(c.model, c.mode): c for c in cases if not c.detection and c.eager}
     for ours, peers in PEERS.items():
         for peer in peers:
             for mode in MODES:

@@ -6,15 +6,18 @@ idle machine); then the process's peak resident size; last the memory pass, one 
 allocator's peak (``torch.cuda.max_memory_allocated`` after a reset), on CPU the peak of the bytes the CPU
 allocator reports to ``torch.profiler(profile_memory=True)`` during that iteration, added to what is resident
 before it (weights, buffers, input). It comes last because the profiler's own records would count in the
-resident size.
+resident size. onnxruntime allocates outside torch: its peak is the rise of the process's resident size (its peak
+reset after the export) over the session's creation and every run.
 
 torch and timm are imported inside the functions: the harness process stays light, and the fork server that
 starts each case has them preloaded.
 """
 import copy
+import gc
 import os
 import resource
 import statistics
+import tempfile
 import time
 import traceback
 from typing import Callable, Dict, Tuple
@@ -106,6 +109,36 @@ def _detection_backbone(case: Case):
     return MODELS.build(cfg)
 
 
+def _reset_peak_rss() -> None:
+    """Restart the process's peak resident size (``VmHWM``) from its current size (Linux ``clear_refs``)."""
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+
+
+def _onnxruntime_step(model, x, info: Dict) -> Callable[[], None]:
+    """Export ``model`` to ONNX (timed into ``info['export_s']``), drop it, and return a forward of the file in an
+    onnxruntime CPU session with torch's intra-op threads; ``info['peak_bytes']`` then reads the session's peak."""
+    import onnxruntime
+    import torch
+    from lesa_lit_models.export import export_onnx
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix='bench-onnx-') as folder:
+        path = export_onnx(model.eval(), os.path.join(folder, 'model.onnx'), torch.randn(2, *x.shape[1:]),
+                           dynamic_size=True)
+        info['export_s'] = time.perf_counter() - t0
+        del model
+        gc.collect()
+        _reset_peak_rss()
+        rss_before = proc_status_bytes('VmRSS')
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    info['peak_bytes'] = lambda: proc_status_bytes('VmHWM') - rss_before
+    return lambda: session.run(None, feed)
+
+
 def _sum_outputs(out):
     if not isinstance(out, (list, tuple, dict)):
         return out.float().sum()
@@ -118,7 +151,8 @@ def build_step(case: Case, device: str = 'cpu') -> Tuple[Callable[[], None], Cal
     """The case's model on ``device`` (``torch.compile``-d if the case says so) and one iteration of it.
 
     Returns ``(step, sync, info)``: ``step()`` runs one forward (inference mode) or forward + backward, ``sync()``
-    waits for the device, ``info`` holds ``params_m`` and ``resident_bytes`` (weights, buffers and input).
+    waits for the device, ``info`` holds ``params_m`` and ``resident_bytes`` (weights, buffers and input); for an
+    onnxruntime case also ``export_s`` and ``peak_bytes()``, the session's peak so far.
     """
     import timm
     import torch
@@ -135,6 +169,10 @@ def build_step(case: Case, device: str = 'cpu') -> Tuple[Callable[[], None], Cal
             'resident_bytes': sum(t.numel() * t.element_size() for t in tensors)}
     if case.compiled:
         model = torch.compile(model)
+    if case.onnxruntime:
+        if torch.device(device).type != 'cpu':
+            raise ValueError(f'onnxruntime cases run on the CPU, not {device}.')
+        return _onnxruntime_step(model, x, info), lambda: None, info
 
     def forward():
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=case.bf16):
@@ -168,6 +206,8 @@ def measure(case: Case, device: str = 'cpu', threads: int = 0, mem_limit_gb: flo
         return {**result, 'status': 'missing', 'error': f'{case.model} is not registered with timm'}
     step, sync, info = build_step(case, device)
     result['params_m'] = info['params_m']
+    if 'export_s' in info:
+        result['export_s'] = info['export_s']
     resident = info['resident_bytes']
     cuda = torch.device(device).type == 'cuda'
 
@@ -195,7 +235,9 @@ def measure(case: Case, device: str = 'cpu', threads: int = 0, mem_limit_gb: flo
     # the process's peak resident size, as /usr/bin/time reports it, taken before the memory pass, whose CPU
     # profiler keeps every event it records
     peak_rss = proc_status_bytes('VmHWM')
-    if cuda:
+    if 'peak_bytes' in info:  # onnxruntime: its allocations are the process's resident growth
+        peak = info['peak_bytes']()
+    elif cuda:
         torch.cuda.reset_peak_memory_stats(device)
         step()
         sync()

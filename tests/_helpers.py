@@ -66,6 +66,24 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def calibrate_batchnorms(model: nn.Module, batches) -> nn.Module:
+    """Running statistics of every BatchNorm: the average over ``batches`` (inputs of ``model``), as a trained
+    network's match its activations. A fresh network with statistics 0 / 1 explodes in eval mode and turns float32
+    rounding into large differences. The mode ``model`` was in is kept."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta, training = [m.momentum for m in norms], model.training
+    with torch.no_grad():
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        model.train()
+        for x in batches:
+            model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return model.train(training)
+
+
 def images(batch: int = 1, size=64, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
     """A reproducible batch of random images; ``size`` is a side or (height, width)."""
     size = (size, size) if isinstance(size, int) else tuple(size)

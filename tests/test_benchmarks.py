@@ -122,24 +122,32 @@ def test_compile_suite_pairs_every_model_eager_and_compiled_with_the_compile_tim
     assert len({c.key for c in cases}) == len(cases)
     assert {(c.model, c.mode, c.compiled) for c in cases} == {
         (m, mode, compiled) for m in PACKAGE_MODELS for mode in MODES for compiled in (False, True)}
+    onnx = [c for c in cases if c.onnxruntime]  # the detection backbones' forward, on the CPU only
+    assert {(c.model, c.img_size, c.mode) for c in onnx} == {
+        (c.model, c.img_size, 'fwd') for c in cases if c.detection and c.eager}
+    assert not any(c.onnxruntime for c in compile_suite(device='cuda'))
     assert {(c.img_size, c.batch_size) for c in cases if not c.detection} == {((224, 224), 4)}
     assert {c.model for c in cases if c.detection} == {'lesa_resnet50_det', 'lesa_wrn50_det', 'lit_s', 'lit_ti'}
     assert {c.img_size for c in cases if c.model.startswith('lit_') and c.detection} == {(800, 1344)}
     by_title = {c.title: c for c in comparisons(cases)}
-    assert len(by_title) == len(cases) // 2
+    assert len(by_title) == len(cases) - sum(c.eager for c in cases)
     assert by_title['lesa_resnet50_det 1024x1024 fwd+bwd: compiled vs eager'].min_speed_ratio == 1.2
     assert by_title['lit_s 224x224 fwd+bwd: compiled vs eager'].min_speed_ratio is None
+    ort = by_title['lit_s 800x1344 fwd: onnxruntime vs eager']
+    assert ort.slow.eager and ort.slow.detection and ort.min_speed_ratio is None
 
-    results = {c.key: {'status': 'ok', 'peak_bytes': 2 ** 30, 'img_per_s': 3. if c.compiled else 2., 'params_m': 25.,
-                       **({'compile_s': 42.} if c.compiled else {})} for c in cases}
+    results = {c.key: {'status': 'ok', 'peak_bytes': 2 ** 30, 'img_per_s': 2. if c.eager else 3., 'params_m': 25.,
+                       **({'compile_s': 42.} if c.compiled else {}), **({'export_s': 7.} if c.onnxruntime else {})}
+               for c in cases}
     meta = {'command': 'python -m benchmarks.run --compile', 'date': 'today', 'commit': 'abc1234', 'mem_limit_gb': 12.,
             'load_before': '0', 'load_after': '0',
             'device': {'name': 'cuda', 'description': 'test GPU', 'torch': '2', 'timm': '1', 'threads': 1}}
     report.write_markdown(str(tmp_path / 'results.md'), meta, cases, results)
     md = (tmp_path / 'results.md').read_text()
-    assert '## torch.compile vs eager' in md and '## Fused vs reference' not in md
+    assert '## torch.compile and onnxruntime vs eager' in md and '## Fused vs reference' not in md
     assert '| lesa_resnet50_det 1024x1024 fwd+bwd: compiled vs eager | 1.00x | 1.50x | speed >= 1.2x: met | 42 |' in md
     assert '| lesa_resnet50_det | 1024x1024 | default +compile |' in md
+    assert '| lit_s 800x1344 fwd: onnxruntime vs eager | 1.00x | 1.50x | — | 7 |' in md
 
 
 def _fake_results(cases, oom_keys=()):

@@ -12,6 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lesa_lit_models.layers import lesa_fused
 from lesa_lit_models.layers.lesa_attention import classification_binary_reference, detection_qr_binary_reference
 from lesa_lit_models.layers.lesa_fused import detection_qr_binary
+from _helpers import calibrate_batchnorms
 
 
 def reference_detection_qr_binary(q, k, v, rel_height, rel_width, grid, bn_similarity):
@@ -256,19 +257,11 @@ def test_own_references_match_the_module_references(mode):
         torch.testing.assert_close(module, ours)
 
 
-def calibrate_batchnorms(model, image, seed):
-    """Running statistics of every BN from ``image`` (a fresh untrained net with running stats 0/1 explodes in
-    eval mode, which turns float32 rounding into large differences), then non-trivial ``bn_similarity``
-    affine parameters and running statistics."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    training = model.training
+def calibrate_with_random_similarity_norms(model, image, seed):
+    """BatchNorm statistics of ``image``, then non-trivial ``bn_similarity`` affine parameters and running
+    statistics."""
+    calibrate_batchnorms(model, [image])
     with torch.no_grad():
-        for bn in bns:
-            bn.momentum = 1.0
-        model.train()(image)
-        for bn in bns:
-            bn.momentum = 0.1
-        model.train(training)
         gen = torch.Generator().manual_seed(seed)
         for name, module in model.named_modules():
             if name.endswith('bn_similarity'):
@@ -292,7 +285,7 @@ def test_lesa_resnet50_det_fused_equals_reference():
         models[impl] = timm.create_model(
             'lesa_resnet50_det', img_size=64, features_only=True, attn_impl=impl, dcn_stages=(False,) * 4,
         ).double()
-    calibrate_batchnorms(models['reference'], image, seed=0)
+    calibrate_with_random_similarity_norms(models['reference'], image, seed=0)
     models['fused'].load_state_dict(models['reference'].state_dict())
 
     for mode in ('eval', 'train'):

@@ -9,9 +9,10 @@ covered without editing this file. To fit a few minutes on 2 CPU cores:
   FX) run on the models with at most ``HEAVY_MAX_PARAMS`` parameters (lesa_resnet50, lesa_resnet50_det, lit_ti,
   lit_s). The giants (LESA-WRN50, LIT-M, LIT-B) are the same code, only wider or deeper, and are skipped there.
 
-Input sizes follow timm's harness: the cfg's ``input_size`` for ``fixed_input_size`` models, else ``SMALL`` px;
-a flexible model whose constructor sizes its tables by ``img_size`` (the LESA ``_det`` backbones) is built
-with ``img_size=SMALL``.
+Every model is built at its SMALL configuration (_helpers.py: the same code with fewer blocks and narrower stages;
+the contract does not depend on the size). Input sizes follow timm's harness: the cfg's ``input_size`` for
+``fixed_input_size`` models, else ``SIZE`` px; a flexible model whose constructor sizes its tables by ``img_size``
+is built with ``img_size=SIZE``.
 
 TorchScript is not
 covered: no model of the package runs scripted (LIT-S list sizes, and the shared
@@ -28,8 +29,9 @@ import torch
 from timm.layers import create_feature_extractor, get_channel_dim, get_graph_node_names, get_spatial_dim
 
 from lesa_lit_models.hub import package_models
+from _helpers import SMALL
 
-SMALL = 64
+SIZE = 64
 HEAVY_MAX_PARAMS = 30_000_000
 
 @functools.lru_cache(maxsize=None)
@@ -55,12 +57,12 @@ def _test_setup(name: str) -> Tuple[Dict[str, Any], Tuple[int, int, int]]:
     if cfg.get('fixed_input_size'):
         return {}, tuple(cfg['input_size'])
     takes_img_size = 'img_size' in inspect.signature(_num_params_and_class(name)[1].__init__).parameters
-    return (dict(img_size=SMALL) if takes_img_size else {}), (3, SMALL, SMALL)
+    return (dict(img_size=SIZE) if takes_img_size else {}), (3, SIZE, SIZE)
 
 
 def _create(name: str, **kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model(name, **{**_test_setup(name)[0], **kwargs})
+    return timm.create_model(name, **{**SMALL[name.split('.')[0]], **_test_setup(name)[0], **kwargs})
 
 
 def _input(name: str, batch_size: int = 1, in_chans: int = 3) -> torch.Tensor:

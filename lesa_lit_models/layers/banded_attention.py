@@ -12,13 +12,21 @@ kernel returns the gradient of a trained bias as one dense (tokens x tokens) ten
 Each bias family is one custom operator (:func:`banded_bias_attention_op`), forward and backward, so
 ``torch.compile`` and ``torch.export`` see one node per attention and the bands follow the actual input size.
 See ``docs/attention.md`` for the derivation and the measurements that chose this split.
+
+ONNX has no such operator: while ``torch.onnx.export`` traces a model, :func:`banded_bias_attention` records
+the same function in standard ops instead (:func:`dense_bias_attention`: the whole bias from the family's bias
+function, then ``MatMul``, ``Softmax``, ``MatMul``), so a plain ``torch.onnx.export(model, ..., dynamo=True)``
+needs no custom translation table, and the graph follows the input size through its shapes. That attention is
+dense: it holds a tokens x tokens tensor per head, as the authors' code does. A program made by
+``torch.export.export`` holds the operator itself, which has no ONNX translation: export the module.
 """
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['banded_bias_attention', 'banded_bias_attention_op', 'default_max_chunk_logits', 'row_band_size']
+__all__ = ['banded_bias_attention', 'banded_bias_attention_op', 'default_max_chunk_logits', 'dense_bias_attention',
+           'row_band_size']
 
 
 def default_max_chunk_logits(device: torch.device) -> int:
@@ -127,6 +135,15 @@ def _banded_backward(bias_fn: BiasFn, bias_vjp: BiasVjp, grad_out, q, k, v, out,
     return [grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), grad_query_bias, grad_shared_bias.to(q.dtype)]
 
 
+def dense_bias_attention(bias_fn: BiasFn, q, k, v, query_bias, shared_bias, grid: Sequence[int], scale: float,
+                         out_transposed: bool) -> torch.Tensor:
+    """The operator's function as one band of every query, in plain ``matmul`` / ``softmax``: what an ONNX export
+    records (the output in the operator's memory layout, so the caller's views trace as they run)."""
+    bias = bias_fn(query_bias, shared_bias, 0, q.shape[-2], grid)
+    out = torch.matmul(q, k.transpose(-1, -2)).mul(scale).add(bias).softmax(-1).matmul(v)
+    return out.transpose(-1, -2).contiguous().transpose(-1, -2) if out_transposed else out
+
+
 def banded_bias_attention_op(name: str, bias_fn: BiasFn, bias_vjp: BiasVjp) -> Callable[..., torch.Tensor]:
     """Register ``lesa_lit_models::<name>``, the banded attention with the bias family ``bias_fn`` (and its vjp
     ``bias_vjp``), as a custom operator with a custom-operator backward; returns the operator, which
@@ -174,6 +191,7 @@ def banded_bias_attention_op(name: str, bias_fn: BiasFn, bias_vjp: BiasVjp) -> C
                 grad_shared_bias if shared_bias is not None else None, None, None, None, None)
 
     attend.register_autograd(backward, setup_context=setup_context)
+    attend.bias_fn = bias_fn  # for the dense ONNX form (dense_bias_attention)
     return attend
 
 
@@ -204,11 +222,14 @@ def banded_bias_attention(
             that go on channel-first: their ``(N, heads * dv, Lq)`` view then shares the storage kept for backward.
 
     Under autocast every operand is cast to the autocast dtype (the dtype a fused kernel would compute in);
-    gradients summed over bands are accumulated in at least float32.
+    gradients summed over bands are accumulated in at least float32. While ``torch.onnx.export`` traces, the
+    attention is :func:`dense_bias_attention` (standard ONNX ops) instead of the operator.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     device_type = q.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else q.dtype
     tensors = tuple(t.to(dtype) if t is not None else None for t in (q, k, v, query_bias, shared_bias))
     with torch.autocast(device_type, enabled=False):
+        if torch.onnx.is_in_onnx_export():
+            return dense_bias_attention(op.bias_fn, *tensors, grid, scale, out_transposed)
         return op(*tensors, list(grid), max_logits, scale, out_transposed)

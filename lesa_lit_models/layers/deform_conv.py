@@ -13,7 +13,8 @@ function with ``F.grid_sample`` (one bilinear sampling per kernel point, then on
 backward is faster than torchvision's (the largest single cost of a LESA detection backbone's training step
 there, see ``docs/attention.md``). Offsets use the same channel layout as mmcv and the LIT CUDA extension (channel
 ``2n`` = dy, ``2n + 1`` = dx of kernel point ``n``, row-major, repeated per deformable group). Under autocast the
-op runs in (at least) float32, as both upstream implementations do.
+op runs in (at least) float32, as both upstream implementations do. ``torch.onnx.export`` records the sampled form
+on any device: standard ``GridSample`` (opset 16) and ``MatMul``, which every ONNX runtime has.
 """
 import math
 from typing import Optional, Tuple, Union
@@ -144,7 +145,8 @@ class DeformConv2dPack(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         offset = self.conv_offset(x)
         dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 under autocast, fp64 stays fp64
-        op = deform_conv2d if x.device.type == 'cuda' else deform_conv2d_sampled
+        op = deform_conv2d if x.device.type == 'cuda' and not torch.onnx.is_in_onnx_export() \
+            else deform_conv2d_sampled
         with torch.autocast(device_type=x.device.type, enabled=False):
             return op(
                 x.to(dtype),
