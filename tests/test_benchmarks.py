@@ -90,7 +90,7 @@ def test_detection_backbones_are_built_by_the_mmdet_adapter_with_its_freezing():
                                              model_kwargs=(('out_indices', (1, 2, 3, 4)),)))
     assert isinstance(model, TimmBackbone) and model.norm_eval and model.frozen_stages == 1
     model.train()
-    frozen = {name.split('.')[1] for name, p in model.named_parameters() if not p.requires_grad}
+    frozen = {name.split('.')[2] for name, p in model.named_parameters() if not p.requires_grad}  # body.model.*
     assert frozen == {'conv1', 'bn1', 'layer1'}
     assert not any(m.training for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     peer = measure._detection_backbone(Case('mmdet_resnet50_dcn', (128, 128), 'fwd+bwd', detection=True))
