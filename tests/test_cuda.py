@@ -10,21 +10,9 @@ import lesa_lit_models  # noqa: F401  (registers the models)
 from lesa_lit_models.layers.deform_conv import DeformConv2dPack
 from lesa_lit_models.layers.lesa_attention import Lesa
 from lesa_lit_models.lit import LITAttention
+from _helpers import randomise
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
-
-
-def _random_batchnorms(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for bn in module.modules():
-            if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
-                n = bn.num_features
-                bn.weight.copy_(torch.randn(n, generator=gen))
-                bn.bias.copy_(torch.randn(n, generator=gen))
-                bn.running_mean.copy_(torch.randn(n, generator=gen))
-                bn.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
-    return module
 
 
 def _output_and_grads(module, x, grad_out, *args):
@@ -43,7 +31,7 @@ def test_fused_lesa_runs_on_the_memory_efficient_kernel_and_is_as_accurate_as_th
     Against a float64 computation of the reference, the fused float32 result is no less accurate than the
     reference's own float32 result, outputs and every gradient."""
     torch.manual_seed(0)
-    exact = _random_batchnorms(Lesa(256, (16, 24), groups=8, pos_embed='detection_qr', attn_impl='reference'))
+    exact = randomise(Lesa(256, (16, 24), groups=8, pos_embed='detection_qr', attn_impl='reference'))
     exact = exact.cuda().double().train(mode == 'train')
     x = torch.randn(2, 256, 16, 24, device='cuda', dtype=torch.float64, requires_grad=True)
     grad_out = torch.randn(2, 256, 16, 24, device='cuda', dtype=torch.float64)

@@ -16,8 +16,8 @@
 # - AdamW (fused: one kernel per step on the CPU) at a from-scratch learning rate for the heads and the paper's for
 #   the backbone, short warmup, cosine decay over 16 epochs: LIT-Ti from scratch learns where the shapes are before
 #   it learns which, so the classes gain most from more steps;
-# - heads sized for 128-pixel images of three shapes, not COCO at 1333 px: 128 channels in FPN, RPN and mask head,
-#   256-wide box fcs, 64 RPN anchors sampled per image; a training step costs about half of the stock heads';
+# - 128 channels in FPN, RPN, RoI features and mask head (the stock 256 are sized for COCO at 1333 px, not 128-pixel
+#   images of three shapes): a training step costs about two thirds of the stock heads';
 # - data loaded in the training process, so every core computes (the images are small).
 _base_ = '../lit/mask-rcnn_lit-ti_fpn_1x_coco.py'
 
@@ -34,11 +34,10 @@ model = dict(
     roi_head=dict(
         bbox_roi_extractor=dict(out_channels=channels, finest_scale=14),
         mask_roi_extractor=dict(out_channels=channels, finest_scale=14),
-        bbox_head=dict(in_channels=channels, fc_out_channels=256, num_classes=len(classes), reg_class_agnostic=True),
+        bbox_head=dict(in_channels=channels, num_classes=len(classes), reg_class_agnostic=True),
         mask_head=dict(in_channels=channels, conv_out_channels=channels, num_classes=len(classes),
                        norm_cfg=norm_cfg)),
     train_cfg=dict(
-        rpn=dict(sampler=dict(num=64)),
         rpn_proposal=dict(nms_pre=200, max_per_img=100),
         rcnn=dict(sampler=dict(num=32, pos_fraction=0.25))),
     test_cfg=dict(
