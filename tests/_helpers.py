@@ -84,12 +84,6 @@ def calibrate_batchnorms(model: nn.Module, batches) -> nn.Module:
     return model.train(training)
 
 
-def images(batch: int = 1, size=64, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
-    """A reproducible batch of random images; ``size`` is a side or (height, width)."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    return torch.randn(batch, 3, *size, dtype=dtype, generator=torch.Generator().manual_seed(seed))
-
-
 def state_of(weights: Union[nn.Module, Mapping[str, torch.Tensor]]) -> Mapping[str, torch.Tensor]:
     return weights.state_dict() if isinstance(weights, nn.Module) else weights
 
