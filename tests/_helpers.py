@@ -11,14 +11,12 @@ import re
 import sys
 import types
 from pathlib import Path
-from typing import Callable, Mapping, Union
+from typing import List, Mapping, Union
 
 import numpy as np
 import timm
 import torch
 import torch.nn as nn
-
-from lesa_lit_models.layers.deform_conv import DeformConv2dPack
 
 # Each family's code at a fraction of the cost: fewer blocks and narrower stages than the registered models
 # (lesa_resnet50: LESA in stage 3's second block and stage 4; LIT: one block a stage). LESA-WRN50 and LIT-M/B are
@@ -56,7 +54,7 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
             if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)) and m.weight is not None:
                 m.weight.copy_(1 + rand(m.weight, .2))
                 m.bias.copy_(rand(m.bias, .2))
-            elif isinstance(m, DeformConv2dPack) or hasattr(m, 'conv_offset'):
+            elif hasattr(m, 'conv_offset'):  # deformable convolutions (LESA's DCN, LIT's DTM)
                 m.conv_offset.weight.copy_(rand(m.conv_offset.weight, .02))
                 m.conv_offset.bias.copy_(rand(m.conv_offset.bias, .5))
         for name, p in model.named_parameters():
@@ -84,18 +82,23 @@ def calibrate_batchnorms(model: nn.Module, batches) -> nn.Module:
     return model.train(training)
 
 
+def as_list(out) -> List[torch.Tensor]:
+    """A model's output (one tensor or a list / tuple of feature maps) as a list."""
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
 def state_of(weights: Union[nn.Module, Mapping[str, torch.Tensor]]) -> Mapping[str, torch.Tensor]:
     return weights.state_dict() if isinstance(weights, nn.Module) else weights
 
 
-def assert_same_tensors(got, want, key: Callable[[str], str] = lambda k: k, same_keys: bool = False):
-    """Every tensor of ``got`` (a module or a state dict) equals ``want``'s at ``key(name)``, bit for bit; with
+def assert_same_tensors(got, want, same_keys: bool = False):
+    """Every tensor of ``got`` (a module or a state dict) equals ``want``'s of the same name, bit for bit; with
     ``same_keys`` the two hold the same names."""
     got, want = state_of(got), state_of(want)
     if same_keys:
-        assert set(map(key, got)) == set(want)
+        assert set(got) == set(want)
     for k, v in got.items():
-        assert torch.equal(v, want[key(k)]), k
+        assert torch.equal(v, want[k]), k
 
 
 def load_file(name: str, path, **kwargs) -> nn.Module:
@@ -262,14 +265,13 @@ def reduced_depth(model_name: str) -> dict:
     return {k: v for k, v in SMALL.get(model_name, {}).items() if k in ('layers', 'depths')}
 
 
-def small_config(path, data_root=None, size=DETECTION_SIZE, full_depth=False, **cfg_options):
-    """A paper config at a small input, random backbone init, fewer proposals and (unless ``full_depth``) the
-    backbone's stages one or two blocks deep: seconds per step on a CPU."""
+def small_config(path, data_root=None, size=DETECTION_SIZE, **cfg_options):
+    """A paper config at a small input, random backbone init, fewer proposals and the backbone's stages one or two
+    blocks deep: seconds per step on a CPU."""
     from lesa_lit_det.engine import load_config, reduce_proposals
     cfg = load_config(str(path), dict(cfg_options, **{'model.backbone.init_cfg': None}),
                       data_root=None if data_root is None else str(data_root), input_size=size)
-    if not full_depth:
-        cfg.model.backbone.update(reduced_depth(cfg.model.backbone.model_name))
+    cfg.model.backbone.update(reduced_depth(cfg.model.backbone.model_name))
     reduce_proposals(cfg, proposals=50, samples=32)
     return cfg
 

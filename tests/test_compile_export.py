@@ -23,7 +23,7 @@ from lesa_lit_models.hub import package_models
 from lesa_lit_models.layers.lesa_attention import Lesa
 from lesa_lit_models.layers.lesa_fused import detection_qr_binary
 from lesa_lit_models.lit import LITStage, attend_in_row_bands
-from _helpers import SMALL, randomise
+from _helpers import SMALL, as_list, small_model
 
 MODELS = package_models()
 SIZE = 64
@@ -45,23 +45,18 @@ def fresh_dynamo():
 
 
 def _small(name: str, dtype=torch.float64, **kwargs) -> nn.Module:
-    torch.manual_seed(0)
-    return randomise(timm.create_model(name, dtype=dtype, **{**SMALL[name], **CASE_KWARGS[name], **kwargs}))
+    return small_model(name, dtype=dtype, **{**CASE_KWARGS[name], **kwargs})
 
 
 def _images(batch: int = 2, size: int = SIZE, dtype=torch.float64) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, dtype=dtype, generator=torch.Generator().manual_seed(1))
 
 
-def _as_list(out) -> List[torch.Tensor]:
-    return list(out) if isinstance(out, (list, tuple)) else [out]
-
-
 def _step(model: nn.Module, x: torch.Tensor, call=None) -> Dict[str, torch.Tensor]:
     """Outputs, input and parameter gradients and buffers after one forward (through ``call``, e.g. the compiled
     model, if given) and backward."""
     x = x.clone().requires_grad_()
-    outs = _as_list((model if call is None else call)(x))
+    outs = as_list((model if call is None else call)(x))
     sum((o * torch.cos(o)).sum() for o in outs).backward()
     result = {f'out{i}': o.detach() for i, o in enumerate(outs)}
     result['input.grad'] = x.grad
@@ -87,11 +82,11 @@ def test_an_empty_batch_gives_an_empty_output(name):
     for features_only in (False, True):
         model = timm.create_model(name, features_only=features_only, **kwargs).eval()
         with torch.no_grad():
-            shapes = [(0, *o.shape[1:]) for o in _as_list(model(torch.randn(1, 3, size, size)))]
+            shapes = [(0, *o.shape[1:]) for o in as_list(model(torch.randn(1, 3, size, size)))]
         for training in (False, True):
             model.train(training)
             before = {n: b.clone() for n, b in model.named_buffers() if not n.endswith('num_batches_tracked')}
-            outs = _as_list(model(torch.randn(0, 3, size, size, requires_grad=True)))
+            outs = as_list(model(torch.randn(0, 3, size, size, requires_grad=True)))
             assert [o.shape for o in outs] == shapes
             model.zero_grad()
             sum(o.sum() for o in outs).backward()
@@ -156,7 +151,7 @@ def test_compiled_model_matches_eager(name, features_only, backend, device):
     if backend == 'aot_eager' and name != 'lesa_resnet50':  # the classification table takes one grid only
         x = _images(size=SIZE + 32)
         with torch.no_grad():
-            for got, want in zip(_as_list(compiled(x)), _as_list(eager(x))):
+            for got, want in zip(as_list(compiled(x)), as_list(eager(x))):
                 torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
 
 
@@ -267,5 +262,5 @@ def test_exported_program_matches_eager(name, features_only, attn_impl):
     assert bool(banded) == ('max_chunk_logits' in CASE_KWARGS[name] and attn_impl == 'fused')
     with torch.no_grad():
         for x in inputs:
-            for got, want in zip(_as_list(program.module()(x)), _as_list(model(x))):
+            for got, want in zip(as_list(program.module()(x)), as_list(model(x))):
                 torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)

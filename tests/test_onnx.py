@@ -14,7 +14,6 @@ import copy
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
 
 import pytest
 import timm
@@ -30,7 +29,7 @@ from lesa_lit_models.hub import package_models  # noqa: E402
 from lesa_lit_models.layers.lesa_fused import _relative_bias_attention  # noqa: E402
 from lesa_lit_models.layers.banded_attention import dense_bias_attention  # noqa: E402
 from lesa_lit_models.lit import _offset_bias_attention  # noqa: E402
-from _helpers import SMALL, calibrate_batchnorms, randomise  # noqa: E402
+from _helpers import SMALL, as_list, calibrate_batchnorms, small_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -48,17 +47,11 @@ EXHAUSTIVE_CASES = [('lesa_resnet50', True), ('lesa_resnet50_det', False), ('lit
                     ('lesa_wrn50', False), ('lesa_wrn50_det', True), ('lit_m', True), ('lit_b', False)]
 
 
-def _as_list(out) -> List[torch.Tensor]:
-    return list(out) if isinstance(out, (list, tuple)) else [out]
-
-
 def _calibrated(name: str, features_only: bool) -> nn.Module:
     """The small model in float64, random everywhere, its BatchNorm statistics those of random inputs."""
-    torch.manual_seed(0)
-    model = timm.create_model(name, features_only=features_only, dtype=torch.float64,
-                              **{**SMALL[name], **CASE_KWARGS[name]})
+    model = small_model(name, features_only=features_only, dtype=torch.float64, **CASE_KWARGS[name])
     batches = [torch.randn(4, 3, SIZE, SIZE, dtype=torch.float64) for _ in range(4)]
-    return calibrate_batchnorms(randomise(model), batches).eval()
+    return calibrate_batchnorms(model, batches).eval()
 
 
 def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -88,7 +81,7 @@ def test_onnxruntime_matches_eager_within_the_models_own_rounding(name, features
         x = torch.randn(shape, dtype=torch.float64, generator=gen)
         got = [torch.from_numpy(o) for o in session.run(None, {'image': x.float().numpy()})]
         with torch.no_grad():
-            want, truth = _as_list(model(x.float())), _as_list(model64(x))
+            want, truth = as_list(model(x.float())), as_list(model64(x))
         assert [g.shape for g in got] == [w.shape for w in want]
         for i, (g, w, t) in enumerate(zip(got, want, truth)):
             error, rounding, scale = _max_abs(g, w), _max_abs(w, t), t.abs().max().item()
