@@ -31,13 +31,11 @@ def _failure(result: Dict, mem_limit_gb: float) -> str:
 
 
 def ratios(comp: Comparison, results: Dict[str, Dict], mem_limit_gb: float) -> Dict:
-    """Memory ratio slow/fast (``>`` a lower bound when the slow case ran out of memory) and speed ratio fast/slow,
-    with whether each target is met (None: no target, or not measurable)."""
+    """Memory ratio slow/fast (``>`` a lower bound when the slow case ran out of memory) and speed ratio fast/slow
+    (None: not measurable)."""
     fast, slow = results.get(comp.fast.key, {}), results.get(comp.slow.key, {})
     out = {'title': comp.title, 'fast': comp.fast.key, 'slow': comp.slow.key, 'memory_ratio': None,
-           'memory_ratio_is_lower_bound': False, 'speed_ratio': None, 'cpu_time_speed_ratio': None,
-           'min_memory_ratio': comp.min_memory_ratio, 'min_speed_ratio': comp.min_speed_ratio,
-           'memory_target_met': None, 'speed_target_met': None}
+           'memory_ratio_is_lower_bound': False, 'speed_ratio': None, 'cpu_time_speed_ratio': None}
     if fast.get('status') != 'ok':
         return out
     if slow.get('status') == 'ok':
@@ -48,12 +46,6 @@ def ratios(comp: Comparison, results: Dict[str, Dict], mem_limit_gb: float) -> D
     elif slow.get('status') == 'oom':
         out['memory_ratio'] = slow.get('mem_limit_gb', mem_limit_gb) * _GiB / fast['peak_bytes']
         out['memory_ratio_is_lower_bound'] = True
-    if comp.min_memory_ratio is not None and out['memory_ratio'] is not None:
-        out['memory_target_met'] = out['memory_ratio'] >= comp.min_memory_ratio
-    if comp.min_speed_ratio is not None and out['speed_ratio'] is not None:
-        out['speed_target_met'] = out['speed_ratio'] >= comp.min_speed_ratio
-        if out['cpu_time_speed_ratio'] is not None:
-            out['cpu_time_speed_target_met'] = out['cpu_time_speed_ratio'] >= comp.min_speed_ratio
     return out
 
 
@@ -111,24 +103,9 @@ def _ratio_cell(value: Optional[float], lower_bound: bool = False) -> str:
     return f'{">" if lower_bound else ""}{value:.2f}x'
 
 
-_MET = {True: 'met', False: 'NOT met', None: 'n/a'}
-
-
-def _met_cell(r: Dict, cpu_time: bool) -> str:
-    marks = []
-    if r['min_memory_ratio'] is not None:
-        marks.append(f'memory >= {r["min_memory_ratio"]:g}x: {_MET[r["memory_target_met"]]}')
-    if r['min_speed_ratio'] is not None:
-        speed = f'speed >= {r["min_speed_ratio"]:g}x: {_MET[r["speed_target_met"]]}'
-        if cpu_time and 'cpu_time_speed_target_met' in r:
-            speed += f' (CPU time: {_MET[r["cpu_time_speed_target_met"]]})'
-        marks.append(speed)
-    return '; '.join(marks) or '—'
-
-
 def upstream_rows(cases: List[Case], results: Dict[str, Dict]) -> List[Dict]:
     """Our fused detection backbones of this run next to the authors' figures (``cases.UPSTREAM``): times in
-    seconds, peak RSS in GB, and whether each bound is met (None: no bound, or not measured)."""
+    seconds, peak RSS in GB (None: not measured)."""
     det = detection_cases(cases)
 
     def ours(model, size, mode):
@@ -139,21 +116,16 @@ def upstream_rows(cases: List[Case], results: Dict[str, Dict]) -> List[Dict]:
     rows = []
     for (model, size), ref in UPSTREAM.items():
         train, fwd = ours(model, size, 'fwd+bwd'), ours(model, size, 'fwd')
-        row = {'model': model, 'img_size': size, 'upstream': asdict(ref),
-               'step_s': 1 / train['img_per_s'] if train else None,
-               'peak_rss_gb': train['peak_rss_bytes'] / 1e9 if train and 'peak_rss_bytes' in train else None,
-               'forward_s': 1 / fwd['img_per_s'] if fwd else None}
-        for key in ('step_s', 'peak_rss_gb', 'forward_s'):
-            bound = getattr(ref, 'max_' + key)
-            row[key + '_met'] = None if bound is None or row[key] is None else row[key] <= bound
-        rows.append(row)
+        rows.append({'model': model, 'img_size': size, 'upstream': asdict(ref),
+                     'step_s': 1 / train['img_per_s'] if train else None,
+                     'peak_rss_gb': train['peak_rss_bytes'] / 1e9 if train and 'peak_rss_bytes' in train else None,
+                     'forward_s': 1 / fwd['img_per_s'] if fwd else None})
     return rows
 
 
 def _upstream_lines(rows: List[Dict]) -> List[str]:
-    def cell(value, met, bound, unit):
-        text = '—' if value is None else f'{value:.1f} {unit}'
-        return text + (f' (<= {bound:.3g} {unit}: {_MET[met]})' if bound is not None else '')
+    def cell(value, unit):
+        return '—' if value is None else f'{value:.1f} {unit}'
 
     lines = ['', "## Against the authors' code", '',
              "The authors' backbones cannot be vendored; their figures were measured once on the 2-core CPU (training "
@@ -168,9 +140,7 @@ def _upstream_lines(rows: List[Dict]) -> List[str]:
         lines.append(
             f'| {r["model"]} | {r["img_size"][0]}x{r["img_size"][1]} | {ref["setting"]} | '
             f'{ref["step_s"]:g} s{fwd} / {ref["peak_rss_gb"]:g} GB | '
-            f'{cell(r["step_s"], r["step_s_met"], ref["max_step_s"], "s")} | '
-            f'{cell(r["forward_s"], r["forward_s_met"], ref["max_forward_s"], "s")} | '
-            f'{cell(r["peak_rss_gb"], r["peak_rss_gb_met"], ref["max_peak_rss_gb"], "GB")} |')
+            f'{cell(r["step_s"], "s")} | {cell(r["forward_s"], "s")} | {cell(r["peak_rss_gb"], "GB")} |')
     return lines
 
 
@@ -206,6 +176,7 @@ def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, 
     compile_comps = [r for comp, r in comps if not comp.fast.eager]
     cpu = any(r['cpu_time_speed_ratio'] is not None for _, r in comps) and dev['name'].startswith('cpu')
     ratio_head = '| comparison | memory ratio | speed ratio |' + (' speed ratio (CPU time) |' if cpu else '')
+    ratio_rule = '|---' * (ratio_head.count('|') - 1) + '|'
 
     def ratio_cells(r: Dict) -> str:
         cells = [r['title'], _ratio_cell(r['memory_ratio'], r['memory_ratio_is_lower_bound']),
@@ -217,8 +188,8 @@ def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, 
                   'which other jobs on a shared machine disturb far less than wall time.']
     if det_comps:
         lines += ['', '## Detection backbones: fused vs reference attention, and vs same-size peers', '',
-                  ratio_head + ' target |', '|---' * (ratio_head.count('|') - 1) + '|---|']
-        lines += [f'{ratio_cells(r)} {_met_cell(r, cpu)} |' for r in det_comps]
+                  ratio_head, ratio_rule]
+        lines += [ratio_cells(r) for r in det_comps]
     upstream = [r for r in upstream_rows(cases, results) if r['step_s'] is not None or r['forward_s'] is not None]
     if upstream:
         lines += _upstream_lines(upstream)
@@ -230,10 +201,8 @@ def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, 
                   'dense there) run by onnxruntime\'s CPU provider with the same intra-op threads and input; the '
                   'export is the last column, and its peak is the rise of the process\'s resident size over the '
                   'session\'s creation and runs (onnxruntime allocates outside torch\'s profiler).', '',
-                  ratio_head + ' target | compile / export (s) |',
-                  '|---' * (ratio_head.count('|') - 1) + '|---|---|']
-        lines += [f'{ratio_cells(r)} {_met_cell(r, cpu)} | {_compile_cell(results.get(r["fast"], {}))} |'
-                  for r in compile_comps]
+                  ratio_head + ' compile / export (s) |', ratio_rule + '---|']
+        lines += [f'{ratio_cells(r)} {_compile_cell(results.get(r["fast"], {}))} |' for r in compile_comps]
     det = [row for row in _rows(cases) if row[0].detection]
     if det:
         lines += ['', '## Detection backbones', '',
@@ -263,7 +232,7 @@ def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, 
             lines.append(f'| {case.model}{case.variant_label} | {h}x{w} | {_params(by_mode, results)} | '
                          f'{" | ".join(cells)} |')
     if cls_comps:
-        lines += ['', '## Classifiers vs timm peers', '', ratio_head, '|---' * (ratio_head.count('|') - 1) + '|']
+        lines += ['', '## Classifiers vs timm peers', '', ratio_head, ratio_rule]
         lines += [ratio_cells(r) for r in cls_comps]
     failed = [(c, results.get(c.key, {})) for c in cases if results.get(c.key, {}).get('status') not in ('ok', 'oom')]
     if failed:

@@ -11,7 +11,7 @@ Usage (``make bench`` runs the first line)::
     python -m benchmarks.run --render benchmarks/results/results.json   # table and chart again, no measuring
     python -m benchmarks.run --compile --out benchmarks/results/compile   # torch.compile, onnxruntime vs eager
 
-What is measured and how (cases, peers, targets, memory and time): ``benchmarks/README.md``.
+What is measured and how (cases, peers, memory and time): ``benchmarks/README.md``.
 """
 import argparse
 import datetime
