@@ -15,8 +15,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	VIRTUAL_ENV=$(abspath $(VENV)) bash detection/demo.sh
 
+# one pytest worker per core, at most 4 (each builds its own detectors and synthetic dataset); tests/conftest.py
+# shares the cores out between them
+TEST_WORKERS ?= auto
+
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --maxprocesses=4
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m benchmarks.run

@@ -107,7 +107,7 @@ if [ -z "$MMCV_WHEEL" ]; then
     echo "    With CUDA ops this compiles the CUDA kernels too, for each architecture listed: far longer than the"
     echo "    CPU-only build; MAX_JOBS (default: every core) sets the parallel jobs. Later set-ups reuse the wheel."
   else
-    echo "    This takes 13 (AVX-512) to 35 (AVX2 only) minutes on 2 cores (77 compile units);"
+    echo "    This takes tens of minutes on 2 cores (77 compile units; the progress follows every 30 s);"
     echo "    later set-ups reuse the wheel."
   fi
   SRC="$(mktemp -d)"

@@ -107,17 +107,10 @@ def _set_model_checkpointing(model: nn.Module, enable: bool):
 
 
 # Each family as a classifier and as features through aot_eager (dynamo + AOTAutograd: the graphs inductor would
-# compile, run by eager kernels); with inductor (C++ code generation, minutes per graph on 2 CPU cores) one case per
-# attention kind: plain SDPA (LIT-Ti), LESA's and LIT's banded operators, the latter two as their detectors use them.
-# The full-size compile matrix is in benchmarks (python -m benchmarks.run --compile).
-# On the CPU, inductor compiles the training step (forward and backward graphs); the eval-mode graphs and LESA's
-# deformable sampling (whose grid_sample inductor lowers into minutes of generated code) go through aot_eager.
-_INDUCTOR = {('lit_ti', False), ('lesa_resnet50_det', True), ('lit_s', True)}
-CPU_INDUCTOR_KWARGS = {'lesa_resnet50_det': dict(dcn_stages=(False, False, False, False))}
-
-
+# compile, run by eager kernels); on CUDA the features through inductor (Triton kernels). The full-size compile
+# matrix is in benchmarks (python -m benchmarks.run --compile).
 def _compile_case(name: str, features_only: bool, device: str = 'cpu'):
-    backend = 'inductor' if device == 'cuda' or (name, features_only) in _INDUCTOR else 'aot_eager'
+    backend = 'inductor' if device == 'cuda' else 'aot_eager'
     marks = [pytest.mark.slow]
     if device == 'cuda':
         marks.append(pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device'))
@@ -125,7 +118,6 @@ def _compile_case(name: str, features_only: bool, device: str = 'cpu'):
                         id=f'{name}-{"features" if features_only else "classifier"}-{backend}-{device}')
 
 
-# every case on the CPU; on CUDA (inductor's Triton kernels) the features, as the detectors use them
 COMPILE_CASES = [_compile_case(name, features_only) for name in CASE_KWARGS for features_only in (False, True)] + [
     _compile_case(name, True, 'cuda') for name in CASE_KWARGS]
 
@@ -135,14 +127,11 @@ def test_compiled_model_matches_eager(name, features_only, backend, device):
     """One graph per mode (``fullgraph=True`` fails at any graph break): outputs, input and parameter gradients and
     BatchNorm statistics of a train step (with the model's gradient checkpointing, LIT's recomputed bands) and of an
     eval step equal eager's; with aot_eager, a second input size recompiles (dynamic shapes where the model takes any
-    size). Inductor compiles each graph apart (minutes each on 2 cores): there, one size, and on the CPU the train
-    step only."""
-    cpu_inductor = backend == 'inductor' and device == 'cpu'
-    model = _small(name, features_only=features_only, **(CPU_INDUCTOR_KWARGS.get(name, {}) if cpu_inductor else {}))
-    model = model.to(device)
+    size)."""
+    model = _small(name, features_only=features_only).to(device)
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, backend=backend, fullgraph=True)
-    for training in (True,) if cpu_inductor else (True, False):
+    for training in (True, False):
         for m in (model, eager):
             m.train(training)
             m.zero_grad()
@@ -153,6 +142,41 @@ def test_compiled_model_matches_eager(name, features_only, backend, device):
         with torch.no_grad():
             for got, want in zip(as_list(compiled(x)), as_list(eager(x))):
                 torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+
+
+def _attention_unit(name: str, model: nn.Module):
+    """The part of ``model`` that holds its attention: ``(unit, run, input)``, ``run(unit, x)`` as the model runs it.
+
+    LESA: the first LESA bottleneck (stage 3 at 64x64: a 4x4 grid, one row per band). LIT-S: the blocks of stage 3
+    (4x4 grid, offset bias, one row per band). LIT-Ti: those of stage 4, with the class token (plain SDPA).
+    """
+    gen = torch.Generator().manual_seed(2)
+    if name == 'lesa_resnet50_det':
+        block = next(b for b in model.layer3 if isinstance(b.conv2, Lesa))
+        x = torch.randn(2, block.conv1.in_channels, 4, 4, dtype=torch.float64, generator=gen)
+        return block, lambda unit, t: unit(t), x
+    stage = model.stages[3] if name == 'lit_ti' else model.stages[2]
+    channels, side = stage.blocks[0].norm1.normalized_shape[0], SIZE // (32 if name == 'lit_ti' else 16)
+    class_token = torch.randn(2, 1, channels, dtype=torch.float64, generator=gen) if name == 'lit_ti' else None
+    x = torch.randn(2, side, side, channels, dtype=torch.float64, generator=gen)
+    return stage, lambda unit, t: unit.forward_blocks(t, class_token), x
+
+
+# Inductor (C++ code generation, tens of seconds per graph on 2 CPU cores) compiles the training step of one unit
+# per attention kind: LESA's banded operator, LIT's banded operator and plain SDPA. LESA's deformable sampling stays
+# out (dcn_stages off: inductor lowers its grid_sample into minutes of generated code); aot_eager runs it above.
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['lesa_resnet50_det', 'lit_s', 'lit_ti'])
+def test_inductor_compiles_each_attention_kind_as_eager_computes_it(name):
+    """The training step of the unit that holds the attention (with the model's gradient checkpointing) compiled by
+    inductor on the CPU: outputs, input and parameter gradients and BatchNorm statistics equal eager's (float64)."""
+    kwargs = dict(dcn_stages=(False,) * 4) if name == 'lesa_resnet50_det' else {}
+    unit, run, x = _attention_unit(name, _small(name, **kwargs))
+    unit.train()
+    _set_model_checkpointing(unit, True)
+    eager = copy.deepcopy(unit)
+    compiled = torch.compile(lambda t: run(unit, t), backend='inductor', fullgraph=True)
+    _assert_same(_step(unit, x, compiled), _step(eager, x, lambda t: run(eager, t)))
 
 
 def _called(graph_module: torch.fx.GraphModule) -> List:

@@ -1,9 +1,6 @@
 """LIT family: fidelity to the authors' math, the timm model API, and loading original checkpoints."""
 import copy
-import math
-import re
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
