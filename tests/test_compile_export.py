@@ -147,14 +147,14 @@ def test_compiled_model_matches_eager(name, features_only, backend, device):
 def _attention_unit(name: str, model: nn.Module):
     """The part of ``model`` that holds its attention: ``(unit, run, input)``, ``run(unit, x)`` as the model runs it.
 
-    LESA: the first LESA bottleneck (stage 3 at 64x64: a 4x4 grid, one row per band). LIT-S: the blocks of stage 3
+    LESA: the LESA module of the first LESA bottleneck (stage 3 at 64x64: a 4x4 grid, one row per band). LIT-S: the blocks of stage 3
     (4x4 grid, offset bias, one row per band). LIT-Ti: those of stage 4, with the class token (plain SDPA).
     """
     gen = torch.Generator().manual_seed(2)
     if name == 'lesa_resnet50_det':
-        block = next(b for b in model.layer3 if isinstance(b.conv2, Lesa))
-        x = torch.randn(2, block.conv1.in_channels, 4, 4, dtype=torch.float64, generator=gen)
-        return block, lambda unit, t: unit(t), x
+        lesa = next(b.conv2 for b in model.layer3 if isinstance(b.conv2, Lesa))
+        x = torch.randn(2, lesa.dim, 4, 4, dtype=torch.float64, generator=gen)
+        return lesa, lambda unit, t: unit(t), x
     stage = model.stages[3] if name == 'lit_ti' else model.stages[2]
     channels, side = stage.blocks[0].norm1.normalized_shape[0], SIZE // (32 if name == 'lit_ti' else 16)
     class_token = torch.randn(2, 1, channels, dtype=torch.float64, generator=gen) if name == 'lit_ti' else None
