@@ -147,8 +147,9 @@ def test_compiled_model_matches_eager(name, features_only, backend, device):
 def _attention_unit(name: str, model: nn.Module):
     """The part of ``model`` that holds its attention: ``(unit, run, input)``, ``run(unit, x)`` as the model runs it.
 
-    LESA: the LESA module of the first LESA bottleneck (stage 3 at 64x64: a 4x4 grid, one row per band). LIT-S: the blocks of stage 3
-    (4x4 grid, offset bias, one row per band). LIT-Ti: those of stage 4, with the class token (plain SDPA).
+    LESA: the LESA module of the first LESA bottleneck (stage 3 at 64x64: a 4x4 grid, one row per band). LIT-S: the
+    blocks of stage 3 (4x4 grid, offset bias, one row per band). LIT-Ti: those of stage 4, with the class token (plain
+    SDPA).
     """
     gen = torch.Generator().manual_seed(2)
     if name == 'lesa_resnet50_det':
