@@ -147,7 +147,8 @@ def test_compiled_model_matches_eager(name, features_only, backend, device):
 def _attention_unit(name: str, model: nn.Module):
     """The part of ``model`` that holds its attention: ``(unit, run, input)``, ``run(unit, x)`` as the model runs it.
 
-    LESA: the LESA module of the first LESA bottleneck (stage 3 at 64x64: a 4x4 grid, one row per band). LIT-S: the
+    LESA: the binary (attention) term of the first LESA module (stage 3 at 64x64: a 4x4 grid, one row per band; the
+    unary term, the fusion gate and the module's checkpointing compile through aot_eager above). LIT-S: the
     blocks of stage 3 (4x4 grid, offset bias, one row per band). LIT-Ti: those of stage 4, with the class token (plain
     SDPA).
     """
@@ -155,7 +156,7 @@ def _attention_unit(name: str, model: nn.Module):
     if name == 'lesa_resnet50_det':
         lesa = next(b.conv2 for b in model.layer3 if isinstance(b.conv2, Lesa))
         x = torch.randn(2, lesa.dim, 4, 4, dtype=torch.float64, generator=gen)
-        return lesa, lambda unit, t: unit(t), x
+        return lesa, lambda unit, t: unit.binary_pre_norm(t), x
     stage = model.stages[3] if name == 'lit_ti' else model.stages[2]
     channels, side = stage.blocks[0].norm1.normalized_shape[0], SIZE // (32 if name == 'lit_ti' else 16)
     class_token = torch.randn(2, 1, channels, dtype=torch.float64, generator=gen) if name == 'lit_ti' else None
@@ -169,8 +170,8 @@ def _attention_unit(name: str, model: nn.Module):
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ['lesa_resnet50_det', 'lit_s', 'lit_ti'])
 def test_inductor_compiles_each_attention_kind_as_eager_computes_it(name):
-    """The training step of the unit that holds the attention (with the model's gradient checkpointing) compiled by
-    inductor on the CPU: outputs, input and parameter gradients and BatchNorm statistics equal eager's (float64)."""
+    """The training step of the unit that holds the attention (LIT: with the stage's gradient checkpointing) compiled
+    by inductor on the CPU: outputs, input and parameter gradients and BatchNorm statistics equal eager's (float64)."""
     kwargs = dict(dcn_stages=(False,) * 4) if name == 'lesa_resnet50_det' else {}
     unit, run, x = _attention_unit(name, _small(name, **kwargs))
     unit.train()
