@@ -21,9 +21,10 @@ import torch
 # share of the cores, so that workers do not oversubscribe them
 _WORKERS = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
 if _WORKERS > 1:
-    os.environ['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
-    torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
-    os.environ.setdefault('TORCHINDUCTOR_COMPILE_THREADS', os.environ['OMP_NUM_THREADS'])
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ['OMP_NUM_THREADS'] = str(_THREADS)
+    os.environ.setdefault('TORCHINDUCTOR_COMPILE_THREADS', str(_THREADS))
 
 os.environ.setdefault('TORCHINDUCTOR_CACHE_DIR', os.path.join(
     os.environ.get('LESA_LIT_CACHE', os.path.expanduser('~/.cache/lesa-lit-models')), 'torchinductor'))
