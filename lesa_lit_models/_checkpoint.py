@@ -35,11 +35,13 @@ import urllib.parse
 import urllib.request
 import zipfile
 from collections import OrderedDict
+from contextlib import contextmanager
 from functools import wraps
 from typing import IO, Any, Callable, Dict, Iterable, List, Optional, Tuple, Type, Union
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 import torch.nn as nn
 from timm.models import build_model_with_cfg, clean_state_dict, resolve_pretrained_cfg
 
@@ -203,6 +205,7 @@ def load_checkpoint_file(source: PathOrFile, map_location: Any = 'cpu') -> Any:
             except Exception as e:  # safetensors raises its own error types
                 raise CheckpointError(f'Cannot read safetensors file {source!r} ({e}); it is corrupt or truncated: '
                                       f're-download or re-convert it.') from e
+    _check_torch_save_header(source)
     extra = [g for g in allowed_globals() if g not in torch.serialization.get_safe_globals()]
     with torch.serialization.safe_globals(extra):
         try:
@@ -219,6 +222,37 @@ def load_checkpoint_file(source: PathOrFile, map_location: Any = 'cpu') -> Any:
         f'arrays, argparse.Namespace, yacs CfgNode and mmengine log buffers are read. If you trust the file, '
         f'load it yourself and re-save its tensors (e.g. as safetensors); otherwise get the weights from the '
         f'official release.')
+
+
+_ZIP_HEADER = b'PK\x03\x04'  # torch.save's format since torch 1.6
+_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c.to_bytes(10, 'little')  # pickled first by torch.save's legacy format
+
+
+def _check_torch_save_header(source: PathOrFile):
+    """Raise :class:`CheckpointError` if the file's first bytes are not those of a ``torch.save`` file."""
+    if isinstance(source, str):
+        with open(source, 'rb') as f:
+            head = f.read(32)
+    elif hasattr(source, 'seekable') and source.seekable():
+        start = source.tell()
+        head = source.read(32)
+        source.seek(start)
+    else:
+        return
+    if head.startswith(_ZIP_HEADER) or _LEGACY_MAGIC in head[:16]:
+        return
+    if not head:
+        what = 'it is empty'
+    elif head.lstrip()[:1] == b'<':
+        what = 'it is a web page or other markup (a sign-in or error page saved instead of the file?)'
+    elif len(head) > 9 and head[8:10] == b'{"':
+        what = 'it is a safetensors file: give it the .safetensors extension'
+    else:
+        what = f'it begins with the bytes {head[:8].hex(" ")}'
+    raise CheckpointError(
+        f'{_describe(source)} is not a checkpoint: {what}. Checkpoints are files written by torch.save (they '
+        f'begin with a zip header or torch\'s legacy header) or .safetensors files. Check that the path names the '
+        f'weights file, or download it again from the release.')
 
 
 def _corrupt(source: PathOrFile, error: Exception) -> CheckpointError:
@@ -252,9 +286,11 @@ def _cache_path(url: str, cache_dir: Optional[str] = None) -> str:
 def download_cached(url: str, cache_dir: Optional[str] = None, progress: bool = True, timeout: float = 60.) -> str:
     """Download ``url`` into the torch hub cache (``$TORCH_HOME/hub/checkpoints``, or ``cache_dir``) once.
 
-    Returns the cached file's path; an existing file is reused without a request. The body streams into a
-    ``.partial`` file that replaces the cache file only once it has the announced length (torch.hub's downloader
-    would cache a body cut short by a dropped connection).
+    Returns the cached file's path; an existing file is reused without a request. Processes that ask for the same
+    file at once (torchrun ranks, notebooks) take turns on a lock file beside it: the first downloads, the others
+    wait and then read what it cached. The body streams into a ``.partial`` file that replaces the cache file only
+    once it has the announced length, so a download cut short (dropped connection, killed process) is never taken
+    for the file.
 
     Raises:
         DownloadError: HTTP error (404, ...), network failure, or a truncated download; nothing is cached then.
@@ -263,6 +299,28 @@ def download_cached(url: str, cache_dir: Optional[str] = None, progress: bool = 
     if os.path.isfile(path):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    with _download_lock(path):
+        if not os.path.isfile(path):  # another process may have cached it while this one waited
+            _download(url, path, progress, timeout)
+    return path
+
+
+@contextmanager
+def _download_lock(path: str):
+    """Hold ``path.lock`` (released by the OS if the holder dies), saying once why this process waits for it."""
+    lock = FileLock(path + '.lock')
+    try:
+        lock.acquire(timeout=1)
+    except Timeout:
+        _logger.warning(f'Waiting for another process that is downloading {path} (it holds {lock.lock_file}).')
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _download(url: str, path: str, progress: bool, timeout: float):
     partial = path + '.partial'
     manual = (f'Or download it yourself (browser, curl -L -o {path!r} {url}) and pass the local path, e.g. '
               f'pretrained_cfg_overlay=dict(file=PATH).')
@@ -297,7 +355,6 @@ def download_cached(url: str, cache_dir: Optional[str] = None, progress: bool = 
             f'Download of {url} is truncated: received {received} of {expected} bytes (the connection closed '
             f'early). Nothing was cached (the partial file is deleted); run again to retry. {manual}')
     os.replace(partial, path)
-    return path
 
 
 def _remove(path: str):

@@ -11,6 +11,7 @@ import http.server
 import os
 import shutil
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -35,11 +36,12 @@ class ReleaseServer:
     ``root / name``) on 127.0.0.1; records every request path in ``requests``.
 
     ``truncate[path] = n`` announces the full Content-Length but sends only the first ``n`` bytes, then closes
-    the connection (an interrupted download). Unknown paths get HTTP 404.
+    the connection (an interrupted download). ``seconds[path] = s`` spreads the body over ``s`` seconds (a slow
+    link). Unknown paths get HTTP 404.
     """
 
     def __init__(self, root: Path):
-        self.files, self.truncate, self.requests, self.root = {}, {}, [], root
+        self.files, self.truncate, self.seconds, self.requests, self.root = {}, {}, {}, [], root
         root.mkdir(parents=True, exist_ok=True)
         server = self
 
@@ -57,7 +59,12 @@ class ReleaseServer:
                 self.send_header('Content-Type', 'application/octet-stream')
                 self.send_header('Content-Length', str(len(body)))
                 self.end_headers()
-                self.wfile.write(body[:server.truncate.get(self.path, len(body))])
+                body = body[:server.truncate.get(self.path, len(body))]
+                pieces = 20 if self.path in server.seconds else 1
+                for i in range(pieces):
+                    self.wfile.write(body[i * len(body) // pieces:(i + 1) * len(body) // pieces])
+                    self.wfile.flush()
+                    time.sleep(server.seconds.get(self.path, 0) / pieces)
                 self.close_connection = True
 
             def log_message(self, *args):

@@ -6,7 +6,9 @@ own Runner. Downloads come from a loopback server (conftest.py).
 """
 import argparse
 import io
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -219,6 +221,23 @@ def test_a_pickle_protocol_the_safe_reader_does_not_read_is_named_not_run(tmp_pa
     assert 'weights_only=False' not in str(info.value) and not marker.exists()
 
 
+@pytest.mark.parametrize('content, what', [
+    (bytes(range(7, 256)) * 40, 'it begins with the bytes 07 08 09 0a'),
+    (b'', 'it is empty'),
+    (b'<!DOCTYPE html><html><body>Sign in</body></html>', 'it is a web page'),
+])
+def test_a_file_that_is_not_a_checkpoint_is_called_so_first(tmp_path, content, what):
+    path = tmp_path / 'weights.pth'
+    path.write_bytes(content)
+    for source in (path, io.BytesIO(content)):
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint_file(source)
+        message = str(info.value)
+        assert message.startswith(f'{str(path)!r} is not a checkpoint: {what}' if source is path else
+                                  f'{source!r} is not a checkpoint: {what}')
+        assert 'protocol' not in message and 'pickle' not in message
+
+
 def test_getattr_is_limited_to_history_buffer_statistics(tmp_path):
     class _Getattr:
         def __reduce__(self):
@@ -292,9 +311,65 @@ def test_truncated_download_is_detected_and_not_cached(tmp_path, release_server,
     message = str(info.value)
     assert 'truncated' in message and f'{len(body) // 2} of {len(body)} bytes' in message and url in message
     cache = tmp_path / 'torch_home' / 'hub' / 'checkpoints'
-    assert str(cache / 'lit_ti.pth') in message and list(cache.iterdir()) == []
+    assert str(cache / 'lit_ti.pth') in message
+    assert [p.name for p in cache.iterdir()] == ['lit_ti.pth.lock']  # no file taken for the download
     del release_server.truncate['/lit_ti.pth']  # the connection works again: the next call downloads it
     assert_same_tensors(unwrap_state_dict(load_checkpoint(url, progress=False)), weights, same_keys=True)
+
+
+# a process that loads a URL once every process named in argv[3:] is ready (so that their downloads overlap), and
+# saves the tensors it got to argv[2]
+_LOAD_WITH_OTHERS = """
+import sys, time
+from pathlib import Path
+import torch
+from lesa_lit_models._checkpoint import load_checkpoint, unwrap_state_dict
+url, out, *ready = sys.argv[1:]
+Path(out + '.ready').touch()
+while not all(Path(r + '.ready').exists() for r in ready):
+    time.sleep(0.01)
+torch.save(unwrap_state_dict(load_checkpoint(url, progress=False)), out)
+"""
+
+
+def _loading_processes(url: str, outs) -> list:
+    return [subprocess.Popen([sys.executable, '-c', _LOAD_WITH_OTHERS, url, str(out), *map(str, outs)],
+                             stderr=subprocess.PIPE, text=True) for out in outs]
+
+
+def test_processes_that_download_one_release_at_once_all_get_the_whole_file(tmp_path, release_server, weights):
+    body = _serialized({'model': weights})
+    release_server.files['/lit_ti.pth'] = body
+    release_server.seconds['/lit_ti.pth'] = 1.5
+    outs = [tmp_path / f'rank{rank}.pt' for rank in range(3)]
+    for process in _loading_processes(release_server.url('/lit_ti.pth'), outs):
+        _, errors = process.communicate(timeout=300)
+        assert process.returncode == 0, errors
+    for out in outs:
+        assert_same_tensors(torch.load(out), weights, same_keys=True)
+    assert (tmp_path / 'torch_home' / 'hub' / 'checkpoints' / 'lit_ti.pth').read_bytes() == body
+    assert release_server.requests == ['/lit_ti.pth']  # one process downloaded, the others waited and read its file
+
+
+def test_a_download_killed_half_way_leaves_nothing_taken_for_the_file(tmp_path, release_server):
+    weights = {'w': torch.randn(3 << 18)}  # 3 MiB: the downloader writes 1 MiB at a time
+    body = _serialized(weights)
+    release_server.files['/lit_ti.pth'] = body
+    release_server.seconds['/lit_ti.pth'] = 12.
+    cache = tmp_path / 'torch_home' / 'hub' / 'checkpoints'
+    [process] = _loading_processes(release_server.url('/lit_ti.pth'), [tmp_path / 'killed.pt'])
+    partial, deadline = cache / 'lit_ti.pth.partial', time.monotonic() + 120
+    while not (partial.exists() and partial.stat().st_size > 0):
+        assert time.monotonic() < deadline and process.poll() is None, process.communicate()[1]
+        time.sleep(0.05)
+    process.kill()
+    process.communicate()
+    assert not (cache / 'lit_ti.pth').exists() and partial.stat().st_size < len(body)
+    del release_server.seconds['/lit_ti.pth']
+    # the lock died with the process: this download does not wait, and replaces the partial file
+    assert_same_tensors(unwrap_state_dict(load_checkpoint(release_server.url('/lit_ti.pth'), progress=False)),
+                        weights, same_keys=True)
+    assert (cache / 'lit_ti.pth').read_bytes() == body and not partial.exists()
 
 
 def test_unreachable_server_names_the_url(tmp_path, release_server):

@@ -5,14 +5,18 @@ from unittest import mock
 
 import pytest
 import timm
+import timm.layers
 import torch
 import torch.nn as nn
+import torchvision.ops
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lesa_lit_models.layers import lesa_fused
-from lesa_lit_models.layers.lesa_attention import classification_binary_reference, detection_qr_binary_reference
+from lesa_lit_models.layers.lesa_attention import (
+    Lesa, classification_binary_reference, detection_qr_binary_reference,
+)
 from lesa_lit_models.layers.lesa_fused import detection_qr_binary
-from _helpers import calibrate_batchnorms
+from _helpers import calibrate_batchnorms, randomise
 
 
 def reference_detection_qr_binary(q, k, v, rel_height, rel_width, grid, bn_similarity):
@@ -213,19 +217,81 @@ def test_detection_fused_runs_on_the_flash_kernel(mode, dtype):
 
 
 def test_detection_sync_batchnorm():
-    """One process: SyncBatchNorm is a BatchNorm; several processes in train mode: a clear error, not wrong stats."""
+    """One process, or eval mode: SyncBatchNorm is a BatchNorm to fold. Several processes in train mode: it pools
+    statistics across them, which the fused term cannot; the caller is told to run the reference term, once."""
     groups, grid = 2, (3, 4)
     tensors = make_detection_inputs(2, groups, grid, 4, 4, torch.float64, seed=0)
-    bn_ref = nn.SyncBatchNorm(2 * groups).double().train()
+    bn_ref = nn.SyncBatchNorm.convert_sync_batchnorm(make_bn(2 * groups, torch.float64, 0)).train()
     bn_fused = copy.deepcopy(bn_ref)
     torch.testing.assert_close(detection_qr_binary(*tensors, grid, bn_fused),
                                reference_detection_qr_binary(*tensors, grid, bn_ref))
     assert_bn_state_equal(bn_fused, bn_ref, rtol=1e-9, atol=1e-10)
     with mock.patch.object(lesa_fused.dist, 'is_initialized', return_value=True), \
-            mock.patch.object(lesa_fused.dist, 'get_world_size', return_value=2):
-        with pytest.raises(NotImplementedError, match='attn_impl="reference"'):
+            mock.patch.object(lesa_fused.dist, 'get_world_size', return_value=2), \
+            mock.patch.object(lesa_fused, '_reported_unfoldable', set()), \
+            mock.patch.object(lesa_fused._logger, 'warning') as warning:
+        assert not lesa_fused.can_fold(bn_fused) and not lesa_fused.can_fold(bn_fused)
+        warning.assert_called_once()
+        assert 'SyncBatchNorm pooling batch statistics across processes' in warning.call_args[0][0]
+        with pytest.raises(ValueError, match='SyncBatchNorm pooling.*Use detection_qr_binary_reference'):
             detection_qr_binary(*tensors, grid, bn_fused)
-        detection_qr_binary(*tensors, grid, bn_fused.eval())
+        assert lesa_fused.can_fold(bn_fused.eval())
+
+
+def _freeze(library: str, module: nn.Module) -> nn.Module:
+    """Every BatchNorm2d of ``module`` frozen the way ``library`` does it (torchvision's detection models build
+    theirs with ``norm_layer=FrozenBatchNorm2d``)."""
+    if library == 'transformers DETR':
+        pytest.importorskip('transformers.models.detr.modeling_detr').replace_batch_norm(module)
+    elif library == 'timm':
+        module = timm.layers.freeze_batch_norm_2d(module)
+    else:
+        for parent in module.modules():
+            for name, child in parent.named_children():
+                if type(child) is nn.BatchNorm2d:
+                    frozen = torchvision.ops.FrozenBatchNorm2d(child.num_features, child.eps)
+                    frozen.load_state_dict(child.state_dict())
+                    setattr(parent, name, frozen)
+    return module.double()
+
+
+FROZEN_BATCHNORMS = ['torchvision', 'timm', 'transformers DETR']
+
+
+@pytest.mark.parametrize('library', FROZEN_BATCHNORMS)
+def test_detection_frozen_batchnorms_fold_into_the_fused_term_float64(library):
+    """Frozen batch norms (fixed statistics and affine, eps however each library keeps it) are folded exactly."""
+    groups, grid = 3, (4, 5)
+    tensors = make_detection_inputs(2, groups, grid, 6, 5, torch.float64, seed=2)
+    frozen = _freeze(library, nn.Sequential(make_bn(2 * groups, torch.float64, 2)))[0]
+    assert type(frozen) is not nn.BatchNorm2d and lesa_fused.can_fold(frozen)
+    out_ref, grads_ref = run_with_grads(reference_detection_qr_binary, tensors, grid, frozen, seed=2)
+    out_fused, grads_fused = run_with_grads(detection_qr_binary, tensors, grid, frozen, seed=2)
+    torch.testing.assert_close(out_fused, out_ref, rtol=1e-9, atol=1e-10)
+    for name, g_fused, g_ref in zip(GRAD_NAMES, grads_fused, grads_ref):
+        torch.testing.assert_close(g_fused, g_ref, rtol=1e-9, atol=1e-10, msg=lambda m: f'grad {name}: {m}')
+
+
+@pytest.mark.parametrize('mode', ['eval', 'train'])
+@pytest.mark.parametrize('slot', FROZEN_BATCHNORMS + ['BatchNormAct2d'])
+def test_lesa_module_runs_fused_where_its_norm_folds_and_reference_elsewhere(slot, mode):
+    """The BatchNorm2ds of a LESA module frozen (as DETR does), or a norm with an activation in the similarity slot:
+    attn_impl='fused' computes what 'reference' does, through the fused term only where the norm folds."""
+    def build(impl):
+        torch.manual_seed(0)
+        module = randomise(Lesa(16, 4, groups=2, pos_embed='detection_qr', attn_impl=impl)).double()
+        if slot != 'BatchNormAct2d':
+            return _freeze(slot, module)
+        norm = timm.layers.BatchNormAct2d(4, act_layer=nn.Tanh).double()
+        norm.load_state_dict(module.bn_similarity.state_dict())
+        module.bn_similarity = norm
+        return module
+
+    x = torch.randn(2, 16, 4, 4, dtype=torch.float64)
+    reference, fused = build('reference').train(mode == 'train'), build('fused').train(mode == 'train')
+    with mock.patch.object(lesa_fused, 'detection_qr_binary', wraps=lesa_fused.detection_qr_binary) as spy:
+        torch.testing.assert_close(fused(x), reference(x), rtol=1e-9, atol=1e-10)
+    assert spy.call_count == (0 if slot == 'BatchNormAct2d' else 1)
 
 
 def test_detection_bad_inputs_name_the_problem():

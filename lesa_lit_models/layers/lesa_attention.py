@@ -276,7 +276,7 @@ class Lesa(nn.Module):
             return rearrange(torch.stack([sv, sve], dim=-1), 'n g l c t -> n (g c t) l')
         rel_height = resample_rel_table(self.rel_height, 2 * H - 1)
         rel_width = resample_rel_table(self.rel_width, 2 * W - 1)
-        if self.attn_impl == 'fused':
+        if self.attn_impl == 'fused' and lesa_fused.can_fold(self.bn_similarity):
             sv = lesa_fused.detection_qr_binary(
                 q, k, v, rel_height, rel_width, (H, W), self.bn_similarity, self.max_chunk_logits)
         else:

@@ -10,16 +10,20 @@ backward, so only the scaled queries are kept, not the L x (H + W) logits). In t
 ``nn.BatchNorm2d`` does. Derivation, exactness argument and why the ``classification`` embedding has no such
 form: ``docs/attention.md``.
 """
+import logging
 from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .banded_attention import banded_bias_attention, banded_bias_attention_op
 from .lesa_rel_pos import expand_relative_logits, relative_logits_2d, relative_logits_of_rows, relative_tables_2d
 
-__all__ = ['detection_qr_binary']
+__all__ = ['can_fold', 'detection_qr_binary']
+
+_logger = logging.getLogger(__name__)
 
 
 def _pool_row_moments(row_mean: torch.Tensor, row_var: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -50,32 +54,69 @@ def _similarity_batch_moments(
     return torch.cat([qk_mean, qr_mean]), torch.cat([qk_var, qr_var])
 
 
-def _check_sync_bn_supported(bn: nn.Module) -> None:
-    if not (isinstance(bn, nn.SyncBatchNorm) and bn.training):
-        return
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(bn.process_group) > 1:
-        raise NotImplementedError(
-            'The fused LESA binary term computes batch statistics on this process only, but bn_similarity is a '
-            'SyncBatchNorm in train mode across several processes. Use attn_impl="reference", keep '
-            'bn_similarity in eval mode (norm_eval=True), or do not convert it to SyncBatchNorm.')
+def _is_frozen_batch_norm(norm: nn.Module) -> bool:
+    """A per-channel affine map from fixed statistics, as torchvision's, timm's and transformers' frozen batch norms
+    are: no submodules, ``weight``, ``bias``, ``running_mean`` and ``running_var`` tensors, no batch statistics."""
+    return (not isinstance(norm, _BatchNorm) and next(norm.children(), None) is None
+            and all(isinstance(getattr(norm, name, None), torch.Tensor)
+                    for name in ('weight', 'bias', 'running_mean', 'running_var')))
+
+
+def _uses_batch_statistics(norm: _BatchNorm) -> bool:
+    return norm.training or (norm.running_mean is None and norm.running_var is None)
+
+
+def _unfoldable_reason(norm: nn.Module) -> Optional[str]:
+    if _is_frozen_batch_norm(norm):
+        return None
+    if not (isinstance(norm, _BatchNorm) and type(norm).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward)):
+        return f'{type(norm).__qualname__} is neither a batch norm nor a frozen batch norm'
+    if (isinstance(norm, nn.SyncBatchNorm) and _uses_batch_statistics(norm) and dist.is_available()
+            and dist.is_initialized() and dist.get_world_size(norm.process_group) > 1):
+        return ('a SyncBatchNorm pooling batch statistics across processes (the fused term computes them per '
+                'process)')
+    return None
+
+
+_reported_unfoldable = set()
+
+
+def can_fold(norm: nn.Module) -> bool:
+    """Whether :func:`detection_qr_binary` computes what ``norm`` (the module in the ``bn_similarity`` slot) does:
+    a batch norm (batch statistics in closed form, or running ones) or a frozen batch norm. Otherwise the caller
+    runs the reference term; the first such norm of each kind is logged."""
+    reason = _unfoldable_reason(norm)
+    if reason is not None and reason not in _reported_unfoldable:
+        _reported_unfoldable.add(reason)
+        _logger.warning(f'LESA bn_similarity: {reason}; these blocks run the reference binary term '
+                        f'(exact, but it materialises the (N, 2G, L, L) similarity stack).')
+    return reason is None
+
+
+def _frozen_affine(norm: nn.Module, channels: int, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of a frozen batch norm, read off what it computes at 0 and 1, whatever its eps and form."""
+    probe = torch.arange(2, dtype=dtype, device=norm.running_mean.device).view(2, 1, 1, 1).expand(2, channels, 1, 1)
+    at_zero, at_one = norm(probe).flatten(1)
+    return at_one - at_zero, at_zero
 
 
 def _similarity_affine(
-        bn: nn.modules.batchnorm._BatchNorm,
+        bn: nn.Module,
         q: torch.Tensor,
         k: torch.Tensor,
         rel_height: torch.Tensor,
         rel_width: torch.Tensor,
         grid: Tuple[int, int],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (scale, shift) that ``bn`` applies to the similarity stack, mirroring ``_BatchNorm.forward``.
+    """Per-channel (scale, shift) that ``bn`` applies to the similarity stack, mirroring ``_BatchNorm.forward``
+    (or a frozen batch norm's).
 
     In train mode this also updates ``running_mean``, ``running_var`` and ``num_batches_tracked`` like
     ``nn.BatchNorm2d`` on the (N, 2G, L, L) stack would.
     """
-    _check_sync_bn_supported(bn)
-    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    if use_batch_stats:
+    if _is_frozen_batch_norm(bn):
+        return _frozen_affine(bn, 2 * q.shape[1], torch.promote_types(q.dtype, bn.running_mean.dtype))
+    if _uses_batch_statistics(bn):
         batch, _, tokens, _ = q.shape
         count = batch * tokens * tokens
         if bn.training and count == 1:
@@ -83,7 +124,7 @@ def _similarity_affine(
         if count:
             mean, var = _similarity_batch_moments(q, k, *relative_logits_2d(q, rel_height, rel_width, grid))
         else:  # an empty batch has no statistics and normalises nothing: finite stand-ins keep zero gradients
-            mean, var = q.new_zeros(bn.num_features), q.new_ones(bn.num_features)
+            mean, var = q.new_zeros(2 * q.shape[1]), q.new_ones(2 * q.shape[1])
         if bn.training and bn.track_running_stats:
             momentum = bn.momentum
             with torch.no_grad():
@@ -155,7 +196,7 @@ def detection_qr_binary(
         rel_height: torch.Tensor,
         rel_width: torch.Tensor,
         grid: Tuple[int, int],
-        bn_similarity: nn.modules.batchnorm._BatchNorm,
+        bn_similarity: nn.Module,
         max_chunk_logits: Optional[int] = None,
 ) -> torch.Tensor:
     """LESA binary term, ``detection_qr`` kind, attending in bands of query rows (see module doc).
@@ -164,8 +205,8 @@ def detection_qr_binary(
         q, k: (N, G, L, dqk) queries and keys; v: (N, G, L, dv) values; L = H * W tokens in raster order.
         rel_height: (2H - 1, dqk), rel_width: (2W - 1, dqk) relative tables of the grid.
         grid: (H, W).
-        bn_similarity: ``BatchNorm2d(2G)`` applied (conceptually) to the stack ``[qk, qr]``, in its current
-            mode; running statistics are updated in train mode.
+        bn_similarity: ``BatchNorm2d(2G)`` (or a frozen batch norm, see :func:`can_fold`) applied (conceptually)
+            to the stack ``[qk, qr]``, in its current mode; running statistics are updated in train mode.
         max_chunk_logits: Logits per band (N x G x queries x keys), at least one row of the grid per band.
 
     Returns:
@@ -184,9 +225,13 @@ def detection_qr_binary(
         raise ValueError(f'For grid {tuple(grid)} and dqk={dim} rel_height must be {(2 * height - 1, dim)} and '
                          f'rel_width {(2 * width - 1, dim)}, got {tuple(rel_height.shape)} and '
                          f'{tuple(rel_width.shape)}; resample the tables to the grid first.')
-    if bn_similarity.num_features != 2 * groups:
+    if not can_fold(bn_similarity):
+        raise ValueError(f'The fused LESA binary term cannot apply this bn_similarity: '
+                         f'{_unfoldable_reason(bn_similarity)}. Use detection_qr_binary_reference.')
+    channels = getattr(bn_similarity, 'num_features', None) or bn_similarity.running_mean.numel()
+    if channels != 2 * groups:
         raise ValueError(f'bn_similarity must have 2G = {2 * groups} channels (one per group and term), '
-                         f'got {bn_similarity.num_features}.')
+                         f'got {channels}.')
 
     scale, shift = _similarity_affine(bn_similarity, q, k, rel_height, rel_width, grid)
     scale, shift = scale.to(q.dtype), shift.to(q.dtype)
