@@ -4,6 +4,7 @@ torchrun with two processes, crafted checkpoints refused), and an overfit check 
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from _helpers import DEMO_CONFIG, DETECTION, RETINA_LIT_TI, ROOT, SMALL, save_crafted, \
+from _helpers import DEMO_CONFIG, DETECTION, RETINA_LIT_TI, ROOT, SMALL, assert_same_tensors, save_crafted, \
     OpensAFile, upstream_detector
 
 LIT_TI_DEPTHS = 'model.backbone.depths=({})'.format(','.join(map(str, SMALL['lit_ti']['depths'])))
@@ -38,19 +39,93 @@ def ok(result):
     return result.stdout + result.stderr
 
 
+# imported by the training process at start-up (as sitecustomize) to kill it as a machine failure would:
+# KILL_AFTER_ITERATIONS=N after its N-th training iteration, KILL_WRITING=NAME half way through writing a file whose
+# name starts with NAME
+KILL_SWITCH = """
+import builtins, os, signal
+from mmengine.runner.loops import EpochBasedTrainLoop
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if 'KILL_AFTER_ITERATIONS' in os.environ:
+    run_iter = EpochBasedTrainLoop.run_iter
+    def run_iter_then_die(loop, *args, **kwargs):
+        run_iter(loop, *args, **kwargs)
+        if loop.iter == int(os.environ['KILL_AFTER_ITERATIONS']):
+            die()
+    EpochBasedTrainLoop.run_iter = run_iter_then_die
+
+if 'KILL_WRITING' in os.environ:
+    real_open = builtins.open
+    class HalfWritten:
+        def __init__(self, file):
+            self.file = file
+        def write(self, data):
+            self.file.write(data[:len(data) // 2])
+            self.file.flush()
+            die()
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+    def open_to_die(file, mode='r', *args, **kwargs):
+        opened = real_open(file, mode, *args, **kwargs)
+        if 'w' in mode and os.path.basename(str(file)).startswith(os.environ['KILL_WRITING']):
+            return HalfWritten(opened)
+        return opened
+    builtins.open = open_to_die
+"""
+
+
+def killable(tmp_path) -> dict:
+    """``run`` keywords that load :data:`KILL_SWITCH` into the training process."""
+    (tmp_path / 'kill_switch').mkdir()
+    (tmp_path / 'kill_switch' / 'sitecustomize.py').write_text(KILL_SWITCH)
+    return dict(PYTHONPATH=str(tmp_path / 'kill_switch'))
+
+
+TWO_EPOCHS = ['train_cfg.max_epochs=2', 'default_hooks.checkpoint.interval=1', 'default_hooks.logger.interval=1']
+
+
 @pytest.fixture(scope='module')
 def trained(coco, tmp_path_factory):
-    """One epoch, then resumed for a second one: the work dir."""
+    """Two epochs, the first run killed (SIGKILL) in the middle of the second, then resumed: the work dir."""
     work = tmp_path_factory.mktemp('train')
-    log = ok(run('train.sh', DEMO_CONFIG, 0, '--data-root', coco, '--work-dir', work, *QUICK,
-                 'train_cfg.max_epochs=1', 'default_hooks.checkpoint.interval=1', 'default_hooks.logger.interval=1'))
-    assert 'Epoch(train) [1][1/2]' in log and 'Epoch(train) [1][2/2]' in log and 'loss_mask' in log
-    assert (work / 'epoch_1.pth').is_file()
-    log = ok(run('train.sh', DEMO_CONFIG, '--data-root', coco, '--work-dir', work, '--resume', *QUICK,
-                 'train_cfg.max_epochs=2', 'default_hooks.checkpoint.interval=1', 'default_hooks.logger.interval=1'))
+    killed = run('train.sh', DEMO_CONFIG, 0, '--data-root', coco, '--work-dir', work, *QUICK, *TWO_EPOCHS,
+                 KILL_AFTER_ITERATIONS='3', **killable(work))
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    log = killed.stdout + killed.stderr
+    assert 'Epoch(train) [1][1/2]' in log and 'Epoch(train) [2][1/2]' in log and 'loss_mask' in log
+    assert 'Epoch(train) [2][2/2]' not in log and (work / 'epoch_1.pth').is_file()
+    log = ok(run('train.sh', DEMO_CONFIG, '--data-root', coco, '--work-dir', work, '--resume', *QUICK, *TWO_EPOCHS))
     assert 'resumed epoch: 1' in log and 'Epoch(train) [2][2/2]' in log and 'Epoch(train) [1]' not in log
     assert (work / 'epoch_2.pth').is_file()
     return work
+
+
+def test_a_run_resumed_after_a_kill_ends_with_the_weights_of_an_uninterrupted_run(coco, trained, tmp_path):
+    from mmengine.runner import CheckpointLoader
+    ok(run('train.sh', DEMO_CONFIG, 0, '--data-root', coco, '--work-dir', tmp_path, *QUICK, *TWO_EPOCHS))
+    uninterrupted, resumed = (CheckpointLoader.load_checkpoint(str(work / 'epoch_2.pth'), map_location='cpu')
+                              for work in (tmp_path, trained))
+    assert_same_tensors(resumed['state_dict'], uninterrupted['state_dict'], same_keys=True)
+    assert_same_tensors(resumed['optimizer']['state'][0], uninterrupted['optimizer']['state'][0])
+
+
+def test_a_run_killed_while_it_saves_leaves_only_whole_checkpoints(coco, trained, tmp_path):
+    from mmengine.runner import CheckpointLoader
+    shutil.copy(trained / 'epoch_1.pth', tmp_path)
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'epoch_1.pth'))
+    killed = run('train.sh', DEMO_CONFIG, 0, '--data-root', coco, '--work-dir', tmp_path, '--resume', *QUICK,
+                 *TWO_EPOCHS, KILL_WRITING='epoch_2.pth', **killable(tmp_path))
+    assert killed.returncode == -9 and 'Epoch(train) [2][2/2]' in killed.stdout + killed.stderr, killed.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob('*.pth')) == ['epoch_1.pth']  # nothing half written under a name
+    assert (tmp_path / 'last_checkpoint').read_text() == str(tmp_path / 'epoch_1.pth')
+    assert CheckpointLoader.load_checkpoint(str(tmp_path / 'epoch_1.pth'), map_location='cpu')['meta']['epoch'] == 1
+    ok(run('train.sh', DEMO_CONFIG, 0, '--data-root', coco, '--work-dir', tmp_path, '--resume', *QUICK, *TWO_EPOCHS))
+    assert sorted(p.name for p in tmp_path.glob('epoch_*')) == ['epoch_1.pth', 'epoch_2.pth']  # the partial is gone
 
 
 def test_our_checkpoints_hold_mmengine_objects_that_the_safe_loader_reads(trained, monkeypatch):
@@ -126,6 +201,45 @@ def test_infer_tool_draws_and_writes_predictions(coco, trained, tmp_path, releas
         prediction = json.loads((out / 'preds' / image.replace('.jpg', '.json')).read_text())
         assert prediction['labels'] and len(prediction['labels']) == len(prediction['scores'])
         assert len(prediction['bboxes'][0]) == 4 and prediction['masks']
+
+
+def infer(checkpoint, source, out_dir):
+    return subprocess.run(
+        [sys.executable, str(DETECTION / 'tools' / 'infer.py'), str(DEMO_CONFIG), str(checkpoint), str(source),
+         '--out-dir', str(out_dir), '--device', 'cpu', '--cfg-options', LIT_TI_DEPTHS],
+        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+
+
+def test_infer_tool_skips_the_files_that_are_not_readable_images(coco, trained, tmp_path):
+    images = tmp_path / 'images'
+    shutil.copytree(coco / 'val2017', images)
+    readable = sorted(p.name for p in images.iterdir())
+    jpeg = (images / readable[0]).read_bytes()
+    bad = {'empty.jpg': (b'', 'empty file'), 'truncated.jpg': (jpeg[:len(jpeg) // 2], 'damaged or truncated image'),
+           'text.jpg': (b'not an image', 'not an image'), 'notes.txt': (b'a stray file', 'not an image file name')}
+    for name, (content, _) in bad.items():
+        (images / name).write_bytes(content)
+    log = ok(infer(trained / 'epoch_2.pth', images, tmp_path / 'out'))
+    for name, (_, reason) in bad.items():
+        assert f'skipped {images / name}: {reason}' in log and f'  {images / name}: {reason}' in log
+    assert f'Skipped {len(bad)} file(s)' in log and f'{len(readable)} image(s): predictions drawn' in log
+    assert sorted(p.name for p in (tmp_path / 'out' / 'vis').iterdir()) == readable
+
+    nothing = infer(trained / 'epoch_2.pth', images / 'truncated.jpg', tmp_path / 'none')
+    assert nothing.returncode == 1 and 'none of the inputs is a readable image' in nothing.stderr
+    assert 'Traceback' not in nothing.stderr
+
+
+def test_test_sh_names_the_images_its_annotation_lists_that_are_missing(coco, trained, tmp_path):
+    data = tmp_path / 'coco'
+    shutil.copytree(coco, data)
+    missing = sorted((data / 'val2017').iterdir())[0]
+    missing.unlink()
+    result = run('test.sh', DEMO_CONFIG, trained / 'epoch_2.pth', 0, '--data-root', data, '--work-dir',
+                 tmp_path / 'work', *QUICK)
+    assert result.returncode != 0 and 'Traceback' not in result.stderr
+    annotations = data / 'annotations' / 'instances_val2017.json'
+    assert f'error: 1 of the 2 images that {annotations} lists are missing: {missing}. Put' in result.stderr
 
 
 def test_crafted_checkpoints_are_refused_by_the_scripts(coco, trained, tmp_path):

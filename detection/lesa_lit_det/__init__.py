@@ -2,7 +2,8 @@
 
 Importing this package registers :class:`~lesa_lit_det.backbone.TimmBackbone` in ``mmdet.registry.MODELS`` and
 makes the package's safe checkpoint loader mmengine's loader for local files and http(s) URLs (``load_from``,
-``resume``, ``init_cfg``, ``DetInferencer``): checkpoints are read as tensors and plain data, never as code.
+``resume``, ``init_cfg``, ``DetInferencer``): checkpoints are read as tensors and plain data, never as code. Local
+files that mmengine writes (checkpoints) are written whole or not at all (:mod:`lesa_lit_det.resume`).
 Configs load it with ``custom_imports = dict(imports=['lesa_lit_models', 'lesa_lit_det'])``.
 """
 try:
@@ -13,7 +14,9 @@ except ImportError as error:
 
 from .backbone import TimmBackbone
 from .loading import register_checkpoint_loader
+from .resume import register_atomic_local_backend
 
 register_checkpoint_loader()
+register_atomic_local_backend()
 
-__all__ = ['TimmBackbone', 'register_checkpoint_loader']
+__all__ = ['TimmBackbone', 'register_checkpoint_loader', 'register_atomic_local_backend']

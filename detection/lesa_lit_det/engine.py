@@ -19,10 +19,12 @@ from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
+from .resume import EpochSeedHook
+
 __all__ = [
     'DatasetNotFoundError', 'add_common_args', 'parse_common_args', 'load_run_config', 'build_runner',
     'load_config', 'set_data_root', 'set_input_size', 'reduce_proposals', 'use_test_dev', 'adapt_to_device',
-    'check_dataset_paths', 'init_cpu_distributed',
+    'check_dataset_paths', 'check_image_files', 'init_cpu_distributed',
 ]
 
 LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
@@ -76,11 +78,15 @@ def load_run_config(args: argparse.Namespace) -> Config:
 
 def build_runner(cfg: Config, launcher: str, loaders: Sequence[str]) -> Runner:
     """Adapt ``cfg`` to the device, check the datasets of ``loaders`` (:class:`DatasetNotFoundError`), set up
-    several CPU processes if so launched, and build mmengine's Runner (or the config's ``runner_type``)."""
+    several CPU processes if so launched, and build mmengine's Runner (or the config's ``runner_type``); a training
+    runner seeds each epoch (:class:`~lesa_lit_det.resume.EpochSeedHook`)."""
     adapt_to_device(cfg)
     check_dataset_paths(cfg, loaders)
     init_cpu_distributed(cfg, launcher)
-    return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    if 'train_dataloader' in loaders:
+        runner.register_hook(EpochSeedHook())
+    return runner
 
 
 def load_config(
@@ -198,6 +204,21 @@ def check_dataset_paths(cfg: Config, loaders: Sequence[str]):
         message += ('\nHTC\'s semantic branch trains on COCO-stuff maps (stuffthingmaps/train2017/); without them '
                     'use the htc-without-semantic config.')
     raise DatasetNotFoundError(message)
+
+
+def check_image_files(dataset, listed: int = 5):
+    """Raise :class:`DatasetNotFoundError` naming the images that ``dataset``'s annotation file lists and that are
+    not on disk (before a long run stops at the first of them)."""
+    while hasattr(dataset, 'dataset'):  # dataset wrappers
+        dataset = dataset.dataset
+    paths = [dataset.get_data_info(i)['img_path'] for i in range(len(dataset))]
+    missing = [path for path in paths if not osp.isfile(path)]
+    if missing:
+        more = f' ... and {len(missing) - listed} more' if len(missing) > listed else ''
+        raise DatasetNotFoundError(
+            f'{len(missing)} of the {len(paths)} images that {dataset.ann_file} lists are missing: '
+            + ', '.join(missing[:listed]) + more + '. Put them there, or point --data-root (or the config\'s '
+            'data_prefix) at the folder that holds them.')
 
 
 def init_cpu_distributed(cfg: Config, launcher: str):

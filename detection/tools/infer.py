@@ -10,6 +10,11 @@ mmdet 2.x COCO checkpoint (converted on the fly), e.g. for LIT-Ti Mask R-CNN
 Writes OUT_DIR/vis/<image> (boxes, masks, class names and scores of the detections above --score-thr) and
 OUT_DIR/preds/<image name>.json (every detection: labels, scores, boxes, masks as RLE). mmdet's DetInferencer
 does the work.
+
+Files that cannot be read as images (missing, empty, truncated, not an image) are skipped, each with a line that
+names it and says why, and the run goes on. Exit status: 0 when at least one image was predicted, even with files
+skipped (a stray file in a folder of thousands should not fail a batch job: the skipped ones are listed at the end),
+1 when no input could be read.
 """
 import argparse
 import sys
@@ -35,10 +40,18 @@ def main(argv=None):
         inferencer = DetectorInferencer(load_config(args.config, args.cfg_options), args.checkpoint, args.device)
     except CheckpointError as e:
         sys.exit(f'error: {e}')
+    predicted = 0
     for source in args.inputs:
-        inferencer(source, batch_size=args.batch_size, out_dir=args.out_dir, pred_score_thr=args.score_thr,
-                   no_save_pred=False)
-    print(f'Predictions drawn in {args.out_dir}/vis, written to {args.out_dir}/preds.')
+        result = inferencer(source, batch_size=args.batch_size, out_dir=args.out_dir, pred_score_thr=args.score_thr,
+                            no_save_pred=False)
+        predicted += len(result['predictions'])
+    skipped = inferencer.skipped
+    if skipped:
+        print(f'Skipped {len(skipped)} file(s) that are not readable images:')
+        print(''.join(f'  {path}: {reason}\n' for path, reason in skipped), end='')
+    if not predicted:
+        sys.exit('error: none of the inputs is a readable image; nothing was predicted.')
+    print(f'{predicted} image(s): predictions drawn in {args.out_dir}/vis, written to {args.out_dir}/preds.')
 
 
 if __name__ == '__main__':

@@ -15,8 +15,8 @@ import os.path as osp
 import sys
 
 from lesa_lit_det.convert import load_detector_checkpoint
-from lesa_lit_det.engine import DatasetNotFoundError, add_common_args, build_runner, load_run_config, \
-    parse_common_args, set_format_only, use_test_dev
+from lesa_lit_det.engine import DatasetNotFoundError, add_common_args, build_runner, check_image_files, \
+    load_run_config, parse_common_args, set_format_only, use_test_dev
 from lesa_lit_models._checkpoint import CheckpointError
 
 
@@ -56,6 +56,7 @@ def main(argv=None):
         cfg.default_hooks.visualization.update(draw=True, test_out_dir=args.show_dir)
     try:
         runner = build_runner(cfg, args.launcher, ['test_dataloader'])
+        check_image_files(runner.test_loop.dataloader.dataset)
     except DatasetNotFoundError as e:
         sys.exit(f'error: {e}')
     try:
