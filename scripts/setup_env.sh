@@ -2,22 +2,23 @@
 # One-command, idempotent set-up of the project environment.
 #
 #   bash scripts/setup_env.sh            # creates .venv and installs everything
-#   CUDA=1 bash scripts/setup_env.sh     # the same with mmcv's CUDA ops (needs nvcc), checked on the GPU
+#   CUDA=1 bash scripts/setup_env.sh     # the same with mmcv's CUDA ops, checked on the GPU when there is one
 #
 # Steps: (1) virtual environment, (2) torch + torchvision (pinned below), (3) mmcv 2.1.0 with compiled ops,
 # built once into a wheel cache outside the repo, (4) this package, editable, with its `detection` and `dev`
 # extras, (5) a check of mmcv's ops (on the GPU too when built with CUDA ops and a GPU is visible).
 # Environment knobs: VENV (default .venv), LESA_LIT_CACHE (default ~/.cache/lesa-lit-models),
 # PYTHON (default python3.11 or python3), MAX_JOBS (parallel compile jobs, default: every core),
-# CUDA: 1 builds mmcv's CUDA ops as well as its CPU ops, 0 the CPU ops only; default: 1 when `nvcc` is found
-# (on PATH or in CUDA_HOME/bin) and `nvidia-smi -L` lists a GPU (a CUDA toolkit alone, without a GPU, keeps the
-# CPU build; set CUDA=1 to build for GPUs elsewhere). The nvcc must be of the CUDA major version torch was built with
-# (`python -c "import torch; print(torch.version.cuda)"` in the venv; torch 2.14.1's PyPI wheel: 13.0).
+# CUDA: 1 builds mmcv's CUDA ops as well as its CPU ops, 0 the CPU ops only; default: 1 when `nvidia-smi -L` lists a
+# GPU. The CUDA compiler must be of torch's CUDA version (torch 2.14.1's PyPI wheel: 13.0): a system nvcc (on PATH or
+# in CUDA_HOME/bin) of that version is used, otherwise that version's compiler is installed from the package index
+# into the virtual environment (scripts/cuda_toolkit.sh), so a GPU machine needs only the NVIDIA driver.
 # TORCH_CUDA_ARCH_LIST: the GPU architectures to compile for (e.g. "8.0;9.0"); default: those of the GPUs
 # visible now (without a visible GPU it must be set).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/cuda_toolkit.sh"
 VENV="${VENV:-$ROOT/.venv}"
 CACHE="${LESA_LIT_CACHE:-$HOME/.cache/lesa-lit-models}"
 WHEELS="$CACHE/wheels"
@@ -26,12 +27,8 @@ PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3 || echo python3)
 NVCC="$(command -v nvcc || true)"
 [ -n "$NVCC" ] || { [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ] && NVCC="$CUDA_HOME/bin/nvcc"; } || true
 gpu_visible() { command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; }
-export CUDA="${CUDA:-$([ -n "$NVCC" ] && gpu_visible && echo 1 || echo 0)}"
-if [ "$CUDA" = 1 ] && [ -z "$NVCC" ]; then
-  echo "ERROR: CUDA=1 needs the CUDA compiler nvcc: put it on PATH or set CUDA_HOME (CUDA=0 builds the CPU ops only)." >&2
-  exit 1
-fi
-if [ "$CUDA" = 1 ]; then echo "mmcv ops: CPU and CUDA (CUDA=1, $NVCC)"
+export CUDA="${CUDA:-$(gpu_visible && echo 1 || echo 0)}"
+if [ "$CUDA" = 1 ]; then echo "mmcv ops: CPU and CUDA (CUDA=1)"
 else echo "mmcv ops: CPU only (CUDA=0; CUDA=1 builds the CUDA ops too)"; fi
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 MMCV_VERSION=2.1.0
@@ -78,13 +75,24 @@ run "${PIP[@]}" "setuptools>=77.0.3,<81" wheel ninja "mmengine>=0.10,<1.0" "${TO
 
 MMCV_WHEELS="$WHEELS"  # CPU ops only
 if [ "$CUDA" = 1 ]; then
-  step "CUDA: nvcc against torch's CUDA version, the GPU architectures" cuda
+  step "CUDA compiler of torch's CUDA version" cuda
   TORCH_CUDA="$("$PY" -c "import torch; print(torch.version.cuda or '')")"
-  NVCC_CUDA="$("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
   [ -n "$TORCH_CUDA" ] || { echo "    this torch has no CUDA support: install a CUDA build of ${TORCH_PINS[0]}" >"$LOG"; fail; }
-  [ "${TORCH_CUDA%%.*}" = "${NVCC_CUDA%%.*}" ] || {
-    echo "    $NVCC is CUDA $NVCC_CUDA, torch was built with CUDA $TORCH_CUDA: use an nvcc of CUDA ${TORCH_CUDA%%.*}.x" \
-      "(CUDA_HOME) or a torch build for CUDA ${NVCC_CUDA%%.*}" >"$LOG"; fail; }
+  read -r SOURCE TOOLKIT <<<"$(cuda_toolkit_plan "$TORCH_CUDA" "$NVCC")"
+  case "$SOURCE" in
+    system) NVCC="$TOOLKIT"; echo "    $NVCC (CUDA $TORCH_CUDA, as torch)";;
+    index)
+      echo "    ${NVCC:-no nvcc found}${NVCC:+ is CUDA $(cuda_version_of "$NVCC")}: installing CUDA $TOOLKIT's compiler from" \
+        "the package index into $VENV (~100 MB)"
+      # shellcheck disable=SC2046  # the list of package requirements
+      run "${PIP[@]}" $(cuda_toolkit_packages "$TOOLKIT") "${TORCH_PINS[@]}"
+      NVCC="$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/nvidia/cu${TOOLKIT%%.*}/bin/nvcc"
+      [ -x "$NVCC" ] || { echo "    the compiler packages installed no $NVCC" >"$LOG"; fail; }
+      unset CUDA_HOME;;
+    *)
+      echo "    torch is built with CUDA $TOOLKIT, whose compiler is not on the package index in a form this script" \
+        "installs: put a CUDA $TOOLKIT nvcc on PATH (or in CUDA_HOME), or use a torch built with CUDA 13" >"$LOG"; fail;;
+  esac
   export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$NVCC")")}"
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "
 import torch
@@ -93,7 +101,7 @@ print(';'.join(f'{major}.{minor}' for major, minor in sorted(caps)))
 ")}"
   [ -n "$TORCH_CUDA_ARCH_LIST" ] || { echo "    no GPU visible: set TORCH_CUDA_ARCH_LIST to the GPUs' compute" \
     "capabilities, e.g. TORCH_CUDA_ARCH_LIST=\"8.0;9.0\" for A100 and H100" >"$LOG"; fail; }
-  echo "    nvcc $NVCC_CUDA ($NVCC), torch CUDA $TORCH_CUDA, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
+  echo "    nvcc $(cuda_version_of "$NVCC") ($NVCC), TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
   MMCV_WHEELS="$WHEELS/cuda$TORCH_CUDA-sm${TORCH_CUDA_ARCH_LIST//[;. ]/_}"
   export FORCE_CUDA=1
 fi

@@ -1,7 +1,9 @@
-"""scripts/setup_env.sh: which mmcv ops it builds, and a CUDA build it cannot do refused before any step."""
+"""scripts/setup_env.sh: which mmcv ops it builds, and which CUDA compiler builds the CUDA ones."""
 import os
 import subprocess
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,18 +24,11 @@ def _run_setup(tmp_path, tools, **env_vars):
                           capture_output=True, text=True, timeout=30)
 
 
-def _fake_nvcc(tmp_path):
-    nvcc = tmp_path / 'nvcc'
-    nvcc.write_text('#!/bin/sh\necho "Cuda compilation tools, release 13.0, V13.0.88"\n')
+def _fake_nvcc(tmp_path, release='13.0'):
+    nvcc = tmp_path / f'nvcc-{release}'
+    nvcc.write_text(f'#!/bin/sh\necho "Cuda compilation tools, release {release}, V{release}.88"\n')
     nvcc.chmod(0o755)
     return nvcc
-
-
-def test_cuda_build_without_nvcc_stops_before_any_step(tmp_path):
-    result = _run_setup(tmp_path, {}, CUDA='1')
-    assert result.returncode == 1
-    assert 'CUDA=1 needs the CUDA compiler nvcc' in result.stderr and 'CUDA_HOME' in result.stderr, result.stderr
-    assert not (tmp_path / 'venv').exists() and not (tmp_path / 'cache').exists()
 
 
 def test_a_cuda_toolkit_without_a_gpu_builds_the_cpu_ops(tmp_path):
@@ -41,9 +36,25 @@ def test_a_cuda_toolkit_without_a_gpu_builds_the_cpu_ops(tmp_path):
     assert 'mmcv ops: CPU only (CUDA=0' in result.stdout, result.stdout + result.stderr
 
 
-def test_nvcc_and_a_listed_gpu_build_the_cuda_ops(tmp_path):
+def test_a_listed_gpu_builds_the_cuda_ops_without_any_nvcc(tmp_path):
     smi = tmp_path / 'nvidia-smi'
     smi.write_text('#!/bin/sh\necho "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)"\n')
     smi.chmod(0o755)
-    result = _run_setup(tmp_path, {'nvcc': _fake_nvcc(tmp_path), 'nvidia-smi': smi})
+    result = _run_setup(tmp_path, {'nvidia-smi': smi})
     assert 'mmcv ops: CPU and CUDA (CUDA=1' in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize('torch_cuda, nvcc_release, plan', [
+    ('13.0', '13.0', 'system'),  # a system nvcc of torch's CUDA version
+    ('13.0', '12.4', 'index 13.0'),  # the usual cluster toolkit: CUDA 13.0's compiler from the package index
+    ('13.0', '13.1', 'index 13.0'),  # another minor version: the index's
+    ('13.0', None, 'index 13.0'),  # the driver only
+    ('12.8', None, 'unsupported 12.8'),  # torch for CUDA 12: its compiler is the user's to provide
+])
+def test_the_cuda_compiler_is_of_torchs_cuda_version(tmp_path, torch_cuda, nvcc_release, plan):
+    nvcc = str(_fake_nvcc(tmp_path, nvcc_release)) if nvcc_release else ''
+    result = subprocess.run(
+        ['bash', '-c', f'source {ROOT}/scripts/cuda_toolkit.sh && cuda_toolkit_plan {torch_cuda} "{nvcc}"'],
+        capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == (f'system {nvcc}' if plan == 'system' else plan)
+
