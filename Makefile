@@ -1,10 +1,11 @@
 # Two entry points, each doing its own set-up on a fresh clone:
 #   make demo   - the main job on the embedded default (synthetic COCO): train, evaluate, draw
 #   make test   - the full test suite (what CI runs through .ci/run)
+#   make gpu-check - on a GPU machine: the CUDA tests, the paper detectors and the benchmark on the device
 VENV ?= .venv
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench gpu-check
 
 $(STAMP): scripts/setup_env.sh setup.cfg pyproject.toml
 	VENV=$(VENV) bash scripts/setup_env.sh
@@ -24,3 +25,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m benchmarks.run
+
+# the first run on a GPU machine (set up with CUDA=1): CUDA tests, the six detectors, the quick benchmark
+gpu-check: $(STAMP)
+	$(VENV)/bin/python scripts/gpu_check.py

@@ -61,10 +61,13 @@ class ReleaseServer:
                 self.end_headers()
                 body = body[:server.truncate.get(self.path, len(body))]
                 pieces = 20 if self.path in server.seconds else 1
-                for i in range(pieces):
-                    self.wfile.write(body[i * len(body) // pieces:(i + 1) * len(body) // pieces])
-                    self.wfile.flush()
-                    time.sleep(server.seconds.get(self.path, 0) / pieces)
+                try:
+                    for i in range(pieces):
+                        self.wfile.write(body[i * len(body) // pieces:(i + 1) * len(body) // pieces])
+                        self.wfile.flush()
+                        time.sleep(server.seconds.get(self.path, 0) / pieces)
+                except (BrokenPipeError, ConnectionResetError):  # the client went away (a killed download)
+                    pass
                 self.close_connection = True
 
             def log_message(self, *args):

@@ -62,10 +62,16 @@ def _pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(x, (0, size - x.shape[-1])) if x.shape[-1] < size else x.contiguous()
 
 
+def _sdpa_takes_unequal_head_dims(device: torch.device) -> bool:
+    """Whether SDPA's fused kernels on ``device`` take q, k and v of different head dims (CUDA's memory-efficient
+    kernel does; the CPU's flash kernel needs one, so the narrower operands are zero-padded to it)."""
+    return device.type == 'cuda'
+
+
 def _band_forward(q, k, v, bias, scale):
     """SDPA of one band; the fused kernels need a 4-D mask and, on CPU, one head dim for q, k and v."""
     bias = bias.view((1,) * (q.dim() - bias.dim()) + bias.shape)
-    if q.device.type == 'cuda' or q.shape[-1] == v.shape[-1]:
+    if q.shape[-1] == v.shape[-1] or _sdpa_takes_unequal_head_dims(q.device):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     dim = max(q.shape[-1], v.shape[-1])
     out = F.scaled_dot_product_attention(

@@ -83,6 +83,12 @@ def deform_conv2d_sampled(
 
 
 @register_notrace_module  # FX leaf: the autocast guard needs a concrete device
+def _uses_torchvision_kernel(device: torch.device) -> bool:
+    """torchvision's ``deform_conv2d`` on CUDA (its fused kernel); elsewhere, and in an ONNX export, the exact
+    ``grid_sample`` form (it keeps no sampled columns for backward and exports with standard operators)."""
+    return device.type == 'cuda' and not torch.onnx.is_in_onnx_export()
+
+
 class DeformConv2dPack(nn.Module):
     """DCN v1 layer whose offsets come from a zero-initialised conv on the same input.
 
@@ -145,8 +151,7 @@ class DeformConv2dPack(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         offset = self.conv_offset(x)
         dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 under autocast, fp64 stays fp64
-        op = deform_conv2d if x.device.type == 'cuda' and not torch.onnx.is_in_onnx_export() \
-            else deform_conv2d_sampled
+        op = deform_conv2d if _uses_torchvision_kernel(x.device) else deform_conv2d_sampled
         with torch.autocast(device_type=x.device.type, enabled=False):
             return op(
                 x.to(dtype),
