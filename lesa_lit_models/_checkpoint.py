@@ -41,8 +41,8 @@ from typing import IO, Any, Callable, Dict, Iterable, List, Optional, Tuple, Typ
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
 import torch.nn as nn
+from filelock import FileLock, Timeout
 from timm.models import build_model_with_cfg, clean_state_dict, resolve_pretrained_cfg
 
 from ._timm import _resolve_pretrained_source

@@ -3,17 +3,21 @@
 The model is built through the family's public loading path,
 ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``, so the family's
 ``checkpoint_filter_fn`` stays the single place that understands upstream checkpoint formats. The
-export is timm's own (``save_for_hf`` / ``push_to_hf_hub``); an output folder holds
+export is timm's own (``save_for_hf``); an output folder holds
 
 * ``model.safetensors``: the timm-format state dict,
-* ``config.json``: ``architecture``, ``num_classes``, ``model_args`` (non-default kwargs such as
-  ``img_size``) and ``pretrained_cfg``, read by ``timm.create_model('local-dir:DIR')`` and
-  ``timm.create_model('hf-hub:ORG/NAME')``,
+* ``config.json``: ``architecture``, ``num_classes``, ``model_args`` (only the kwargs the user passed, such as
+  ``img_size``) and ``pretrained_cfg``, read by ``timm.create_model('local-dir:DIR')``,
+  ``timm.create_model('hf-hub:ORG/NAME')`` and transformers' ``TimmWrapper`` classes,
 * ``README.md``: a model card (timm's ``generate_readme``).
+
+A push uploads these verified files as they are.
 """
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -21,7 +25,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import timm
 import torch
 import torch.nn as nn
-from timm.models import get_model_input_config, push_to_hf_hub, save_for_hf
+from huggingface_hub import HfApi
+from timm.models import get_model_input_config, save_for_hf
 
 from ._checkpoint import download_cached, is_url
 from ._timm import generate_readme
@@ -212,12 +217,21 @@ def save_converted(
     output_dir = Path(output_dir)
     save_for_hf(model, output_dir, model_args=dict(model_kwargs or {}), safe_serialization=True,
                 data_config=_data_config(model))
-    config = json.loads((output_dir / 'config.json').read_text())
+    config = _config_for_clients(json.loads((output_dir / 'config.json').read_text()), model_kwargs or {})
+    (output_dir / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
     card = make_model_card(model, model_ref, tuple(config['pretrained_cfg']['input_size']), source, extra_card)
     (output_dir / 'README.md').write_text(generate_readme(card, card_name, task_name=_task(model)), encoding='utf-8')
     files = [ExportedFile(output_dir / n, (output_dir / n).stat().st_size, sha256sum(output_dir / n))
              for n in EXPORT_FILES]
     return files, card
+
+
+def _config_for_clients(config: Dict[str, Any], model_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """timm's config.json with ``model_args`` holding only the kwargs the user passed: timm also records every
+    model's ``num_classes``, ``in_chans`` and ``global_pool`` there, and transformers' TimmWrapper, which passes
+    ``num_classes`` itself (from the root ``num_classes``), fails on the repeat."""
+    args = {k: v for k, v in config.get('model_args', {}).items() if k in model_kwargs and k != 'num_classes'}
+    return {k: (args if k == 'model_args' else v) for k, v in config.items() if k != 'model_args' or args}
 
 
 def _data_config(model: nn.Module) -> Dict[str, Any]:
@@ -284,15 +298,18 @@ def push_converted(
         token: Optional[str] = None,
         commit_message: str = 'Add model converted with lesa-lit-convert',
 ) -> str:
-    """Upload a conversion (safetensors weights, config.json and, if the repo has none, the model card) with
-    timm's ``push_to_hf_hub``; return the commit URL."""
+    """Upload the verified files of a conversion (safetensors weights, config.json and, if the repo has none, the
+    model card) in one commit, as timm's ``push_to_hf_hub`` does; return the commit URL."""
     check_hub_access(repo_id, token)
-    model = result.model
+    api = HfApi(token=token)
     try:
-        commit = push_to_hf_hub(
-            model, repo_id, commit_message=commit_message, token=token, private=private,
-            model_card=result.model_card, model_args=result.model_kwargs, task_name=_task(model),
-            safe_serialization=True, data_config=_data_config(model))
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        keep_card = api.file_exists(repo_id, 'README.md')
+        with tempfile.TemporaryDirectory() as folder:
+            for exported in result.files:
+                if not (keep_card and exported.path.name == 'README.md'):
+                    shutil.copy(exported.path, folder)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
     except _push_errors() as e:
         raise HubError(
             f'Pushing to {repo_id} failed: {type(e).__name__}: {e}. Check the network connection and that your '

@@ -176,7 +176,8 @@ def write_report(out: str, report: dict) -> None:
                      f'{d.get("train_peak_gib", "")} | {d.get("predict_s", "")} | '
                      f'{d["status"]}{": " + d["error"][:200] if "error" in d else ""} |')
     bench = report['benchmark']
-    lines += ['', f'Benchmark: `{bench["command"]}`: {bench["status"]}, [results]({osp.relpath(bench["results"], out)}).',
+    results = osp.relpath(bench['results'], out)
+    lines += ['', f'Benchmark: `{bench["command"]}`: {bench["status"]}, [results]({results}).',
               '', f'Total: {report["wall_s"]:.0f} s.']
     with open(osp.join(out, 'gpu_check.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')

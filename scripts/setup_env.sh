@@ -82,16 +82,17 @@ if [ "$CUDA" = 1 ]; then
   case "$SOURCE" in
     system) NVCC="$TOOLKIT"; echo "    $NVCC (CUDA $TORCH_CUDA, as torch)";;
     index)
-      echo "    ${NVCC:-no nvcc found}${NVCC:+ is CUDA $(cuda_version_of "$NVCC")}: installing CUDA $TOOLKIT's compiler from" \
-        "the package index into $VENV (~100 MB)"
+      echo "    ${NVCC:-no nvcc found}${NVCC:+ is CUDA $(cuda_version_of "$NVCC")}: installing CUDA $TOOLKIT's" \
+        "compiler from the package index into $VENV (~100 MB)"
       # shellcheck disable=SC2046  # the list of package requirements
       run "${PIP[@]}" $(cuda_toolkit_packages "$TOOLKIT") "${TORCH_PINS[@]}"
       NVCC="$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/nvidia/cu${TOOLKIT%%.*}/bin/nvcc"
       [ -x "$NVCC" ] || { echo "    the compiler packages installed no $NVCC" >"$LOG"; fail; }
       unset CUDA_HOME;;
     *)
-      echo "    torch is built with CUDA $TOOLKIT, whose compiler is not on the package index in a form this script" \
-        "installs: put a CUDA $TOOLKIT nvcc on PATH (or in CUDA_HOME), or use a torch built with CUDA 13" >"$LOG"; fail;;
+      echo "    torch is built with CUDA $TOOLKIT, whose compiler is not on the package index in a form this" \
+        "script installs: put a CUDA $TOOLKIT nvcc on PATH (or in CUDA_HOME), or use a torch built with CUDA 13" \
+        >"$LOG"; fail;;
   esac
   export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$NVCC")")}"
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "

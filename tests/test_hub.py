@@ -20,7 +20,7 @@ import safetensors.torch
 import timm
 import torch
 
-import lesa_lit_models  # noqa: F401  (registers the models)
+import lesa_lit_models.hub  # registers the models; the converter
 from lesa_lit_models.cli import main
 from _helpers import SMALL, assert_same_tensors, small_model
 
@@ -168,7 +168,7 @@ def test_missing_repo_in_offline_cache_fails_fast(offline_hub):
 
 
 class RecordingHfApi:
-    """Stands in for huggingface_hub.HfApi inside timm's push_to_hf_hub; records what would be uploaded."""
+    """Stands in for huggingface_hub.HfApi in the converter's push; records what would be uploaded."""
     calls = []
 
     def __init__(self, token=None, **kwargs):
@@ -207,7 +207,7 @@ def lit_ti_checkpoint(tmp_path_factory):
 
 def test_push_uploads_the_verified_files(tmp_path, capsys, monkeypatch, hub_token, lit_ti_checkpoint):
     RecordingHfApi.calls = []
-    monkeypatch.setattr(timm.models._hub, 'HfApi', RecordingHfApi)
+    monkeypatch.setattr(lesa_lit_models.hub, 'HfApi', RecordingHfApi)
     checkpoint, source = lit_ti_checkpoint
     card = tmp_path / 'card.json'
     card.write_text(json.dumps({'citation': '@article{lit2021}', 'details': {'Dataset': 'ImageNet-1k'}}))
@@ -231,6 +231,33 @@ def test_push_uploads_the_verified_files(tmp_path, capsys, monkeypatch, hub_toke
     assert f'https://huggingface.co/my-org/lit_ti.test/commit/{COMMIT}' in out
     assert_same_tensors(timm.create_model(f'local-dir:{out_dir}', pretrained=True), source.state_dict(),
                         same_keys=True)
+
+
+@pytest.mark.slow
+def test_a_converted_folder_loads_in_transformers_timm_wrapper_and_pipeline(tmp_path, capsys, lit_ti_checkpoint):
+    transformers = pytest.importorskip('transformers')
+    from PIL import Image
+    checkpoint, source = lit_ti_checkpoint
+    out_dir = tmp_path / 'export'
+    code, _, err = _run(['lit_ti', checkpoint, out_dir], capsys)
+    assert code == 0, err
+    config = json.loads((out_dir / 'config.json').read_text())
+    assert config['model_args'] == {k: list(v) for k, v in SMALL['lit_ti'].items()}  # what the user passed
+    model = timm.create_model(f'local-dir:{out_dir}', pretrained=True).eval()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    classifier = transformers.TimmWrapperForImageClassification.from_pretrained(out_dir).eval()
+    features = transformers.TimmWrapperModel.from_pretrained(out_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(classifier(pixel_values=x).logits, model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(features(pixel_values=x).pooler_output,
+                                   model.forward_head(model.forward_features(x), pre_logits=True), rtol=1e-5, atol=1e-5)
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8))
+    top = transformers.pipeline('image-classification', model=str(out_dir))(image)[0]
+    preprocess = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    with torch.no_grad():
+        probabilities = model(preprocess(image)[None]).softmax(-1)[0]
+    assert top['score'] == pytest.approx(probabilities.max().item(), abs=1e-4)
 
 
 def test_push_without_a_token_fails_before_converting(tmp_path, capsys, hub_token, monkeypatch, lit_ti_checkpoint):

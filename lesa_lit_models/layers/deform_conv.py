@@ -82,13 +82,13 @@ def deform_conv2d_sampled(
     return out if bias is None else out + bias.view(-1, 1, 1)
 
 
-@register_notrace_module  # FX leaf: the autocast guard needs a concrete device
 def _uses_torchvision_kernel(device: torch.device) -> bool:
     """torchvision's ``deform_conv2d`` on CUDA (its fused kernel); elsewhere, and in an ONNX export, the exact
     ``grid_sample`` form (it keeps no sampled columns for backward and exports with standard operators)."""
     return device.type == 'cuda' and not torch.onnx.is_in_onnx_export()
 
 
+@register_notrace_module  # FX leaf: the autocast guard needs a concrete device
 class DeformConv2dPack(nn.Module):
     """DCN v1 layer whose offsets come from a zero-initialised conv on the same input.
 
