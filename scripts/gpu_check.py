@@ -3,7 +3,7 @@ paper detector at the paper's input size, with its config's mixed precision and 
 with the peak GPU memory; the quick benchmark on the device. It writes ``gpu_check.json`` and ``gpu_check.md`` (commit,
 GPU, driver, CUDA and torch versions) and the benchmark's files to OUT (default ``benchmarks/results/cuda/gpu-check``).
 
-    python scripts/gpu_check.py                    # on the GPU; about 5 minutes on one H100 after `CUDA=1 make setup`
+    python scripts/gpu_check.py                    # on the GPU, after `CUDA=1 make setup`
     python scripts/gpu_check.py --cpu --out DIR    # the same steps on the CPU at tiny sizes (tests/test_gpu_check.py)
 
 Each step runs even if one before it failed; the exit status is 1 if any failed.
