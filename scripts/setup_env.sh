@@ -88,6 +88,10 @@ if [ "$CUDA" = 1 ]; then
       run "${PIP[@]}" $(cuda_toolkit_packages "$TOOLKIT") "${TORCH_PINS[@]}"
       NVCC="$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/nvidia/cu${TOOLKIT%%.*}/bin/nvcc"
       [ -x "$NVCC" ] || { echo "    the compiler packages installed no $NVCC" >"$LOG"; fail; }
+      # the packages ship libcudart.so.X but not the unversioned libcudart.so that the link's -lcudart looks for
+      mkdir -p "$VENV/cuda-link"
+      ln -sf "$(dirname "$(dirname "$NVCC")")/lib/libcudart.so.${TOOLKIT%%.*}" "$VENV/cuda-link/libcudart.so"
+      export LIBRARY_PATH="$VENV/cuda-link${LIBRARY_PATH:+:$LIBRARY_PATH}"
       unset CUDA_HOME;;
     *)
       echo "    torch is built with CUDA $TOOLKIT, whose compiler is not on the package index in a form this" \
