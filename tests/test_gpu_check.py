@@ -1,4 +1,5 @@
-"""scripts/gpu_check.py (make gpu-check) in its CPU mode: every step the GPU run takes, at tiny sizes."""
+"""scripts/gpu_check.py (make gpu-check) in its CPU mode: every step the GPU run takes, at tiny sizes. About 90 s of
+one core: outside make test's budget, so behind the ``exhaustive`` marker (``pytest -m exhaustive``)."""
 import json
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import pytest
 from _helpers import ROOT
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 def test_gpu_check_runs_every_step_and_reports_them(tmp_path, hub_caches):
     result = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'gpu_check.py'), '--cpu', '--out', str(tmp_path)],
                             cwd=ROOT, capture_output=True, text=True, timeout=900)
