@@ -8,13 +8,11 @@ the start of the run (it saves none of them in a checkpoint). Killed while savin
 import glob
 import os
 import os.path as osp
-import random
 from typing import Union
 
-import numpy as np
-import torch
 from mmengine.fileio.backends import LocalBackend, register_backend
 from mmengine.hooks import Hook
+from mmengine.runner.utils import set_random_seed
 
 __all__ = ['AtomicLocalBackend', 'EpochSeedHook', 'register_atomic_local_backend']
 
@@ -61,7 +59,5 @@ class EpochSeedHook(Hook):
     priority = 'VERY_HIGH'
 
     def before_train_epoch(self, runner) -> None:
-        seed = (runner.seed + runner.epoch) % 2 ** 32  # runner.seed: the config's, or one drawn and shared by ranks
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
+        # runner.seed: the config's, or one drawn and shared by ranks; cuDNN's flags stay as the config set them
+        set_random_seed((runner.seed + runner.epoch) % 2 ** 32)
