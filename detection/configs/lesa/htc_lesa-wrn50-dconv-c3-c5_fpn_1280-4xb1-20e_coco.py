@@ -7,15 +7,20 @@
 #   detection/test.sh detection/configs/lesa/htc_lesa-wrn50-dconv-c3-c5_fpn_1280-4xb1-20e_coco.py \
 #       epoch_20.pth 4
 # Training reads data/coco/stuffthingmaps/train2017/*.png; without them use the htc-without-semantic config.
-_base_ = ['mmdet::htc/htc_r50_fpn_20e_coco.py', './_base_/lesa_backbone.py']
+_base_ = 'mmdet::htc/htc_r50_fpn_20e_coco.py'
+custom_imports = dict(imports=['lesa_lit_models', 'lesa_lit_det'], allow_failed_imports=False)
 
 image_size = 1280  # LESA's position tables are built for this grid; train and test use the same fixed size
 model = dict(
     backbone=dict(
         _delete_=True,
-        **_base_.lesa_backbone,
-        model_name='lesa_wrn50_det',
+        type='TimmBackbone',
+        model_name='lesa_wrn50_det',  # DCN in stages 2-4, LESA in stages 3-4
         img_size=image_size,
+        out_indices=(1, 2, 3, 4),
+        frozen_stages=1,
+        norm_eval=True,
+        with_cp=True,
         # the authors' ImageNet "detection pretrain" of LESA-WRN-50 (their "Pretrained" link), where their README puts
         # it; the classification weights (lesa_wrn50.in1k) also load
         init_cfg=dict(
@@ -23,7 +28,7 @@ model = dict(
             checkpoint='checkpoints/lesa_pretrained_imagenet/lesa_wrn50_pretrained/lesa_wrn50/checkpoint.pth',
             origin_url=('https://livejohnshopkins-my.sharepoint.com/:f:/g/personal/cyang76_jh_edu/'
                         'ElagAKEgXttArEbtVR6NpmEBWAZN0pNE5Q6MMXEJZ27VHg?e=dIdwAI'))),
-    neck=dict(in_channels=_base_.lesa_neck_in_channels))
+    neck=dict(in_channels=[256, 512, 1024, 2048]))
 
 # the stock pipelines at LESA's fixed size
 fixed_size = dict(type='Resize', scale=(image_size, image_size), keep_ratio=False)

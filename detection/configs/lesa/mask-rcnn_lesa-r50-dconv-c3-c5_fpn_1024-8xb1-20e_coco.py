@@ -11,16 +11,20 @@ _base_ = [
     'mmdet::_base_/datasets/coco_instance.py',
     'mmdet::_base_/schedules/schedule_20e.py',
     'mmdet::_base_/default_runtime.py',
-    './_base_/lesa_backbone.py',
 ]
+custom_imports = dict(imports=['lesa_lit_models', 'lesa_lit_det'], allow_failed_imports=False)
 
 image_size = 1024  # LESA's position tables are built for this grid; train and test use the same fixed size
 model = dict(
     backbone=dict(
         _delete_=True,
-        **_base_.lesa_backbone,
-        model_name='lesa_resnet50_det',
+        type='TimmBackbone',
+        model_name='lesa_resnet50_det',  # DCN in stages 2-4, LESA in stages 3-4
         img_size=image_size,
+        out_indices=(1, 2, 3, 4),
+        frozen_stages=1,
+        norm_eval=True,
+        with_cp=True,
         # the authors' ImageNet "detection pretrain" of LESA-ResNet-50 (their "Pretrained" link), where their README
         # puts it; the classification weights (lesa_resnet50.in1k) also load
         init_cfg=dict(
@@ -28,7 +32,7 @@ model = dict(
             checkpoint='checkpoints/lesa_pretrained_imagenet/lesa_resnet50_pretrained/lesa_resnet50/checkpoint.pth',
             origin_url=('https://livejohnshopkins-my.sharepoint.com/:f:/g/personal/cyang76_jh_edu/'
                         'EsV_fGZY-uhEkciwVckp4c8BlInA1GFv7gett1_LOZ0vFg?e=g1If75'))),
-    neck=dict(in_channels=_base_.lesa_neck_in_channels))
+    neck=dict(in_channels=[256, 512, 1024, 2048]))
 
 # the stock pipelines at LESA's fixed size
 fixed_size = dict(type='Resize', scale=(image_size, image_size), keep_ratio=False)

@@ -6,8 +6,18 @@
 # Released COCO checkpoint (the authors', mmdet 2.x; test.sh converts it on the fly):
 #   detection/test.sh detection/configs/lit/retinanet_lit-s_fpn_amp-1x_coco.py \
 #       https://github.com/ziplab/LIT/releases/download/v2.0/retina_lit_s.pth 8
-_base_ = ['mmdet::retinanet/retinanet_r50_fpn_1x_coco.py', './_base_/lit-s_backbone.py']
+_base_ = './retinanet_lit-ti_fpn_1x_coco.py'
 
-model = dict(backbone=dict(_delete_=True, **_base_.lit_backbone), neck=dict(in_channels=_base_.lit_neck_in_channels))
+model = dict(
+    backbone=dict(
+        model_name='lit_s',
+        out_norms=(1, 2, 3),
+        drop_path_rate=0.2,
+        img_size=800,
+        with_cp=True,
+        init_cfg=dict(checkpoint='https://github.com/ziplab/LIT/releases/download/v1.0/lit_s.pth')),
+    neck=dict(in_channels=[96, 192, 384, 768]))
 optim_wrapper = dict(
-    _base_.lit_optim_wrapper, optimizer=dict(_delete_=True, type='AdamW', lr=0.0001, weight_decay=0.0001))
+    type='AmpOptimWrapper',
+    loss_scale='dynamic',
+    paramwise_cfg=dict(custom_keys={'relative_position_bias_table': dict(decay_mult=0.), 'norm': dict(decay_mult=0.)}))

@@ -5,7 +5,16 @@
 # Released COCO checkpoint (the authors', mmdet 2.x; test.sh converts it on the fly):
 #   detection/test.sh detection/configs/lit/retinanet_lit-ti_fpn_1x_coco.py \
 #       https://github.com/ziplab/LIT/releases/download/v2.0/retina_lit_ti.pth 8
-_base_ = ['mmdet::retinanet/retinanet_r50_fpn_1x_coco.py', './_base_/lit-ti_backbone.py']
+_base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
+custom_imports = dict(imports=['lesa_lit_models', 'lesa_lit_det'], allow_failed_imports=False)
 
-model = dict(backbone=dict(_delete_=True, **_base_.lit_backbone), neck=dict(in_channels=_base_.lit_neck_in_channels))
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='TimmBackbone',
+        model_name='lit_ti',
+        out_indices=(0, 1, 2, 3),
+        drop_path_rate=0.1,
+        init_cfg=dict(type='Pretrained', checkpoint='https://github.com/ziplab/LIT/releases/download/v1.0/lit_ti.pth')),
+    neck=dict(in_channels=[64, 128, 320, 512]))
 optim_wrapper = dict(optimizer=dict(_delete_=True, type='AdamW', lr=0.0001, weight_decay=0.0001))
