@@ -1,7 +1,10 @@
 """torch.hub entry points for the LESA and LIT models of this repository.
 
-    model = torch.hub.load('<owner>/<repo>', 'lit_s', pretrained=True)           # from GitHub
-    model = torch.hub.load('/path/to/checkout', 'lit_s', pretrained=True, source='local')
+    model = torch.hub.load('/path/to/lesa-lit-models', 'lit_s', pretrained=True, source='local')  # a clone
+    model = torch.hub.load('OWNER/NAME', 'lit_s', pretrained=True)  # from GitHub: the owner/name of the repository URL
+
+``/path/to/lesa-lit-models`` is a clone of this repository (``git clone <repository URL> lesa-lit-models``, as in
+the README); torch.hub's GitHub form downloads the same files itself.
 
 Every model registered by ``lesa_lit_models`` is an entry point, with timm's keyword arguments
 (``pretrained``, ``num_classes``, ``in_chans``, ``features_only``, ``pretrained_cfg_overlay``, ...). Weights load as

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on the embedded default data, on a CPU (the README says how long it takes):
+# The main job on the embedded default data, on a CPU (docs/development.md names a measured run):
 #   1. generate a synthetic COCO-format dataset (shapes with polygon masks) into WORK_DIR/data,
 #   2. train a small-input Mask R-CNN LIT-Ti from scratch (configs/demo/), logging losses and the ETA,
 #   3. evaluate it on the validation images (COCO bbox + segm tables) and

@@ -38,7 +38,8 @@ def _require_onnx():
         import onnxscript  # noqa: F401
     except ImportError as e:
         raise ImportError(
-            f'ONNX export needs onnx, onnxruntime and onnxscript ({e}): pip install "lesa-lit-models[onnx]".') from e
+            f'ONNX export needs onnx, onnxruntime and onnxscript ({e}): pip install -e ".[onnx]" in your clone of '
+            'lesa-lit-models, or pip install "onnx>=1.16" "onnxruntime>=1.18" "onnxscript>=0.3".') from e
 
 
 def _as_list(out) -> List[torch.Tensor]:

@@ -9,8 +9,9 @@ Configs load it with ``custom_imports = dict(imports=['lesa_lit_models', 'lesa_l
 try:
     import mmdet  # noqa: F401
 except ImportError as error:
-    raise ImportError("lesa_lit_det needs mmdetection 3.3 and mmcv 2.1 with compiled ops: install them with "
-                      "pip install 'lesa-lit-models[detection]' (see the README's install section)") from error
+    raise ImportError("lesa_lit_det needs mmdetection 3.3 and mmcv 2.1 with compiled ops: `make setup` in your clone "
+                      "of lesa-lit-models compiles mmcv's ops and installs lesa-lit-models[detection] (see the "
+                      "README's install section)") from error
 
 from .backbone import TimmBackbone
 from .loading import register_checkpoint_loader
