@@ -14,10 +14,11 @@ import torch.nn.functional as F
 import lesa_lit_models  # noqa: F401
 from lesa_lit_models._checkpoint import CheckpointError
 from lesa_lit_models.layers.deform_conv import DeformConv2dPack
-from lesa_lit_models.layers.lesa_attention import Lesa, resample_rel_table
+from lesa_lit_models.layers.attn_impl import ATTN_IMPLS
+from lesa_lit_models.layers.lesa_attention import Lesa
+from lesa_lit_models.layers.lesa_rel_pos import resample_rel_table
 from _helpers import load_file, mmdet2_checkpoint, randomise
 
-ATTN_IMPLS = ['reference', 'fused']
 DET_SIZE = 64
 
 
@@ -327,8 +328,8 @@ def test_detection_model_at_another_size_resamples_its_tables():
 def test_attention_implementations_agree_in_the_model():
     x = _image(DET_SIZE)
     with torch.no_grad():
-        outs = [_det(attn_impl=impl)(x) for impl in ATTN_IMPLS]
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+        outs = {impl: _det(attn_impl=impl)(x) for impl in ATTN_IMPLS}
+    torch.testing.assert_close(outs['fused'], outs['reference'], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize('pos_embed', ['classification', 'detection_qr'])

@@ -12,8 +12,7 @@ from timm.models import group_parameters
 import lesa_lit_models  # noqa: F401  (registers the models)
 from lesa_lit_models._checkpoint import CheckpointError, load_checkpoint_file
 from lesa_lit_models.layers.deform_merge import DeformableTokenMerging
-from lesa_lit_models.layers.rel_pos import bias_from_grid, relative_position_bias, relative_position_bias_grid, \
-    resample_bias_table
+from lesa_lit_models.layers.rel_pos import bias_from_grid, relative_position_bias_grid, resample_bias_table
 from lesa_lit_models.lit import AttentionBlock, LITAttention, MLPBlock, detection_output_norms
 from _helpers import SMALL, assert_same_tensors, load_file, mmdet2_checkpoint, randomise, small_model, \
     swin_relative_position_index, to_upstream
@@ -73,12 +72,18 @@ def _deform_conv_k2s2_reference(x, offset, weight, bias):
 
 
 def _upstream_detection_bias(table, table_grid, h, w):
-    """The authors' detection RelPosAttention bias: bicubic table resize to (2h-1, 2w-1), then Swin index."""
+    """The authors' detection RelPosAttention bias: the table resized bicubically to (2h-1, 2w-1) where its grid
+    differs, then gathered through Swin's index."""
     heads = table.shape[1]
-    grid = F.interpolate(table.permute(1, 0).reshape(1, heads, *table_grid), size=(2 * h - 1, 2 * w - 1),
-                         mode='bicubic')
-    grid = grid.reshape(heads, -1).permute(1, 0)
-    return grid[swin_relative_position_index(h, w).view(-1)].view(h * w, h * w, -1).permute(2, 0, 1)
+    if tuple(table_grid) != (2 * h - 1, 2 * w - 1):
+        table = F.interpolate(table.permute(1, 0).reshape(1, heads, *table_grid), size=(2 * h - 1, 2 * w - 1),
+                              mode='bicubic').reshape(heads, -1).permute(1, 0)
+    return table[swin_relative_position_index(h, w).view(-1)].view(h * w, h * w, -1).permute(2, 0, 1)
+
+
+def _dense_bias(table, table_grid, feat_size):
+    """The package's dense bias of every query against every key."""
+    return bias_from_grid(relative_position_bias_grid(table, table_grid, feat_size), feat_size)
 
 
 def _explicit_attention(attn: LITAttention, x, feat_size):
@@ -144,15 +149,15 @@ def test_dtm_with_random_offsets_matches_bilinear_reference():
 def test_relative_position_bias_layout_is_swin(feat_size):
     h, w = feat_size
     table = torch.randn((2 * h - 1) * (2 * w - 1), 3)
-    expected = table[swin_relative_position_index(h, w).view(-1)].view(h * w, h * w, 3).permute(2, 0, 1)
-    assert torch.equal(relative_position_bias(table, (2 * h - 1, 2 * w - 1), feat_size), expected)
+    expected = _upstream_detection_bias(table, (2 * h - 1, 2 * w - 1), h, w)
+    assert torch.equal(_dense_bias(table, (2 * h - 1, 2 * w - 1), feat_size), expected)
 
 
 @pytest.mark.parametrize('feat_size', [(4, 6), (7, 7), (9, 5)])
 def test_relative_position_bias_resamples_like_the_detection_backbone(feat_size):
     table = torch.randn(13 * 13, 4)  # a 7x7-grid table (LIT-S stage 4 at 224)
     expected = _upstream_detection_bias(table, (13, 13), *feat_size)
-    torch.testing.assert_close(relative_position_bias(table, (13, 13), feat_size), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(_dense_bias(table, (13, 13), feat_size), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_resample_bias_table():
@@ -181,7 +186,7 @@ def test_attention_equals_explicit_softmax(with_table):
 def test_bias_of_a_band_of_query_rows_is_that_slice_of_the_dense_bias(feat_size, rows):
     h, w = feat_size
     table = torch.randn(9 * 11, 3)  # a 5x6-grid table, resampled for every size here but (5, 6)
-    dense = relative_position_bias(table, (9, 11), feat_size)
+    dense = _dense_bias(table, (9, 11), feat_size)
     band = bias_from_grid(relative_position_bias_grid(table, (9, 11), feat_size), feat_size, rows)
     assert torch.equal(band, dense[:, rows[0] * w:rows[1] * w])
 
@@ -439,7 +444,7 @@ def test_bias_follows_the_live_table_across_steps_and_sizes():
         for size in sizes + sizes[:1]:
             x = torch.randn(1, 3, *size)
             torch.testing.assert_close(model(x), fresh(x))
-        bias = relative_position_bias(attn.relative_position_bias_table, attn.table_size, (6, 4))
+        bias = _dense_bias(attn.relative_position_bias_table, attn.table_size, (6, 4))
         expected = _upstream_detection_bias(attn.relative_position_bias_table, attn.table_size, 6, 4)
         torch.testing.assert_close(bias, expected, rtol=1e-6, atol=1e-6)
 

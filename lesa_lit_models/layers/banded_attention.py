@@ -25,8 +25,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['banded_bias_attention', 'banded_bias_attention_op', 'default_max_chunk_logits', 'dense_bias_attention',
-           'row_band_size']
+__all__ = ['banded_bias_attention', 'banded_bias_attention_op', 'default_max_chunk_logits', 'dense_bias_attention']
 
 
 def default_max_chunk_logits(device: torch.device) -> int:
@@ -35,16 +34,11 @@ def default_max_chunk_logits(device: torch.device) -> int:
     return 2 ** 26 if device.type == 'cuda' else 2 ** 22
 
 
-def row_band_size(q: torch.Tensor, num_keys: int, width: int, max_logits: Optional[int] = None) -> int:
-    """Queries per band for queries in raster order over rows of ``width``: whole rows, as many as fit ``max_logits``
-    logits (batch x heads x queries x keys; at least one row)."""
-    max_logits = max_logits or default_max_chunk_logits(q.device)
-    return max(1, max_logits // max(1, q.shape[0] * q.shape[1] * width * num_keys)) * width
-
-
 def _bands(q: torch.Tensor, k: torch.Tensor, grid: Sequence[int], max_logits: Optional[int]) -> List[Tuple[int, int]]:
-    length = q.shape[-2]
-    band_size = row_band_size(q, k.shape[-2], grid[1], max_logits)
+    """Query ranges of whole grid rows, as many rows as fit ``max_logits`` logits (at least one)."""
+    length, width = q.shape[-2], grid[1]
+    max_logits = max_logits or default_max_chunk_logits(q.device)
+    band_size = max(1, max_logits // max(1, q.shape[0] * q.shape[1] * width * k.shape[-2])) * width
     return [(start, min(start + band_size, length)) for start in range(0, length, band_size)]
 
 

@@ -41,14 +41,12 @@ from timm.layers import register_notrace_module, to_2tuple
 from timm.models import checkpoint as grad_checkpoint
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .attn_impl import ATTN_IMPLS, check_attn_impl
+from .attn_impl import check_attn_impl
 from .deform_conv import DeformConv2dPack
 from . import lesa_fused
 from .lesa_rel_pos import expand_relative_logits, offset_index, relative_logits_2d, resample_rel_table
 
-__all__ = [
-    'Lesa', 'classification_binary_reference', 'detection_qr_binary_reference', 'POS_EMBED_TYPES', 'ATTN_IMPLS',
-]
+__all__ = ['Lesa', 'classification_binary_reference', 'detection_qr_binary_reference', 'POS_EMBED_TYPES']
 
 POS_EMBED_TYPES = ('classification', 'detection_qr')
 

@@ -7,8 +7,8 @@ map of ``H x W`` tokens is ``table[index]`` with
 ``index[i, j] = (y_i - y_j + H - 1) * (2 * W - 1) + (x_i - x_j + W - 1)``.
 
 For a map whose size differs from the table's, LIT's detection backbone first resamples the table
-bicubically (``align_corners=False``) to ``(2 * H - 1, 2 * W - 1)``. :func:`relative_position_bias` does the
-same, then expands the table into the dense ``(num_heads, H * W, H * W)`` bias with a strided view
+bicubically (``align_corners=False``) to ``(2 * H - 1, 2 * W - 1)``. :func:`relative_position_bias_grid` does the
+same; :func:`bias_from_grid` expands the table into the dense ``(num_heads, H * W, H * W)`` bias with a strided view
 (``unfold``) of the live table instead of gathering through an ``(H * W)^2`` index: the result is
 bit-identical to ``table[index]``, differentiable, never stale when the table is trained, and needs no
 index tensor or cache (the index alone is 141 MB at an 800x1344 input), so nothing is rebuilt on the CPU.
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function, resize_rel_pos_bias_table_simple
 
 __all__ = ['bias_table_size', 'resample_bias_table', 'relative_position_bias_grid', 'bias_rows_keys_reversed',
-           'bias_rows_keys_reversed_vjp', 'bias_from_grid', 'relative_position_bias']
+           'bias_rows_keys_reversed_vjp', 'bias_from_grid']
 
 
 def bias_table_size(grid_size: Tuple[int, int]) -> Tuple[int, int]:
@@ -121,17 +121,8 @@ def bias_from_grid(
 ) -> torch.Tensor:
     """Dense bias of the queries in map rows ``[start, stop)`` (all rows by default) against every key.
 
-    Returns ``(heads, (stop - start) * W, H * W)``, a slice of :func:`relative_position_bias` computed without
-    the rest of it (keys in raster order: :func:`bias_rows_keys_reversed` with the keys put back in order).
+    Returns ``(heads, (stop - start) * W, H * W)``, keys in raster order (:func:`bias_rows_keys_reversed` with the
+    keys put back in order).
     """
     return bias_rows_keys_reversed(offset_bias, feat_size, query_rows).flip(-1)
 
-
-def relative_position_bias(
-        table: torch.Tensor,
-        table_size: Tuple[int, int],
-        feat_size: Tuple[int, int],
-        dtype: Optional[torch.dtype] = None,
-) -> torch.Tensor:
-    """Dense ``(heads, H * W, H * W)`` attention bias of an ``H x W`` map from a flat ``(th * tw, heads)`` table."""
-    return bias_from_grid(relative_position_bias_grid(table, table_size, feat_size, dtype), feat_size)
