@@ -2,8 +2,8 @@
 random weights with nothing zero or identity, "same tensors" assertions, the authors' checkpoint layouts and
 pickles that would run code if a loader let them.
 
-The key renames below are written from the authors' code (LIT-upstream-notes.md section 7), independently of the
-package's checkpoint filters, which the tests check against them.
+The key renames below are written from the authors' code, independently of the package's checkpoint filters, which
+the tests check against them.
 """
 import math
 import os
@@ -267,7 +267,7 @@ def reduced_depth(model_name: str) -> dict:
 
 def small_config(path, data_root=None, size=DETECTION_SIZE, **cfg_options):
     """A paper config at a small input, random backbone init, fewer proposals and the backbone's stages one or two
-    blocks deep: seconds per step on a CPU."""
+    blocks deep."""
     from lesa_lit_det.engine import load_config, reduce_proposals
     cfg = load_config(str(path), dict(cfg_options, **{'model.backbone.init_cfg': None}),
                       data_root=None if data_root is None else str(data_root), input_size=size)

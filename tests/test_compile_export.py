@@ -164,9 +164,9 @@ def _attention_unit(name: str, model: nn.Module):
     return stage, lambda unit, t: unit.forward_blocks(t, class_token), x
 
 
-# Inductor (C++ code generation, tens of seconds per graph on 2 CPU cores) compiles the training step of one unit
-# per attention kind: LESA's banded operator, LIT's banded operator and plain SDPA. LESA's deformable sampling stays
-# out (dcn_stages off: inductor lowers its grid_sample into minutes of generated code); aot_eager runs it above.
+# Inductor (C++ code generation, the slow part) compiles the training step of one unit per attention kind: LESA's
+# banded operator, LIT's banded operator and plain SDPA. LESA's deformable sampling stays out (dcn_stages off:
+# inductor lowers its grid_sample into large generated code); aot_eager runs it above.
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ['lesa_resnet50_det', 'lit_s', 'lit_ti'])
 def test_inductor_compiles_each_attention_kind_as_eager_computes_it(name):

@@ -5,10 +5,9 @@ rounding: the error must be within 10x of eager float32 against eager float64, o
 where that is larger (a random deep network amplifies rounding, see ``docs/attention.md``). Weights are random
 everywhere (deformable offsets and LayerNorm affine parameters included) and BatchNorm statistics calibrated on
 random inputs, as a trained network's match its activations. Models are the SMALL configurations (_helpers.py; the
-exporter's tracing, not the arithmetic, is the cost: tens of seconds per export on 2 cores): every path of each
-family, 64x64 inputs, the banded attention of the eager models one query row per band. Batch, height and width are
-dynamic where the model takes any size; each file runs at a second size and batch (a fixed-size LESA classifier: a
-second batch).
+exporter's tracing, not the arithmetic, is the cost): every path of each family, 64x64 inputs, the banded
+attention of the eager models one query row per band. Batch, height and width are dynamic where the model takes
+any size; each file runs at a second size and batch (a fixed-size LESA classifier: a second batch).
 """
 import copy
 import subprocess
