@@ -15,30 +15,7 @@ Rebuilt from the authors' ImageNet (https://github.com/Chenglin-Yang/LESA_classi
 ``torchvision.ops.deform_conv2d``. Parameter names are the authors' (torchvision ResNet names plus those of
 :class:`~lesa_lit_models.layers.lesa_attention.Lesa`), so their checkpoints load without renaming.
 
-Models:
-
-* ``lesa_resnet50`` / ``lesa_wrn50``: the ImageNet models. Stage strides (1, 2, 2, 1), so the network stride is
-  16 and stage 4 runs on the 14x14 grid of a 224x224 image. LESA replaces the 3x3 conv in stages 3-4 except in
-  the first block of stage 3. The ``classification`` position embedding is tied to that grid: inputs must be
-  224x224.
-* ``lesa_resnet50_det`` / ``lesa_wrn50_det``: the backbones of the authors' Mask R-CNN (1024x1024) and HTC
-  (1280x1280) detectors. Stage strides (1, 2, 2, 2); mmcv-layout DCN v1 3x3 convs in stages 2-4, also in the
-  unary term of LESA; the ``detection_qr`` 2-D position embedding, whose tables are resampled to the grid of
-  any input whose sides are multiples of 32 (see
-  :func:`~lesa_lit_models.layers.lesa_rel_pos.resample_rel_table`).
-  No classifier (``num_classes=0``); ``features_only=True, out_indices=(1, 2, 3, 4)`` gives C2-C5. To start
-  from ImageNet weights as the authors' detectors did, load an ImageNet checkpoint into them (``pretrained=True,
-  pretrained_cfg_overlay=dict(file=...)``): :func:`checkpoint_filter_fn` adapts it.
-
-Weights: the authors publish them as OneDrive folders (no direct download); each tag's ``origin_url`` and notes
-name the folder and the file. ``pretrained=True`` without ``pretrained_cfg_overlay=dict(file=...)`` stops with
-those instructions, before any network access.
-
-Deviations from the authors' code: ``set_grad_checkpointing`` (their ``with_cp_UB_terms_only``) is off by
-default (their detection configs turn it on) and its recomputation leaves BatchNorm running statistics alone
-(upstream's updated them twice in train mode); ``no_weight_decay`` lists the position tables (the authors
-decayed every parameter); DCN main weights get the Kaiming init of the convs they replace (mmcv: uniform), and
-all DCN offset convs start at zero. Neither init matters when loading weights.
+The four models, their weights and the deviations from the authors' code are described in docs/lesa.md.
 """
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union

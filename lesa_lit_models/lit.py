@@ -9,19 +9,8 @@ Paper: `Less is More: Pay Less Attention in Vision Transformers` - https://arxiv
   year={2022}
 }
 
-Re-implemented from the paper and the authors' Apache-2.0 code at https://github.com/ziplab/LIT
-(classification: ``code_for_lit_ti``, ``code_for_lit_s_m_b``; COCO backbones: ``detection/mmdet``).
-The authors' CUDA DCN extension is replaced by ``torchvision.ops.deform_conv2d`` (same math) and attention
-runs through ``F.scaled_dot_product_attention``.
-
-A LIT is a four-stage pyramid: a 4x4 patch-embedding stem, MLP-only blocks in stages 1-2 (no token mixing),
-pre-norm blocks with *global* multi-head self-attention in stages 3-4, and a Deformable Token Merging (DTM)
-between stages. The family comes in two flavours that share only these ideas:
-
-* LIT-Ti (PVT-like): learned absolute position embeddings in every stage, a class token that joins stage 4,
-  LayerNorm eps 1e-6 in the blocks, MLP ratios (8, 8, 4, 4), class-token readout.
-* LIT-S/M/B (Swin-like): no absolute position embedding; each attention block owns a Swin-style relative
-  position bias table that spans the whole stage grid (not a window); LayerNorm eps 1e-5; mean pooling.
+Re-implemented from the paper and the authors' Apache-2.0 code at https://github.com/ziplab/LIT; the flavours
+(LIT-Ti, LIT-S/M/B) and the deviations from that code are described in docs/lit.md.
 
 Modifications and timm support for lesa-lit-models.
 """
@@ -64,20 +53,15 @@ def check_input_size(x: torch.Tensor, patch: int, num_stages: int):
 
 @register_notrace_function  # FX leaf: the output size is the input grid's
 def resample_grid_pos_embed(pos_embed: torch.Tensor, pos_embed_grid: Tuple[int, int], feat_size: Tuple[int, int]):
-    """Bilinear (``align_corners=False``) resampling of a ``(1, Gh * Gw, C)`` embedding of a ``pos_embed_grid``
-    ``(Gh, Gw)`` to ``feat_size``.
-
-    In the embedding's precision, at least float32: timm's ``resample_abs_pos_embed`` always rounds to float32,
-    which would make float64 results depend on the order of float32 operations.
-    """
+    """Bilinear resampling of a ``(1, Gh * Gw, C)`` embedding of grid ``pos_embed_grid`` to ``feat_size``, in the
+    embedding's precision (timm's ``resample_abs_pos_embed`` rounds float64 to float32)."""
     embed_map = pos_embed.unflatten(1, pos_embed_grid).permute(0, 3, 1, 2)
     embed_map = F.interpolate(embed_map.to(torch.promote_types(embed_map.dtype, torch.float32)), size=feat_size,
                               mode='bilinear', align_corners=False)
     return embed_map.to(pos_embed.dtype).flatten(2).transpose(1, 2)
 
 
-# the bias function of banded_bias_attention (query_bias, shared_bias, start, stop, grid): the shared bias is the
-# offset bias, the grid the feature map's (H, W)
+# banded_bias_attention's bias function and its vjp; the shared bias is the offset grid
 def _bias_of_rows(query_bias, offset_bias, start, stop, feat_size):
     width = feat_size[1]
     return bias_rows_keys_reversed(offset_bias, feat_size, (start // width, stop // width)).unsqueeze(0)
@@ -100,30 +84,18 @@ def attend_in_row_bands(
         feat_size: Tuple[int, int],
         max_logits: Optional[int] = None,
 ) -> torch.Tensor:
-    """``softmax(q k^T * scale + bias) v`` over an ``H x W`` map, one band of query rows at a time.
-
-    Each band holds at most ``max_logits`` logits (at least one row) and expands only its rows of the bias from the
-    ``(heads, 2H - 1, 2W - 1)`` ``offset_bias``, against keys and values in reverse order (where the bias of a band
-    is a plain strided copy of it); see :func:`~lesa_lit_models.layers.banded_attention.banded_bias_attention`.
-    Nothing of size ``(heads, N, N)`` is kept for backward.
-    """
+    """``softmax(q k^T * scale + bias) v`` over an ``H x W`` map, one band of at most ``max_logits`` logits at a
+    time, the bias of each band expanded from ``offset_bias`` against keys and values in reverse order."""
     return banded_bias_attention(_offset_bias_attention, q, k.flip(-2), v.flip(-2), feat_size,
                                  shared_bias=offset_bias, max_logits=max_logits)
 
 
 class LITAttention(nn.Module):
-    """Global multi-head self-attention over all tokens of a stage, optionally with a relative position bias.
+    """Global multi-head self-attention over all tokens of a stage, with a relative position bias table over the
+    ``rel_pos_grid`` grid (LIT-S/M/B) if given.
 
-    With ``rel_pos_grid`` (LIT-S/M/B) the block owns a ``relative_position_bias_table`` of
-    ``(2 * Gh - 1) * (2 * Gw - 1)`` rows for a ``Gh x Gw`` grid; for an input grid of another size the table is
-    resampled bicubically to ``(2H - 1, 2W - 1)`` at each forward, as the authors' detection backbone does
-    (see :mod:`lesa_lit_models.layers.rel_pos`).
-
-    ``attn_impl``: ``'fused'`` (default) or ``'reference'`` (the upstream formulation, materialising
-    ``softmax(q k^T * scale + bias) v``, for benchmarks and checks). ``'fused'`` without a bias is one
-    ``F.scaled_dot_product_attention`` call; with a bias it attends in bands of query rows of at most
-    ``max_chunk_logits`` logits (batch x heads x queries x keys) each (:func:`attend_in_row_bands`), exact, keeping
-    no ``(heads, N, N)`` tensor. Attention dropout (no LIT uses it) runs the reference computation.
+    ``attn_impl='fused'`` attends through SDPA, in bands of query rows where there is a bias
+    (:func:`attend_in_row_bands`); ``'reference'`` materialises the attention as the authors' code does.
     """
 
     def __init__(
@@ -184,14 +156,9 @@ class LITAttention(nn.Module):
 
 
 class MLPBlock(nn.Module):
-    """Stage 1-2 block: ``x + DropPath(MLP(LN(x)))``, no token mixing.
+    """Stage 1-2 block: ``x + DropPath(MLP(LN(x)))``, no token mixing; the norm keeps its upstream name ``norm2``.
 
-    The norm keeps its upstream name ``norm2`` (there is no ``norm1``) so checkpoints map one to one.
-
-    With ``recompute_act`` (the default), training keeps only ``fc1``'s output for backward and recomputes the
-    GELU and ``fc2`` from it: the MLP's widest tensors (``mlp_ratio`` x the width, at strides 4 and 8) are then
-    held once instead of twice. Same values and gradients, for one more GELU and ``fc2`` in backward (the memory
-    it saves: ``benchmarks/results/``).
+    ``recompute_act`` keeps only ``fc1``'s output for backward in training and recomputes the rest of the MLP.
     """
 
     def __init__(
@@ -227,11 +194,8 @@ class MLPBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Stage 3-4 block: ``x + DropPath(MSA(LN(x)))`` then ``x + DropPath(MLP(LN(x)))``.
-
-    ``attn_kwargs`` are the further :class:`LITAttention` arguments (``qkv_bias``, ``rel_pos_grid``, ``attn_drop``,
-    ``attn_impl``, ``max_chunk_logits``).
-    """
+    """Stage 3-4 block: ``x + DropPath(MSA(LN(x)))`` then ``x + DropPath(MLP(LN(x)))``; ``attn_kwargs`` go to
+    :class:`LITAttention`."""
 
     def __init__(
             self,
@@ -260,16 +224,9 @@ class AttentionBlock(nn.Module):
 
 
 class LITStage(nn.Module):
-    """One LIT stage: optional DTM (stages 2-4), optional absolute position embedding (LIT-Ti), blocks.
-
-    Takes and returns NHWC maps. With ``prefix_tokens`` (the LIT-Ti class token in stage 4) the prefix joins
-    the attention and the stage returns the ``(B, num_prefix + H * W, C)`` tokens instead.
-
-    The position embedding (``(1, num_prefix_tokens + Gh * Gw, C)``, prefix slots first) is stored for the
-    ``pos_embed_grid`` grid and resampled bilinearly (``align_corners=False``) to the actual grid when that
-    differs, as the authors' detection backbone does, but comparing against this stage's own grid.
-    ``attn_kwargs`` are those of its :class:`AttentionBlock` (``use_attn``).
-    """
+    """One LIT stage on NHWC maps: optional DTM (stages 2-4), optional absolute position embedding (LIT-Ti, prefix
+    slots first, resampled to each input grid), blocks. ``prefix_tokens`` (LIT-Ti's class token) join the attention,
+    and the stage then returns the ``(B, num_prefix + H * W, C)`` tokens."""
 
     def __init__(
             self,
@@ -348,58 +305,25 @@ class LITStage(nn.Module):
 
 
 class LIT(nn.Module):
-    """LIT (Less attention vIsion Transformer), both flavours; see the module docstring and the entrypoints.
+    """LIT (Less attention vIsion Transformer), both flavours (docs/lit.md).
 
     Args:
         in_chans: Input channels.
         num_classes: Classifier classes (0 for none).
-        global_pool: ``'token'`` (class token, LIT-Ti), ``'avg'`` (mean over spatial tokens, LIT-S/M/B) or ``''``.
+        global_pool: ``'token'`` (class token, LIT-Ti), ``'avg'`` (LIT-S/M/B) or ``''``.
         embed_dims, depths, num_heads, mlp_ratios: Per-stage widths, block counts, heads, MLP ratios.
-        attn_stages: Which stages use attention blocks (the others use MLP-only blocks).
+        attn_stages: Which stages use attention blocks (the others MLP-only blocks).
         patch_size: Stem patch size.
         qkv_bias: Bias on the qkv projection.
-        pos_embed: ``'abs'``: learned absolute embedding per stage (LIT-Ti); ``'rel'``: relative position
-            bias table per attention block (LIT-S/M/B).
-        class_token: Prepend a class token to the last stage (LIT-Ti); the token's position slot is the first
-            entry of that stage's position embedding.
-        img_size: Input size the position parameters are laid out for (stage grids ``img_size / 4 / 2^i``):
-            224 for the ImageNet checkpoints; the authors' COCO LIT-S tables are laid out for 800 (99x99 and
-            49x49 tables), ADE20K for 512. Any input size runs whatever this is. When loading an original
-            checkpoint without this argument, it is taken from the checkpoint's tables
-            (see ``_kwargs_for_checkpoint``).
-        norm_eps: LayerNorm eps of the blocks and the final norm (LIT-Ti 1e-6; the stem always uses 1e-5).
-        drop_rate: Classifier dropout.
-        proj_drop_rate, attn_drop_rate: Dropout after the MLP/projection layers and on attention weights.
-        drop_path_rate: Stochastic depth, increasing linearly over all blocks (upstream ImageNet values:
-            LIT-Ti 0.1, S 0.2, M 0.3, B 0.5; timm convention: 0 unless the training script sets it).
-        attn_impl: ``'fused'`` (default) or ``'reference'`` (see :class:`LITAttention`; also :meth:`set_attn_impl`).
-        max_chunk_logits: Logits per band of the fused biased attention (default: per device, see
-            :func:`~lesa_lit_models.layers.banded_attention.default_max_chunk_logits`).
-        recompute_mlp_act: In training, recompute the GELU and ``fc2`` of the stage 1-2 MLPs in backward instead of
-            keeping their widest activations (see :class:`MLPBlock`); ``False`` keeps them (more memory, no
-            measurable gain in time on a CPU). Independent of :meth:`set_grad_checkpointing` (whole blocks).
-
-    Deliberate deviations from the authors' code:
-        * Any input size. The stem pads the input right/bottom to a multiple of the patch size (as the
-          authors' LIT-S detection backbone does; their LIT-Ti floors instead, which only matters for sides
-          that are not a multiple of 4). LIT-Ti position embeddings are resampled bilinearly to each stage's
-          grid, comparing against that stage's own grid (upstream compared every stage against the stage-1
-          token count, so e.g. a 448x448 input crashed); their classifier only ran at 224x224.
-        * ``features_only`` / :meth:`forward_intermediates` return the stage outputs after their blocks,
-          before the next DTM, unnormalised, in NCHW. For LIT-Ti the stage-4 map is computed *without* the
-          class token, exactly as the authors' detection backbone (which has no class token); the classifier
-          path keeps it. The extra LayerNorms the authors' LIT-S COCO backbone applies to outputs 2-4
-          (``norm1..3``) belong to the detection adapter (see :func:`detection_output_norms`). The default
-          feature wrapper is timm's getter (NCHW); ``feature_cls='list'``/``'hook'`` give the same maps in NHWC,
-          timm's convention for NHWC models such as Swin.
-        * LIT-Ti's :meth:`forward_features` returns the map entering stage 4 (after its DTM): the stage-4 blocks
-          attend over the class token and the map together, so they run in :meth:`forward_head` with the final
-          norm and the readout. This keeps timm's contract (an unpooled ``pool_size`` map from
-          ``forward_features``) with the authors' classifier unchanged.
-        * Position embeddings, the class token and the bias tables are in :meth:`no_weight_decay` (upstream
-          LIT-Ti decayed its position embeddings).
-        * The relative position bias is expanded from the live table with a strided view instead of an index
-          tensor rebuilt on the CPU at every forward; the values are identical.
+        pos_embed: ``'abs'`` (absolute embedding per stage, LIT-Ti) or ``'rel'`` (bias table per block, LIT-S/M/B).
+        class_token: Class token joining the last stage (LIT-Ti).
+        img_size: Input size the position parameters are laid out for; any input size runs.
+        norm_eps: LayerNorm eps of the blocks and the final norm (the stem's is 1e-5).
+        drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate: Classifier, projection, attention dropout and
+            stochastic depth (linear over all blocks).
+        attn_impl: ``'fused'`` (default) or ``'reference'`` (:class:`LITAttention`).
+        max_chunk_logits: Logits per band of the fused biased attention (default: per device).
+        recompute_mlp_act: Recompute the stage 1-2 MLP activations in backward (:class:`MLPBlock`).
     """
 
     def __init__(
@@ -769,9 +693,8 @@ def _checkpoint_img_size(state_dict: Dict[str, torch.Tensor], patch_size: int = 
 def _kwargs_for_checkpoint(checkpoint: Any, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     if 'img_size' in kwargs:
         return kwargs
-    # keep a checkpoint's bias tables at their own size (e.g. the 99x99/49x49 COCO tables), so the runtime
-    # resampling to the input grid reproduces the authors' detection backbone exactly; timm records the img_size,
-    # so exports rebuild these tables
+    # keep a checkpoint's bias tables at their own size (the COCO ones), so that the runtime resampling reproduces
+    # the authors' detection backbone (docs/lit.md)
     img_size = _checkpoint_img_size(backbone_state_dict(checkpoint))
     if img_size is None or img_size == (224, 224):
         return kwargs

@@ -2,8 +2,8 @@
 random weights with nothing zero or identity, "same tensors" assertions, the authors' checkpoint layouts and
 pickles that would run code if a loader let them.
 
-The key renames below are written from the authors' code (LIT-upstream-notes.md section 7), independently of the
-package's checkpoint filters, which the tests check against them.
+The key renames below are written from the authors' code, independently of the package's checkpoint filters, which
+the tests check against them.
 """
 import math
 import os
@@ -11,7 +11,7 @@ import re
 import sys
 import types
 from pathlib import Path
-from typing import List, Mapping, Union
+from typing import Dict, List, Mapping, Optional, Union
 
 import numpy as np
 import timm
@@ -30,6 +30,13 @@ SMALL = {
 }
 SMALL['lesa_wrn50'], SMALL['lesa_wrn50_det'] = SMALL['lesa_resnet50'], SMALL['lesa_resnet50_det']
 SMALL['lit_m'] = SMALL['lit_b'] = SMALL['lit_s']
+# SMALL as the tracing tests (compile, export, ONNX) build it at SIZE px: LESA's tables laid out for that size, the
+# banded attention one query row per band so that it attends in several bands
+SIZE = 64
+_BANDED = ('lesa_resnet50_det', 'lesa_wrn50_det', 'lit_s', 'lit_m', 'lit_b')
+TRACED = {name: dict(kwargs, **(dict(img_size=SIZE) if name.startswith('lesa') else {}),
+                     **(dict(max_chunk_logits=1) if name in _BANDED else {}))
+          for name, kwargs in SMALL.items()}
 
 
 def small_model(name: str, seed: int = 0, **kwargs) -> nn.Module:
@@ -82,9 +89,50 @@ def calibrate_batchnorms(model: nn.Module, batches) -> nn.Module:
     return model.train(training)
 
 
+def relative_logits_2d_oracle(q: torch.Tensor, rel_height: torch.Tensor, rel_width: torch.Tensor, grid) -> torch.Tensor:
+    """LESA's ``detection_qr`` relative logits from the formula: ``qr[..., i, j] = q_i . (rel_height[x_j - x_i + H - 1]
+    + rel_width[y_j - y_i + W - 1])`` for q (N, G, L, d), token i at ``(x_i, y_i) = divmod(i, W)``."""
+    height, width = grid
+    x, y = torch.arange(height * width).div(width, rounding_mode='floor'), torch.arange(height * width) % width
+    relative = rel_height[x[None, :] - x[:, None] + height - 1] + rel_width[y[None, :] - y[:, None] + width - 1]
+    return torch.einsum('ngid,ijd->ngij', q, relative)
+
+
 def as_list(out) -> List[torch.Tensor]:
     """A model's output (one tensor or a list / tuple of feature maps) as a list."""
     return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def outputs_and_grads(module: nn.Module, *inputs, call=None, grad_out=None) -> Dict[str, torch.Tensor]:
+    """One forward of ``inputs`` through ``module`` (or ``call``, e.g. the compiled module or a function of the
+    module) and backward of ``grad_out`` (default: of ``sum(o * cos(o))``): ``output:i``, ``grad:input<i>`` of the
+    floating-point tensor inputs, ``grad:<name>`` of every parameter (zero where unused) and ``buffer:<name>`` after."""
+    inputs = [t.detach().clone().requires_grad_() if torch.is_tensor(t) and t.is_floating_point() else t
+              for t in inputs]
+    module.zero_grad(set_to_none=True)
+    outs = as_list((module if call is None else call)(*inputs))
+    if grad_out is None:
+        sum((o * torch.cos(o)).sum() for o in outs).backward()
+    else:
+        torch.autograd.backward(outs, as_list(grad_out))
+    result = {f'output:{i}': o.detach() for i, o in enumerate(outs)}
+    result.update({f'grad:input{i}': t.grad for i, t in enumerate(inputs) if torch.is_tensor(t) and t.requires_grad})
+    result.update({f'grad:{n}': torch.zeros_like(p) if p.grad is None else p.grad
+                   for n, p in module.named_parameters()})
+    result.update({f'buffer:{n}': b.clone() for n, b in module.named_buffers()})
+    return result
+
+
+def assert_same_results(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor], rtol=None, atol=None,
+                        grads: Optional[dict] = None, buffers: Optional[dict] = None):
+    """Every entry of ``got`` (:func:`outputs_and_grads`) is close to ``want``'s: outputs within ``rtol`` / ``atol``,
+    gradients and buffers within ``grads`` / ``buffers`` (rtol and atol) where given, else the same."""
+    assert got.keys() == want.keys()
+    tolerances = {'output': dict(rtol=rtol, atol=atol)}
+    tolerances['grad'] = grads or tolerances['output']
+    tolerances['buffer'] = buffers or tolerances['output']
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, **tolerances[k.split(':')[0]], msg=lambda m: f'{k}: {m}')
 
 
 def state_of(weights: Union[nn.Module, Mapping[str, torch.Tensor]]) -> Mapping[str, torch.Tensor]:
@@ -267,7 +315,7 @@ def reduced_depth(model_name: str) -> dict:
 
 def small_config(path, data_root=None, size=DETECTION_SIZE, **cfg_options):
     """A paper config at a small input, random backbone init, fewer proposals and the backbone's stages one or two
-    blocks deep: seconds per step on a CPU."""
+    blocks deep."""
     from lesa_lit_det.engine import load_config, reduce_proposals
     cfg = load_config(str(path), dict(cfg_options, **{'model.backbone.init_cfg': None}),
                       data_root=None if data_root is None else str(data_root), input_size=size)

@@ -2,8 +2,8 @@
 offline Hugging Face cache; a small synthetic COCO dataset; the tensors autograd keeps for backward. Plain helpers
 are in _helpers.py.
 
-torch.compile's C++ kernels (tests/test_compile_export.py) take minutes to build on 2 cores: they are kept across
-runs and clones in the project's cache outside the repository, beside the mmcv wheel (``LESA_LIT_CACHE``, default
+torch.compile's C++ kernels (tests/test_compile_export.py) are slow to build: they are kept across runs and clones
+in the project's cache outside the repository, beside the mmcv wheel (``LESA_LIT_CACHE``, default
 ``~/.cache/lesa-lit-models``), unless ``TORCHINDUCTOR_CACHE_DIR`` names another place.
 """
 import contextlib
@@ -114,7 +114,7 @@ def saved_for_backward():
 
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch):
-    """A Hugging Face cache in offline mode (the real hub code path, timm-conventions.md section 1.8):
+    """A Hugging Face cache in offline mode (the real hub code path):
     ``add(repo_id, files)`` puts a snapshot in it, ``files`` a folder to copy or a state dict to write as
     ``model.safetensors``."""
     import huggingface_hub.constants as hf_constants

@@ -11,7 +11,7 @@ depths. Empty batches run on every registered model, at its SMALL configuration.
 TorchScript is not supported (see the README); compile and export are.
 """
 import copy
-from typing import Dict, List
+from typing import List
 
 import pytest
 import timm
@@ -23,18 +23,12 @@ from lesa_lit_models.hub import package_models
 from lesa_lit_models.layers.lesa_attention import Lesa
 from lesa_lit_models.layers.lesa_fused import detection_qr_binary
 from lesa_lit_models.lit import LITStage, attend_in_row_bands
-from _helpers import SMALL, as_list, small_model
+from _helpers import SIZE, SMALL, TRACED, as_list, assert_same_results, outputs_and_grads, small_model
 
 MODELS = package_models()
-SIZE = 64
-# SMALL (_helpers.py) of each family, plus: LESA's tables for 64x64 inputs; the banded attention one query row per
-# band (max_chunk_logits=1), so that it attends in several bands at 64x64
-CASE_KWARGS = {
-    'lesa_resnet50': dict(img_size=SIZE),  # the 1-D classification table, on a 4x4 grid
-    'lesa_resnet50_det': dict(img_size=SIZE, max_chunk_logits=1),  # DCN, 2-D tables, banded
-    'lit_ti': dict(),  # class token, plain SDPA
-    'lit_s': dict(max_chunk_logits=1),  # offset bias, banded
-}
+# one model of each family: the 1-D classification table on a 4x4 grid; DCN and 2-D tables, banded; class token and
+# plain SDPA; offset bias, banded
+FAMILIES = ('lesa_resnet50', 'lesa_resnet50_det', 'lit_ti', 'lit_s')
 
 
 @pytest.fixture(autouse=True)
@@ -45,30 +39,11 @@ def fresh_dynamo():
 
 
 def _small(name: str, dtype=torch.float64, **kwargs) -> nn.Module:
-    return small_model(name, dtype=dtype, **{**CASE_KWARGS[name], **kwargs})
+    return small_model(name, dtype=dtype, **{**TRACED[name], **kwargs})
 
 
 def _images(batch: int = 2, size: int = SIZE, dtype=torch.float64) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, dtype=dtype, generator=torch.Generator().manual_seed(1))
-
-
-def _step(model: nn.Module, x: torch.Tensor, call=None) -> Dict[str, torch.Tensor]:
-    """Outputs, input and parameter gradients and buffers after one forward (through ``call``, e.g. the compiled
-    model, if given) and backward."""
-    x = x.clone().requires_grad_()
-    outs = as_list((model if call is None else call)(x))
-    sum((o * torch.cos(o)).sum() for o in outs).backward()
-    result = {f'out{i}': o.detach() for i, o in enumerate(outs)}
-    result['input.grad'] = x.grad
-    result.update({f'{n}.grad': p.grad for n, p in model.named_parameters()})
-    result.update({n: b.clone() for n, b in model.named_buffers()})
-    return result
-
-
-def _assert_same(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]):
-    assert got.keys() == want.keys()
-    for k, v in want.items():
-        torch.testing.assert_close(got[k], v, rtol=1e-7, atol=1e-9, msg=lambda m: f'{k}: {m}')
 
 
 # -------------------------------------------------------------------------------------------------- empty batches
@@ -118,8 +93,8 @@ def _compile_case(name: str, features_only: bool, device: str = 'cpu'):
                         id=f'{name}-{"features" if features_only else "classifier"}-{backend}-{device}')
 
 
-COMPILE_CASES = [_compile_case(name, features_only) for name in CASE_KWARGS for features_only in (False, True)] + [
-    _compile_case(name, True, 'cuda') for name in CASE_KWARGS]
+COMPILE_CASES = [_compile_case(name, features_only) for name in FAMILIES for features_only in (False, True)] + [
+    _compile_case(name, True, 'cuda') for name in FAMILIES]
 
 
 @pytest.mark.parametrize('name, features_only, backend, device', COMPILE_CASES)
@@ -134,9 +109,10 @@ def test_compiled_model_matches_eager(name, features_only, backend, device):
     for training in (True, False):
         for m in (model, eager):
             m.train(training)
-            m.zero_grad()
             _set_model_checkpointing(m, training)
-        _assert_same(_step(model, _images().to(device), compiled), _step(eager, _images().to(device)))
+        x = _images().to(device)
+        assert_same_results(outputs_and_grads(model, x, call=compiled), outputs_and_grads(eager, x), rtol=1e-7,
+                            atol=1e-9)
     if backend == 'aot_eager' and name != 'lesa_resnet50':  # the classification table takes one grid only
         x = _images(size=SIZE + 32)
         with torch.no_grad():
@@ -164,9 +140,9 @@ def _attention_unit(name: str, model: nn.Module):
     return stage, lambda unit, t: unit.forward_blocks(t, class_token), x
 
 
-# Inductor (C++ code generation, tens of seconds per graph on 2 CPU cores) compiles the training step of one unit
-# per attention kind: LESA's banded operator, LIT's banded operator and plain SDPA. LESA's deformable sampling stays
-# out (dcn_stages off: inductor lowers its grid_sample into minutes of generated code); aot_eager runs it above.
+# Inductor (C++ code generation, the slow part) compiles the training step of one unit per attention kind: LESA's
+# banded operator, LIT's banded operator and plain SDPA. LESA's deformable sampling stays out (dcn_stages off:
+# inductor lowers its grid_sample into large generated code); aot_eager runs it above.
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ['lesa_resnet50_det', 'lit_s', 'lit_ti'])
 def test_inductor_compiles_each_attention_kind_as_eager_computes_it(name):
@@ -178,7 +154,8 @@ def test_inductor_compiles_each_attention_kind_as_eager_computes_it(name):
     _set_model_checkpointing(unit, True)
     eager = copy.deepcopy(unit)
     compiled = torch.compile(lambda t: run(unit, t), backend='inductor', fullgraph=True)
-    _assert_same(_step(unit, x, compiled), _step(eager, x, lambda t: run(eager, t)))
+    assert_same_results(outputs_and_grads(unit, x, call=compiled),
+                        outputs_and_grads(eager, x, call=lambda t: run(eager, t)), rtol=1e-7, atol=1e-9)
 
 
 def _called(graph_module: torch.fx.GraphModule) -> List:
@@ -264,7 +241,7 @@ def test_compiled_banded_attention_keeps_no_tokens_by_tokens_tensor_for_backward
 # -------------------------------------------------------------------------------------------------- torch.export
 
 EXPORT_CASES = [pytest.param(name, features_only, 'fused', id=f'{name}-{"features" if features_only else "classifier"}')
-                for name in CASE_KWARGS for features_only in (False, True)] + [
+                for name in FAMILIES for features_only in (False, True)] + [
     pytest.param('lit_s', True, 'reference', id='lit_s-features-reference')]  # the dense bias, gathered
 
 
@@ -285,7 +262,7 @@ def test_exported_program_matches_eager(name, features_only, attn_impl):
         inputs.append(torch.randn(2, 3, 96, 128, dtype=torch.float64))
     program = torch.export.export(model, (inputs[0],), dynamic_shapes=dynamic_shapes)
     banded = [t for t in _called(program.graph_module) if getattr(t, 'namespace', None) == 'lesa_lit_models']
-    assert bool(banded) == ('max_chunk_logits' in CASE_KWARGS[name] and attn_impl == 'fused')
+    assert bool(banded) == ('max_chunk_logits' in TRACED[name] and attn_impl == 'fused')
     with torch.no_grad():
         for x in inputs:
             for got, want in zip(as_list(program.module()(x)), as_list(model(x))):

@@ -1,4 +1,5 @@
 """CUDA paths the CPU never takes (skipped without a GPU): fused kernels, operand layouts, DCN on the device."""
+import contextlib
 import copy
 
 import pytest
@@ -10,14 +11,9 @@ import lesa_lit_models  # noqa: F401  (registers the models)
 from lesa_lit_models.layers.deform_conv import DeformConv2dPack
 from lesa_lit_models.layers.lesa_attention import Lesa
 from lesa_lit_models.lit import LITAttention
-from _helpers import randomise
+from _helpers import assert_same_results, outputs_and_grads, randomise
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
-
-
-def _output_and_grads(module, x, grad_out, *args):
-    out = module(x, *args)
-    return out, torch.autograd.grad(out, [x, *module.parameters()], grad_out)
 
 
 def _rel_err(a, b):
@@ -35,25 +31,21 @@ def test_fused_lesa_runs_on_the_memory_efficient_kernel_and_is_as_accurate_as_th
     exact = exact.cuda().double().train(mode == 'train')
     x = torch.randn(2, 256, 16, 24, device='cuda', dtype=torch.float64, requires_grad=True)
     grad_out = torch.randn(2, 256, 16, 24, device='cuda', dtype=torch.float64)
-    out_exact, grads_exact = _output_and_grads(copy.deepcopy(exact), x, grad_out)
+    exact_results = outputs_and_grads(copy.deepcopy(exact), x, grad_out=grad_out)
 
     results = {}
     for impl in ('fused', 'reference'):
         module = copy.deepcopy(exact).float()
         module.attn_impl = impl
-        x32 = x.detach().float().requires_grad_()
-        if impl == 'fused':
-            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
-                results[impl] = _output_and_grads(module, x32, grad_out.float())
-        else:
-            results[impl] = _output_and_grads(module, x32, grad_out.float())
-    names = ['x'] + [n for n, _ in exact.named_parameters()]
-    (out_fused, grads_fused), (out_ref, grads_ref) = results['fused'], results['reference']
-    assert _rel_err(out_fused, out_exact) <= max(2 * _rel_err(out_ref, out_exact), 1e-6)
-    for name, g_fused, g_ref, g_exact in zip(names, grads_fused, grads_ref, grads_exact):
-        if name.endswith('bn_similarity.bias'):  # true gradient exactly zero (softmax is shift invariant)
-            continue
-        assert _rel_err(g_fused, g_exact) <= max(2 * _rel_err(g_ref, g_exact), 1e-5), name
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]) if impl == 'fused' else contextlib.nullcontext():
+            results[impl] = outputs_and_grads(module, x.float(), grad_out=grad_out.float())
+    fused, reference = results['fused'], results['reference']
+    assert _rel_err(fused['output:0'], exact_results['output:0']) <= max(
+        2 * _rel_err(reference['output:0'], exact_results['output:0']), 1e-6)
+    for name, g_exact in exact_results.items():
+        # bn_similarity.bias: true gradient exactly zero (softmax is shift invariant)
+        if name.startswith('grad:') and not name.endswith('bn_similarity.bias'):
+            assert _rel_err(fused[name], g_exact) <= max(2 * _rel_err(reference[name], g_exact), 1e-5), name
 
 
 def test_lit_row_bands_on_cuda_match_one_band_outputs_and_grads():
@@ -63,13 +55,11 @@ def test_lit_row_bands_on_cuda_match_one_band_outputs_and_grads():
     # bands of three query rows of an 8x10 map
     banded = LITAttention(96, num_heads=4, rel_pos_grid=(6, 6), max_chunk_logits=2 * 4 * 3 * 10 * 80).cuda().train()
     banded.load_state_dict(attn.state_dict())
-    x = torch.randn(2, 80, 96, device='cuda', requires_grad=True)
+    x = torch.randn(2, 80, 96, device='cuda')
     grad_out = torch.randn(2, 80, 96, device='cuda')
-    out, grads = _output_and_grads(attn, x, grad_out, (8, 10))
-    out_banded, grads_banded = _output_and_grads(banded, x, grad_out, (8, 10))
-    torch.testing.assert_close(out_banded, out, rtol=1e-5, atol=1e-5)
-    for g_banded, g in zip(grads_banded, grads):
-        torch.testing.assert_close(g_banded, g, rtol=1e-4, atol=1e-5)
+    assert_same_results(outputs_and_grads(banded, x, (8, 10), grad_out=grad_out),
+                        outputs_and_grads(attn, x, (8, 10), grad_out=grad_out), rtol=1e-5, atol=1e-5,
+                        grads=dict(rtol=1e-4, atol=1e-5))
 
 
 @pytest.mark.parametrize('name', ['lesa_resnet50_det', 'lit_s'])

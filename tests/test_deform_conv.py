@@ -1,9 +1,79 @@
-"""The grid_sample DCN equals torchvision's deform_conv2d: outputs and gradients, every geometry the models use."""
+"""Deformable convolution (DCN v1, mmcv's layout): the formula, mmcv's offset convention, and the grid_sample op
+against torchvision's deform_conv2d (outputs and gradients, every geometry the models use)."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
 from lesa_lit_models.layers.deform_conv import DeformConv2dPack, deform_conv2d_sampled
+from lesa_lit_models.layers.deform_merge import DeformableTokenMerging
+from _helpers import randomise
+
+
+def _bilinear_zero(x, py, px):
+    """DCN v1 sampling: 0 outside (-1, H) x (-1, W); otherwise bilinear with zero-valued out-of-map neighbours."""
+    B, C, H, W = x.shape
+    out = x.new_zeros(B, C, *py.shape[-2:])
+    valid = (py > -1) & (py < H) & (px > -1) & (px < W)
+    y0, x0 = torch.floor(py), torch.floor(px)
+    for dy, wy in ((0, 1 - (py - y0)), (1, py - y0)):
+        for dx, wx in ((0, 1 - (px - x0)), (1, px - x0)):
+            yy, xx = (y0 + dy).long(), (x0 + dx).long()
+            for b in range(B):
+                for h in range(py.shape[-2]):
+                    for w in range(py.shape[-1]):
+                        y, xpos = yy[b, h, w].item(), xx[b, h, w].item()
+                        if valid[b, h, w] and 0 <= y < H and 0 <= xpos < W:
+                            out[b, :, h, w] += x[b, :, y, xpos] * wy[b, h, w] * wx[b, h, w]
+    return out
+
+
+def _deform_conv_k2s2_reference(x, offset, weight, bias):
+    """Y = bias + sum_{c,i,j} W[o,c,i,j] * bilin(X[c], 2h + i + dy_{2i+j}, 2w + j + dx_{2i+j})."""
+    B, _, Ho, Wo = offset.shape
+    base_y = torch.arange(Ho, dtype=x.dtype).view(1, Ho, 1) * 2
+    base_x = torch.arange(Wo, dtype=x.dtype).view(1, 1, Wo) * 2
+    out = bias.view(1, -1, 1, 1).expand(B, -1, Ho, Wo).clone()
+    for i in range(2):
+        for j in range(2):
+            n = 2 * i + j
+            sampled = _bilinear_zero(x, base_y + i + offset[:, 2 * n], base_x + j + offset[:, 2 * n + 1])
+            out += torch.einsum('bchw,oc->bohw', sampled, weight[:, :, i, j])
+    return out
+
+
+def test_dtm_with_random_offsets_matches_bilinear_reference():
+    torch.manual_seed(0)
+    dtm = randomise(DeformableTokenMerging(3, 4), seed=1).eval()
+    with torch.no_grad():
+        dtm.dconv.conv_offset.weight.normal_(0, 0.5)
+        dtm.dconv.conv_offset.bias.normal_(0, 1.5)
+    x = torch.randn(5, 3, 6, 8)  # batch 5: the authors' im2col_step crashed on odd batches >= 5
+    offset = dtm.dconv.conv_offset(x)
+    # sampling points: some partly outside the map (bilinear with zero neighbours), some wholly outside (zero)
+    ys = torch.arange(3).view(1, 1, 3, 1) * 2 + torch.tensor([0, 0, 1, 1]).view(1, 4, 1, 1) + offset[:, 0::2]
+    xs = torch.arange(4).view(1, 1, 1, 4) * 2 + torch.tensor([0, 1, 0, 1]).view(1, 4, 1, 1) + offset[:, 1::2]
+    assert ((ys < 0) | (ys > 5) | (xs < 0) | (xs > 7)).any()
+    assert ((ys <= -1) | (ys >= 6) | (xs <= -1) | (xs >= 8)).any()
+    bn = dtm.norm_layer
+    expected = F.gelu(F.batch_norm(
+        _deform_conv_k2s2_reference(x, offset, dtm.dconv.weight, dtm.dconv.bias), bn.running_mean, bn.running_var,
+        bn.weight, bn.bias, eps=bn.eps))
+    torch.testing.assert_close(dtm(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_offsets_give_the_plain_conv_and_offsets_follow_mmcv_layout():
+    torch.manual_seed(0)
+    dcn = DeformConv2dPack(32, 32, 3, padding=1, groups=4, bias=False)
+    x = torch.randn(2, 32, 6, 6)
+    torch.testing.assert_close(dcn(x), F.conv2d(x, dcn.weight, padding=1, groups=4))
+    down = DeformConv2dPack(16, 16, 3, stride=2, padding=1, bias=False)  # the stride-2 DCN of LESA's stage entries
+    torch.testing.assert_close(down(x[:, :16]), F.conv2d(x[:, :16], down.weight, stride=2, padding=1))
+    # mmcv offset convention: channel 2n is dy, 2n+1 is dx of kernel point n; dx = +1 everywhere reads x + 1
+    with torch.no_grad():
+        dcn.conv_offset.bias[1::2] = 1.
+    shifted = F.conv2d(F.pad(x[..., 1:], (0, 1)), dcn.weight, padding=1, groups=4)
+    torch.testing.assert_close(dcn(x)[..., 1:], shifted[..., 1:], rtol=1e-5, atol=1e-5)  # column 0 reads x[0], not pad
 
 
 @pytest.mark.parametrize('batch,chans,out_chans,size,kernel,stride,padding,dilation,groups,deform_groups,bias', [

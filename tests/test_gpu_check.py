@@ -1,5 +1,5 @@
-"""scripts/gpu_check.py (make gpu-check) in its CPU mode: every step the GPU run takes, at tiny sizes. About 90 s of
-one core: outside make test's budget, so behind the ``exhaustive`` marker (``pytest -m exhaustive``)."""
+"""scripts/gpu_check.py (make gpu-check) in its CPU mode: every step the GPU run takes, at tiny sizes; outside make
+test's budget, so behind the ``exhaustive`` marker (``pytest -m exhaustive``)."""
 import json
 import subprocess
 import sys

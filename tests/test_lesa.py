@@ -14,10 +14,12 @@ import torch.nn.functional as F
 import lesa_lit_models  # noqa: F401
 from lesa_lit_models._checkpoint import CheckpointError
 from lesa_lit_models.layers.deform_conv import DeformConv2dPack
-from lesa_lit_models.layers.lesa_attention import Lesa, resample_rel_table
-from _helpers import load_file, mmdet2_checkpoint, randomise
+from lesa_lit_models.layers.attn_impl import ATTN_IMPLS
+from lesa_lit_models.layers.lesa_attention import Lesa
+from lesa_lit_models.layers.lesa_rel_pos import resample_rel_table
+from _helpers import assert_same_results, load_file, mmdet2_checkpoint, outputs_and_grads, randomise, \
+    relative_logits_2d_oracle
 
-ATTN_IMPLS = ['reference', 'fused']
 DET_SIZE = 64
 
 
@@ -52,16 +54,6 @@ def _qkv_from_formulas(m: Lesa, x: torch.Tensor):
     return qkv[:, :, :m.qk_dim], qkv[:, :, m.qk_dim:2 * m.qk_dim], qkv[:, :, 2 * m.qk_dim:]
 
 
-def _qr_2d_from_formulas(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, H: int, W: int):
-    """qr[i, j] = q_i . rel_w[y_j - y_i + W - 1] + q_i . rel_h[x_j - x_i + H - 1], token i at (x, y) = divmod(i, W)."""
-    qr = q.new_zeros(*q.shape[:2], H * W, H * W)
-    for i in range(H * W):
-        for j in range(H * W):
-            (xi, yi), (xj, yj) = divmod(i, W), divmod(j, W)
-            qr[:, :, i, j] = torch.einsum('ngc,c->ng', q[..., i], rel_w[yj - yi + W - 1] + rel_h[xj - xi + H - 1])
-    return qr
-
-
 def _lesa_from_formulas(m: Lesa, x: torch.Tensor) -> torch.Tensor:
     """One LESA module written from the formulas, every relative index spelled out token by token."""
     N, C, H, W = x.shape
@@ -73,7 +65,7 @@ def _lesa_from_formulas(m: Lesa, x: torch.Tensor) -> torch.Tensor:
     if m.pos_embed == 'detection_qr':
         rel_h = resample_rel_table(m.rel_height, 2 * H - 1)
         rel_w = resample_rel_table(m.rel_width, 2 * W - 1)
-        terms = [qk, _qr_2d_from_formulas(q, rel_h, rel_w, H, W)]
+        terms = [qk, relative_logits_2d_oracle(q.transpose(-1, -2), rel_h, rel_w, (H, W))]
     else:
         rel = m.relative  # E[c, a, b] = rel[c, a - b + L - 1]; rows [Eq | Ek | Ev]
         qr, kr = torch.zeros_like(qk), torch.zeros_like(qk)
@@ -137,25 +129,14 @@ def test_lesa_bn_similarity_running_stats_follow_batchnorm():
         with torch.no_grad():
             q, k, _ = _qkv_from_formulas(m, x)
             qk = torch.einsum('ngci,ngcj->ngij', q, k)
-            stack = torch.cat([qk, _qr_2d_from_formulas(q, m.rel_height, m.rel_width, 4, 4)], 1)
+            qr = relative_logits_2d_oracle(q.transpose(-1, -2), m.rel_height, m.rel_width, (4, 4))
+            stack = torch.cat([qk, qr], 1)
             mean, var = stack.mean((0, 2, 3)), stack.var((0, 2, 3), unbiased=True)
         torch.testing.assert_close(bn.running_mean, 0.9 * start_mean + 0.1 * mean, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(bn.running_var, 0.9 * start_var + 0.1 * var, rtol=1e-9, atol=1e-12)
 
 
-def test_lesa_deformable_unary_with_zero_offsets_is_a_grouped_conv():
-    torch.manual_seed(0)
-    dcn = DeformConv2dPack(32, 32, 3, padding=1, groups=4, bias=False)
-    x = torch.randn(2, 32, 6, 6)
-    torch.testing.assert_close(dcn(x), F.conv2d(x, dcn.weight, padding=1, groups=4))
-    down = DeformConv2dPack(16, 16, 3, stride=2, padding=1, bias=False)  # the stride-2 DCN of stage 2-4 entries
-    torch.testing.assert_close(down(x[:, :16]), F.conv2d(x[:, :16], down.weight, stride=2, padding=1))
-    # mmcv offset convention: channel 2n is dy, 2n+1 is dx of kernel point n; dx = +1 everywhere reads x + 1
-    with torch.no_grad():
-        dcn.conv_offset.bias[1::2] = 1.
-    shifted = F.conv2d(F.pad(x[..., 1:], (0, 1)), dcn.weight, padding=1, groups=4)
-    torch.testing.assert_close(dcn(x)[..., 1:], shifted[..., 1:], rtol=1e-5, atol=1e-5)  # column 0 reads x[0], not pad
-    # and the LESA unary term of the detection backbones is such a DCN
+def test_lesa_deformable_unary_is_a_grouped_dcn_without_bias():
     lesa = Lesa(32, 4, groups=4, pos_embed='detection_qr', deformable=True)
     assert isinstance(lesa.x_transform[0], DeformConv2dPack) and lesa.x_transform[0].bias is None
     assert lesa.x_transform[0].weight.shape == (32, 8, 3, 3)
@@ -327,8 +308,22 @@ def test_detection_model_at_another_size_resamples_its_tables():
 def test_attention_implementations_agree_in_the_model():
     x = _image(DET_SIZE)
     with torch.no_grad():
-        outs = [_det(attn_impl=impl)(x) for impl in ATTN_IMPLS]
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+        outs = {impl: _det(attn_impl=impl)(x) for impl in ATTN_IMPLS}
+    torch.testing.assert_close(outs['fused'], outs['reference'], rtol=1e-4, atol=1e-4)
+
+
+def _keeping(saved_for_backward, module, sizes, storage_bytes=False):
+    """``module``'s forward that appends to ``sizes`` what autograd keeps for its backward: the elements of the saved
+    tensors, or the bytes of their distinct storages."""
+    def forward(x):
+        with saved_for_backward() as kept:
+            out = module(x)
+        if storage_bytes:
+            sizes.append(sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}.values()))
+        else:
+            sizes.append(sum(t.numel() for t in kept))
+        return out
+    return forward
 
 
 @pytest.mark.parametrize('pos_embed', ['classification', 'detection_qr'])
@@ -336,24 +331,16 @@ def test_attention_implementations_agree_in_the_model():
 def test_grad_checkpointing_leaves_outputs_grads_and_running_stats_unchanged(pos_embed, train):
     torch.manual_seed(0)
     initial = randomise(Lesa(32, 4, groups=4, pos_embed=pos_embed, deformable=pos_embed == 'detection_qr'))
-    x = torch.randn(2, 32, 4, 4, requires_grad=True)
+    x = torch.randn(2, 32, 4, 4)
     results = []
     for enable in (False, True):
         m = copy.deepcopy(initial).train(train)
         m.grad_checkpointing = enable
-        x.grad = None
-        out = m(x)
-        (out * torch.cos(out)).sum().backward()
-        results.append((out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in m.named_parameters()},
-                        {n: b.clone() for n, b in m.named_buffers()}))
-    torch.testing.assert_close(results[1][0], results[0][0])
-    torch.testing.assert_close(results[1][1], results[0][1])
-    for n, grad in results[0][2].items():
-        torch.testing.assert_close(results[1][2][n], grad, msg=lambda msg: f'{n}: {msg}')
-    for n, buffer in results[0][3].items():  # the recomputation in backward does not update BatchNorm twice
-        torch.testing.assert_close(results[1][3][n], buffer, rtol=0, atol=0, msg=lambda msg: f'{n}: {msg}')
+        results.append(outputs_and_grads(m, x))
+    # the recomputation in backward does not update BatchNorm twice
+    assert_same_results(results[1], results[0], buffers=dict(rtol=0, atol=0))
     if train:
-        assert any(not torch.equal(b, dict(initial.named_buffers())[n]) for n, b in results[1][3].items())
+        assert any(not torch.equal(results[1][f'buffer:{n}'], b) for n, b in initial.named_buffers())
     with torch.device('meta'):
         model = timm.create_model('lesa_resnet50_det')
     model.set_grad_checkpointing()
@@ -368,30 +355,20 @@ def test_recomputed_gate_changes_nothing_and_keeps_less_for_backward(pos_embed, 
     torch.manual_seed(0)
     initial = randomise(Lesa(32, 4, groups=4, pos_embed=pos_embed, attn_impl=attn_impl)).double()
     assert initial.recompute_gate
-    x = torch.randn(2, 32, 4, 4, dtype=torch.float64, requires_grad=True)
-    results = []
+    x = torch.randn(2, 32, 4, 4, dtype=torch.float64)
+    results, saved = [], []
     for recompute in (False, True):
         m = copy.deepcopy(initial).train()
         m.recompute_gate = recompute
-        x.grad = None
-        with saved_for_backward() as kept:
-            out = m(x)
-        saved = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}.values())
-        (out * torch.cos(out)).sum().backward()
-        results.append((out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in m.named_parameters()},
-                        {n: b.clone() for n, b in m.named_buffers()}, saved))
-    (out, grad_x, grads, buffers, saved), (out_re, grad_x_re, grads_re, buffers_re, saved_re) = results
-    torch.testing.assert_close(out_re, out, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grad_x_re, grad_x, rtol=1e-12, atol=1e-12)
-    for n, grad in grads.items():
-        torch.testing.assert_close(grads_re[n], grad, rtol=1e-12, atol=1e-12, msg=lambda msg: f'{n}: {msg}')
-    for n, buffer in buffers.items():  # updated once, in forward
-        torch.testing.assert_close(buffers_re[n], buffer, rtol=0, atol=0, msg=lambda msg: f'{n}: {msg}')
-    assert any(not torch.equal(b, dict(initial.named_buffers())[n]) for n, b in buffers_re.items())
+        forward = _keeping(saved_for_backward, m, saved, storage_bytes=True)
+        results.append(outputs_and_grads(m, x, call=forward))
+    # buffers updated once, in forward
+    assert_same_results(results[1], results[0], rtol=1e-12, atol=1e-12, buffers=dict(rtol=0, atol=0))
+    assert any(not torch.equal(results[1][f'buffer:{n}'], b) for n, b in initial.named_buffers())
     # eight (N, C, H, W) activations fewer when the fused term's output is kept once (U and B before their norms
     # are all that is kept of the fusion), at least five otherwise
     fewer = 8 if attn_impl == 'fused' else 5
-    assert saved - saved_re >= fewer * x.numel() * x.element_size()
+    assert saved[0] - saved[1] >= fewer * x.numel() * x.element_size()
     with torch.device('meta'):
         lesa_modules = [m for m in timm.create_model('lesa_resnet50_det', recompute_gate=False).modules()
                         if isinstance(m, Lesa)]
@@ -403,21 +380,14 @@ def test_model_grad_checkpointing_keeps_less_for_backward_and_changes_nothing(sa
     fewer activation elements saved for backward (counted through autograd's saved-tensor hooks)."""
     x = _image(DET_SIZE, batch=2)
     model = _det(layers=(1, 1, 2, 1))
-    results = []
+    results, saved = [], []
     for enable in (False, True):
         model.grad_checkpointing = enable
         assert model.grad_checkpointing == enable == model.layer4[0].conv2.grad_checkpointing
-        model.zero_grad()
-        with saved_for_backward() as saved:
-            out = model(x)
-        (out * torch.cos(out)).sum().backward()
-        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
-                        sum(t.numel() for t in saved)))
-    (out, grads, saved), (out_ckpt, grads_ckpt, saved_ckpt) = results
-    torch.testing.assert_close(out_ckpt, out)
-    for n, grad in grads.items():
-        torch.testing.assert_close(grads_ckpt[n], grad, msg=lambda msg: f'{n}: {msg}')
-    assert saved_ckpt < saved
+        forward = _keeping(saved_for_backward, model, saved)
+        results.append(outputs_and_grads(model, x, call=forward))
+    assert_same_results(results[1], results[0])
+    assert saved[1] < saved[0]
 
 
 @pytest.mark.parametrize('name', ['lesa_resnet50_det', 'lesa_resnet50'])

@@ -12,11 +12,10 @@ from timm.models import group_parameters
 import lesa_lit_models  # noqa: F401  (registers the models)
 from lesa_lit_models._checkpoint import CheckpointError, load_checkpoint_file
 from lesa_lit_models.layers.deform_merge import DeformableTokenMerging
-from lesa_lit_models.layers.rel_pos import bias_from_grid, relative_position_bias, relative_position_bias_grid, \
-    resample_bias_table
+from lesa_lit_models.layers.rel_pos import bias_from_grid, relative_position_bias_grid, resample_bias_table
 from lesa_lit_models.lit import AttentionBlock, LITAttention, MLPBlock, detection_output_norms
-from _helpers import SMALL, assert_same_tensors, load_file, mmdet2_checkpoint, randomise, small_model, \
-    swin_relative_position_index, to_upstream
+from _helpers import SMALL_LIT, assert_same_results, assert_same_tensors, load_file, mmdet2_checkpoint, \
+    outputs_and_grads, randomise, small_model, swin_relative_position_index, to_upstream
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -33,52 +32,23 @@ def _create(name, **kwargs):
     return timm.create_model(name, **kwargs)
 
 
-TINY = SMALL['lit_s']  # the behaviour tests: the registered entrypoints with narrow, one-block stages
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Hand-written references (written from the paper / the notes' formulas, independent of the package code)
 
 
-def _bilinear_zero(x, py, px):
-    """DCN v1 sampling: 0 outside (-1, H) x (-1, W); otherwise bilinear with zero-valued out-of-map neighbours."""
-    B, C, H, W = x.shape
-    out = x.new_zeros(B, C, *py.shape[-2:])
-    valid = (py > -1) & (py < H) & (px > -1) & (px < W)
-    y0, x0 = torch.floor(py), torch.floor(px)
-    for dy, wy in ((0, 1 - (py - y0)), (1, py - y0)):
-        for dx, wx in ((0, 1 - (px - x0)), (1, px - x0)):
-            yy, xx = (y0 + dy).long(), (x0 + dx).long()
-            for b in range(B):
-                for h in range(py.shape[-2]):
-                    for w in range(py.shape[-1]):
-                        y, xpos = yy[b, h, w].item(), xx[b, h, w].item()
-                        if valid[b, h, w] and 0 <= y < H and 0 <= xpos < W:
-                            out[b, :, h, w] += x[b, :, y, xpos] * wy[b, h, w] * wx[b, h, w]
-    return out
-
-
-def _deform_conv_k2s2_reference(x, offset, weight, bias):
-    """Y = bias + sum_{c,i,j} W[o,c,i,j] * bilin(X[c], 2h + i + dy_{2i+j}, 2w + j + dx_{2i+j})."""
-    B, _, Ho, Wo = offset.shape
-    base_y = torch.arange(Ho, dtype=x.dtype).view(1, Ho, 1) * 2
-    base_x = torch.arange(Wo, dtype=x.dtype).view(1, 1, Wo) * 2
-    out = bias.view(1, -1, 1, 1).expand(B, -1, Ho, Wo).clone()
-    for i in range(2):
-        for j in range(2):
-            n = 2 * i + j
-            sampled = _bilinear_zero(x, base_y + i + offset[:, 2 * n], base_x + j + offset[:, 2 * n + 1])
-            out += torch.einsum('bchw,oc->bohw', sampled, weight[:, :, i, j])
-    return out
-
-
 def _upstream_detection_bias(table, table_grid, h, w):
-    """The authors' detection RelPosAttention bias: bicubic table resize to (2h-1, 2w-1), then Swin index."""
+    """The authors' detection RelPosAttention bias: the table resized bicubically to (2h-1, 2w-1) where its grid
+    differs, then gathered through Swin's index."""
     heads = table.shape[1]
-    grid = F.interpolate(table.permute(1, 0).reshape(1, heads, *table_grid), size=(2 * h - 1, 2 * w - 1),
-                         mode='bicubic')
-    grid = grid.reshape(heads, -1).permute(1, 0)
-    return grid[swin_relative_position_index(h, w).view(-1)].view(h * w, h * w, -1).permute(2, 0, 1)
+    if tuple(table_grid) != (2 * h - 1, 2 * w - 1):
+        table = F.interpolate(table.permute(1, 0).reshape(1, heads, *table_grid), size=(2 * h - 1, 2 * w - 1),
+                              mode='bicubic').reshape(heads, -1).permute(1, 0)
+    return table[swin_relative_position_index(h, w).view(-1)].view(h * w, h * w, -1).permute(2, 0, 1)
+
+
+def _dense_bias(table, table_grid, feat_size):
+    """The package's dense bias of every query against every key."""
+    return bias_from_grid(relative_position_bias_grid(table, table_grid, feat_size), feat_size)
 
 
 def _explicit_attention(attn: LITAttention, x, feat_size):
@@ -94,13 +64,9 @@ def _explicit_attention(attn: LITAttention, x, feat_size):
 
 
 def _assert_same_outputs_and_grads(model: nn.Module, expected: nn.Module, x: torch.Tensor):
-    """Two copies of one model (other attention settings) give the same output and parameter gradients."""
-    out, out_expected = model(x), expected(x)
-    torch.testing.assert_close(out, out_expected, rtol=1e-5, atol=1e-5)
-    out.square().sum().backward()
-    out_expected.square().sum().backward()
-    for (n, p), p_expected in zip(model.named_parameters(), expected.parameters()):
-        torch.testing.assert_close(p.grad, p_expected.grad, rtol=1e-4, atol=1e-5, msg=n)
+    """Two copies of one model (other attention settings) give the same outputs, gradients and buffers."""
+    assert_same_results(outputs_and_grads(model, x), outputs_and_grads(expected, x), rtol=1e-5, atol=1e-5,
+                        grads=dict(rtol=1e-4, atol=1e-5))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,38 +87,19 @@ def test_dtm_with_zero_offsets_is_conv_bn_gelu():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_dtm_with_random_offsets_matches_bilinear_reference():
-    dtm = randomise(DeformableTokenMerging(3, 4), seed=1).eval()
-    with torch.no_grad():
-        dtm.dconv.conv_offset.weight.normal_(0, 0.5)
-        dtm.dconv.conv_offset.bias.normal_(0, 1.5)
-    x = torch.randn(5, 3, 6, 8)  # batch 5: the authors' im2col_step crashed on odd batches >= 5
-    offset = dtm.dconv.conv_offset(x)
-    # sampling points: some partly outside the map (bilinear with zero neighbours), some wholly outside (zero)
-    ys = torch.arange(3).view(1, 1, 3, 1) * 2 + torch.tensor([0, 0, 1, 1]).view(1, 4, 1, 1) + offset[:, 0::2]
-    xs = torch.arange(4).view(1, 1, 1, 4) * 2 + torch.tensor([0, 1, 0, 1]).view(1, 4, 1, 1) + offset[:, 1::2]
-    assert ((ys < 0) | (ys > 5) | (xs < 0) | (xs > 7)).any()
-    assert ((ys <= -1) | (ys >= 6) | (xs <= -1) | (xs >= 8)).any()
-    bn = dtm.norm_layer
-    expected = F.gelu(F.batch_norm(
-        _deform_conv_k2s2_reference(x, offset, dtm.dconv.weight, dtm.dconv.bias), bn.running_mean, bn.running_var,
-        bn.weight, bn.bias, eps=bn.eps))
-    torch.testing.assert_close(dtm(x), expected, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize('feat_size', [(3, 3), (4, 6), (5, 2)])
 def test_relative_position_bias_layout_is_swin(feat_size):
     h, w = feat_size
     table = torch.randn((2 * h - 1) * (2 * w - 1), 3)
-    expected = table[swin_relative_position_index(h, w).view(-1)].view(h * w, h * w, 3).permute(2, 0, 1)
-    assert torch.equal(relative_position_bias(table, (2 * h - 1, 2 * w - 1), feat_size), expected)
+    expected = _upstream_detection_bias(table, (2 * h - 1, 2 * w - 1), h, w)
+    assert torch.equal(_dense_bias(table, (2 * h - 1, 2 * w - 1), feat_size), expected)
 
 
 @pytest.mark.parametrize('feat_size', [(4, 6), (7, 7), (9, 5)])
 def test_relative_position_bias_resamples_like_the_detection_backbone(feat_size):
     table = torch.randn(13 * 13, 4)  # a 7x7-grid table (LIT-S stage 4 at 224)
     expected = _upstream_detection_bias(table, (13, 13), *feat_size)
-    torch.testing.assert_close(relative_position_bias(table, (13, 13), feat_size), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(_dense_bias(table, (13, 13), feat_size), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_resample_bias_table():
@@ -181,7 +128,7 @@ def test_attention_equals_explicit_softmax(with_table):
 def test_bias_of_a_band_of_query_rows_is_that_slice_of_the_dense_bias(feat_size, rows):
     h, w = feat_size
     table = torch.randn(9 * 11, 3)  # a 5x6-grid table, resampled for every size here but (5, 6)
-    dense = relative_position_bias(table, (9, 11), feat_size)
+    dense = _dense_bias(table, (9, 11), feat_size)
     band = bias_from_grid(relative_position_bias_grid(table, (9, 11), feat_size), feat_size, rows)
     assert torch.equal(band, dense[:, rows[0] * w:rows[1] * w])
 
@@ -255,7 +202,7 @@ def test_architecture_details_of_each_flavour():
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 def test_lit_ti_position_embedding_resampling(dtype):
     """Bilinear to the stage grid, in the embedding's precision (float64 is not rounded through float32)."""
-    stage = _create('lit_ti', **TINY, dtype=dtype).stages[1]  # stored for a 28x28 grid
+    stage = _create('lit_ti', **SMALL_LIT, dtype=dtype).stages[1]  # stored for a 28x28 grid
     tolerance = dict(rtol=1e-15, atol=1e-15) if dtype == torch.float64 else {}
     assert torch.equal(stage.grid_pos_embed((28, 28)), stage.pos_embed)
     # 56x56 has the stage-1 token count of a 224 input: the authors' size check skipped resampling here
@@ -289,18 +236,19 @@ def test_features_only(name, channels):
         picked = _create(name, features_only=True, out_indices=(1, 2)).feature_info
     assert info.channels() == channels and info.reduction() == [4, 8, 16, 32]
     assert picked.channels() == channels[1:3] and picked.reduction() == [8, 16]
-    tiny = _create(name, features_only=True, **TINY).eval()
+    tiny = _create(name, features_only=True, **SMALL_LIT).eval()
     with torch.no_grad():
         feats = tiny(torch.randn(1, 3, 96, 128))
-    assert [tuple(f.shape) for f in feats] == [(1, c, 96 // r, 128 // r) for c, r in zip(TINY['embed_dims'], [4, 8, 16, 32])]
-    pruned = _create(name, features_only=True, out_indices=(0, 1), **TINY)
+    assert [tuple(f.shape) for f in feats] == [
+        (1, c, 96 // r, 128 // r) for c, r in zip(SMALL_LIT['embed_dims'], [4, 8, 16, 32])]
+    pruned = _create(name, features_only=True, out_indices=(0, 1), **SMALL_LIT)
     assert len(pruned.model.stages) == 2
 
 
 @pytest.mark.parametrize('name', ['lit_ti', 'lit_s'])
 def test_forward_intermediates_match_forward_features_and_features_only(name):
     model = small_model(name).eval()
-    features = _create(name, features_only=True, **TINY).eval()
+    features = _create(name, features_only=True, **SMALL_LIT).eval()
     features.model.load_state_dict(model.state_dict(), strict=False)
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
@@ -335,7 +283,7 @@ def test_every_parameter_gets_a_gradient(name):
     model(torch.randn(2, 3, 64, 64)).sum().backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
     # a features_only model (e.g. a detection backbone under DDP) has no unused parameters either
-    features = _create(name, features_only=True, **TINY).train()
+    features = _create(name, features_only=True, **SMALL_LIT).train()
     sum(f.sum() for f in features(torch.randn(2, 3, 64, 64))).backward()
     assert [n for n, p in features.named_parameters() if p.grad is None] == []
 
@@ -346,12 +294,7 @@ def test_grad_checkpointing_leaves_outputs_and_grads_unchanged(name):
     reference = copy.deepcopy(model)
     model.set_grad_checkpointing(True)
     x = torch.randn(2, 3, 64, 64)
-    out, out_ref = model(x), reference(x)
-    torch.testing.assert_close(out, out_ref)
-    out.sum().backward()
-    out_ref.sum().backward()
-    for (n, p), p_ref in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, msg=n)
+    assert_same_results(outputs_and_grads(model, x), outputs_and_grads(reference, x))
 
 
 def test_mlp_block_recomputes_its_activation_exactly_and_keeps_one_wide_tensor(saved_for_backward):
@@ -439,7 +382,7 @@ def test_bias_follows_the_live_table_across_steps_and_sizes():
         for size in sizes + sizes[:1]:
             x = torch.randn(1, 3, *size)
             torch.testing.assert_close(model(x), fresh(x))
-        bias = relative_position_bias(attn.relative_position_bias_table, attn.table_size, (6, 4))
+        bias = _dense_bias(attn.relative_position_bias_table, attn.table_size, (6, 4))
         expected = _upstream_detection_bias(attn.relative_position_bias_table, attn.table_size, 6, 4)
         torch.testing.assert_close(bias, expected, rtol=1e-6, atol=1e-6)
 
@@ -473,12 +416,12 @@ def test_classifier_api_no_weight_decay_and_group_matcher():
 
 def test_bad_arguments_and_inputs_fail_clearly():
     with pytest.raises(ValueError, match='attn_impl'):
-        _create('lit_s', attn_impl='flash', **TINY)
+        _create('lit_s', attn_impl='flash', **SMALL_LIT)
     with pytest.raises(ValueError, match='attn_impl'):
-        _create('lit_ti', **TINY).set_attn_impl('nope')
+        _create('lit_ti', **SMALL_LIT).set_attn_impl('nope')
     with pytest.raises(ValueError, match='too small'):
-        _create('lit_s', **TINY)(torch.randn(1, 3, 24, 64))
-    features = _create('lit_s', features_only=True, out_indices=(0, 1), **TINY)
+        _create('lit_s', **SMALL_LIT)(torch.randn(1, 3, 24, 64))
+    features = _create('lit_s', features_only=True, out_indices=(0, 1), **SMALL_LIT)
     assert features(torch.randn(1, 3, 24, 24))[1].shape[-1] == 3
 
 
@@ -493,7 +436,7 @@ def test_loads_lit_ti_upstream_classification_checkpoint(tmp_path):
     assert {'pos_embed4', 'patch_embed4.dconv.conv_offset.weight', 'block1.0.norm2.weight', 'cls_token'} <= upstream_keys
     source = small_model('lit_ti', seed=3).state_dict()
     torch.save(to_upstream(source, 'lit_ti'), tmp_path / 'lit_ti.pth')  # bare state dict
-    assert_same_tensors(load_file('lit_ti', tmp_path / 'lit_ti.pth', **TINY), source)
+    assert_same_tensors(load_file('lit_ti', tmp_path / 'lit_ti.pth', **SMALL_LIT), source)
 
 
 def test_loads_lit_s_upstream_classification_checkpoint_and_adapts_head(tmp_path):
@@ -503,9 +446,9 @@ def test_loads_lit_s_upstream_classification_checkpoint_and_adapts_head(tmp_path
     assert upstream['layers.3.blocks.0.attn.relative_position_bias_table'].shape == (169, 4)
     path = tmp_path / 'lit_s.pth'
     torch.save({'model': upstream, 'epoch': 299}, path)
-    assert_same_tensors(load_file('lit_s', path, **TINY), source)
-    assert_same_tensors(load_file('lit_s', path, num_classes=0, **TINY), source)
-    assert load_file('lit_s', path, num_classes=10, **TINY).head.weight.shape == (10, 64)
+    assert_same_tensors(load_file('lit_s', path, **SMALL_LIT), source)
+    assert_same_tensors(load_file('lit_s', path, num_classes=0, **SMALL_LIT), source)
+    assert load_file('lit_s', path, num_classes=10, **SMALL_LIT).head.weight.shape == (10, 64)
 
 
 def test_loads_lit_s_coco_checkpoint_with_its_99x99_tables(tmp_path):
@@ -514,19 +457,19 @@ def test_loads_lit_s_coco_checkpoint_with_its_99x99_tables(tmp_path):
     assert coco['stages.3.blocks.0.attn.relative_position_bias_table'].shape == (49 * 49, 4)
     backbone = {k: v for k, v in to_upstream(coco, 'lit_s').items()
                 if not k.startswith(('norm.', 'head.')) and not k.endswith('relative_position_index')}
-    norms = {f'norm{i}.{p}': torch.randn(TINY['embed_dims'][i]) for i in (1, 2, 3) for p in ('weight', 'bias')}
+    norms = {f'norm{i}.{p}': torch.randn(SMALL_LIT['embed_dims'][i]) for i in (1, 2, 3) for p in ('weight', 'bias')}
     path = tmp_path / 'mask_rcnn_lit_s.pth'
     torch.save(mmdet2_checkpoint({**backbone, **norms}), path)
 
-    features = load_file('lit_s', path, features_only=True, **TINY)
+    features = load_file('lit_s', path, features_only=True, **SMALL_LIT)
     assert features.model.img_size == (800, 800)  # tables kept at the checkpoint's size
     assert_same_tensors(features.model, coco)
     with torch.no_grad():
-        assert [f.shape[1] for f in features(torch.randn(1, 3, 64, 96))] == list(TINY['embed_dims'])
+        assert [f.shape[1] for f in features(torch.randn(1, 3, 64, 96))] == list(SMALL_LIT['embed_dims'])
     output_norms = detection_output_norms(load_checkpoint_file(path))
     assert output_norms.keys() == norms.keys() and all(torch.equal(output_norms[k], norms[k]) for k in norms)
     # a classifier keeps its initial final norm and head; everything else comes from the file
-    classifier = load_file('lit_s', path, **TINY)
+    classifier = load_file('lit_s', path, **SMALL_LIT)
     assert torch.equal(classifier.stages[1].downsample.dconv.weight, coco['stages.1.downsample.dconv.weight'])
 
 
@@ -536,14 +479,14 @@ def test_loads_lit_ti_coco_checkpoint(tmp_path):
                 if not k.startswith(('cls_token', 'norm.', 'head.'))}
     path = tmp_path / 'retina_lit_ti.pth'
     torch.save(mmdet2_checkpoint(backbone), path)
-    assert_same_tensors(load_file('lit_ti', path, features_only=True, **TINY).model, source)
+    assert_same_tensors(load_file('lit_ti', path, features_only=True, **SMALL_LIT).model, source)
 
 
 def test_imagenet_tables_resampled_for_a_coco_sized_model(tmp_path):
     source = small_model('lit_s', seed=7).state_dict()
     path = tmp_path / 'lit_s.pth'
     torch.save({'model': to_upstream(source, 'lit_s')}, path)
-    model = load_file('lit_s', path, img_size=800, **TINY)
+    model = load_file('lit_s', path, img_size=800, **SMALL_LIT)
     key = 'stages.2.blocks.0.attn.relative_position_bias_table'
     # the authors' mmcv_custom loader: square bicubic resize 27x27 -> 99x99
     expected = F.interpolate(source[key].permute(1, 0).reshape(1, 2, 27, 27), size=(99, 99), mode='bicubic')
@@ -555,23 +498,23 @@ def test_timm_format_state_dict_passes_through(tmp_path):
     source = small_model('lit_ti', seed=8).state_dict()
     path = tmp_path / 'model.safetensors'
     save_file(source, str(path))
-    assert_same_tensors(load_file('lit_ti', path, **TINY), source)
+    assert_same_tensors(load_file('lit_ti', path, **SMALL_LIT), source)
 
 
 def test_wrong_architecture_and_corrupt_files_raise_checkpoint_error(tmp_path):
     lit_s = tmp_path / 'lit_s.pth'
-    torch.save({'model': to_upstream(_create('lit_s', **TINY).state_dict(), 'lit_s')}, lit_s)
+    torch.save({'model': to_upstream(_create('lit_s', **SMALL_LIT).state_dict(), 'lit_s')}, lit_s)
     with pytest.raises(CheckpointError, match=r"architecture 'lit_m'(.|\n)*missing keys: stages\.2\.blocks\.1"):
-        load_file('lit_m', lit_s, **dict(TINY, depths=(1, 1, 3, 1)))
+        load_file('lit_m', lit_s, **dict(SMALL_LIT, depths=(1, 1, 3, 1)))
     with pytest.raises(CheckpointError, match='shape mismatches'):
-        load_file('lit_b', lit_s, **dict(TINY, embed_dims=(16, 32, 48, 96)))
+        load_file('lit_b', lit_s, **dict(SMALL_LIT, embed_dims=(16, 32, 48, 96)))
     with pytest.raises(CheckpointError, match="architecture 'lit_ti'"):
-        load_file('lit_ti', lit_s, **TINY)
+        load_file('lit_ti', lit_s, **SMALL_LIT)
     truncated = tmp_path / 'truncated.pth'
     data = lit_s.read_bytes()
     truncated.write_bytes(data[:len(data) // 2])  # an interrupted download
     with pytest.raises(CheckpointError, match='corrupt or truncated'):
-        load_file('lit_s', truncated, **TINY)
+        load_file('lit_s', truncated, **SMALL_LIT)
 
 
 def test_export_of_a_coco_checkpoint_rebuilds_its_tables(tmp_path):
@@ -579,7 +522,7 @@ def test_export_of_a_coco_checkpoint_rebuilds_its_tables(tmp_path):
     path = tmp_path / 'retina_lit_s.pth'
     backbone = {k: v for k, v in to_upstream(coco, 'lit_s').items() if not k.startswith('head.')}
     torch.save(mmdet2_checkpoint(backbone), path)
-    model = load_file('lit_s', path, **TINY)  # table size taken from the checkpoint, not passed by the user
+    model = load_file('lit_s', path, **SMALL_LIT)  # table size taken from the checkpoint, not passed by the user
     timm.models.save_for_hf(model, tmp_path / 'export', safe_serialization=True)
     reloaded = _create(f'local-dir:{tmp_path / "export"}', pretrained=True)
     assert reloaded.img_size == (800, 800)

@@ -5,15 +5,13 @@ rounding: the error must be within 10x of eager float32 against eager float64, o
 where that is larger (a random deep network amplifies rounding, see ``docs/attention.md``). Weights are random
 everywhere (deformable offsets and LayerNorm affine parameters included) and BatchNorm statistics calibrated on
 random inputs, as a trained network's match its activations. Models are the SMALL configurations (_helpers.py; the
-exporter's tracing, not the arithmetic, is the cost: tens of seconds per export on 2 cores): every path of each
-family, 64x64 inputs, the banded attention of the eager models one query row per band. Batch, height and width are
-dynamic where the model takes any size; each file runs at a second size and batch (a fixed-size LESA classifier: a
-second batch).
+exporter's tracing, not the arithmetic, is the cost): every path of each family, 64x64 inputs, the banded
+attention of the eager models one query row per band. Batch, height and width are dynamic where the model takes
+any size; each file runs at a second size and batch (a fixed-size LESA classifier: a second batch).
 """
 import copy
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -29,16 +27,8 @@ from lesa_lit_models.hub import package_models  # noqa: E402
 from lesa_lit_models.layers.lesa_fused import _relative_bias_attention  # noqa: E402
 from lesa_lit_models.layers.banded_attention import dense_bias_attention  # noqa: E402
 from lesa_lit_models.lit import _offset_bias_attention  # noqa: E402
-from _helpers import SMALL, as_list, calibrate_batchnorms, small_model  # noqa: E402
+from _helpers import SIZE, SMALL, TRACED, as_list, calibrate_batchnorms, small_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-SIZE = 64
-# SMALL (_helpers.py) of each model, plus: LESA's tables for 64x64 inputs; several bands in the eager banded attention
-CASE_KWARGS = {
-    'lesa_resnet50': dict(img_size=SIZE), 'lesa_wrn50': dict(img_size=SIZE),
-    **{name: dict(img_size=SIZE, max_chunk_logits=1) for name in ('lesa_resnet50_det', 'lesa_wrn50_det')},
-    'lit_ti': dict(), **{name: dict(max_chunk_logits=1) for name in ('lit_s', 'lit_m', 'lit_b')},
-}
 # (model, features_only): every run exports each attention kind in the mode it is deployed in (the LESA and LIT-Ti
 # classifiers, the LESA detection and LIT-S backbones' features); ``pytest -m exhaustive`` adds the other mode of each
 # and the wider or deeper siblings (the same code at other widths and depths)
@@ -49,7 +39,7 @@ EXHAUSTIVE_CASES = [('lesa_resnet50', True), ('lesa_resnet50_det', False), ('lit
 
 def _calibrated(name: str, features_only: bool) -> nn.Module:
     """The small model in float64, random everywhere, its BatchNorm statistics those of random inputs."""
-    model = small_model(name, features_only=features_only, dtype=torch.float64, **CASE_KWARGS[name])
+    model = small_model(name, features_only=features_only, dtype=torch.float64, **TRACED[name])
     batches = [torch.randn(4, 3, SIZE, SIZE, dtype=torch.float64) for _ in range(4)]
     return calibrate_batchnorms(model, batches).eval()
 
@@ -59,7 +49,7 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_every_registered_model_has_an_export_case():
-    assert {name for name, _ in EXPORT_CASES + EXHAUSTIVE_CASES} == set(package_models()) == set(CASE_KWARGS)
+    assert {name for name, _ in EXPORT_CASES + EXHAUSTIVE_CASES} == set(package_models()) == set(TRACED)
 
 
 @pytest.mark.slow

@@ -18,10 +18,9 @@ import lesa_lit_models  # noqa: F401  (registers the models)
 from lesa_lit_models._checkpoint import CheckpointError, UnsafeCheckpointError
 from lesa_lit_models.cli import main
 from lesa_lit_models.hub import package_models
-from _helpers import SMALL, CfgNode, assert_same_tensors, save_crafted, save_with_module, small_model, to_upstream
+from _helpers import SMALL_LIT, CfgNode, assert_same_tensors, save_crafted, save_with_module, small_model, to_upstream
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = SMALL['lit_s']
 
 
 def _serve_release(server, monkeypatch, name, checkpoint_bytes):
@@ -57,7 +56,7 @@ def test_lit_s_pretrained_downloads_the_release_converts_and_caches(tmp_path, mo
     source = small_model('lit_s', seed=11).eval()
     path = _serve_release(release_server, monkeypatch, 'lit_s', _swin_release(source, tmp_path, monkeypatch))
 
-    model = timm.create_model('lit_s', pretrained=True, **TINY).eval()
+    model = timm.create_model('lit_s', pretrained=True, **SMALL_LIT).eval()
     assert_same_tensors(model, source)
     image = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -65,13 +64,13 @@ def test_lit_s_pretrained_downloads_the_release_converts_and_caches(tmp_path, mo
     assert 'state_dict' not in model.pretrained_cfg  # the file is not kept alive by the model
     assert (tmp_path / 'torch_home' / 'hub' / 'checkpoints' / 'lit_s.pth').is_file()
 
-    features = timm.create_model('lit_s', pretrained=True, features_only=True, out_indices=(1, 3), **TINY).eval()
+    features = timm.create_model('lit_s', pretrained=True, features_only=True, out_indices=(1, 3), **SMALL_LIT).eval()
     with torch.no_grad():
         expected = source.forward_intermediates(image, indices=(1, 3), intermediates_only=True)
         for got, want in zip(features(image), expected):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
-    adapted = timm.create_model('lit_s', pretrained=True, num_classes=5, in_chans=1, **TINY)
-    assert adapted.head.weight.shape == (5, TINY['embed_dims'][-1]) and adapted.patch_embed.proj.in_channels == 1
+    adapted = timm.create_model('lit_s', pretrained=True, num_classes=5, in_chans=1, **SMALL_LIT)
+    assert adapted.head.weight.shape == (5, SMALL_LIT['embed_dims'][-1]) and adapted.patch_embed.proj.in_channels == 1
     assert torch.equal(adapted.stages[3].blocks[0].attn.qkv.weight, source.stages[3].blocks[0].attn.qkv.weight)
     assert release_server.requests == [path]  # the later calls used the cache
 
@@ -79,7 +78,7 @@ def test_lit_s_pretrained_downloads_the_release_converts_and_caches(tmp_path, mo
 def test_lit_ti_pretrained_reads_the_deit_layout(monkeypatch, release_server):
     source = small_model('lit_ti', seed=12)
     _serve_release(release_server, monkeypatch, 'lit_ti', _deit_release(source))
-    assert_same_tensors(timm.create_model('lit_ti', pretrained=True, **TINY), source)
+    assert_same_tensors(timm.create_model('lit_ti', pretrained=True, **SMALL_LIT), source)
 
 
 def test_http_404_and_truncated_release_downloads_fail_clearly(tmp_path, monkeypatch, release_server):
@@ -87,11 +86,11 @@ def test_http_404_and_truncated_release_downloads_fail_clearly(tmp_path, monkeyp
     path = _serve_release(release_server, monkeypatch, 'lit_ti', _deit_release(source))
     body = release_server.files.pop(path)
     with pytest.raises(CheckpointError, match=r'HTTP 404(.|\n)*lit_ti.pth'):
-        timm.create_model('lit_ti', pretrained=True, **TINY)
+        timm.create_model('lit_ti', pretrained=True, **SMALL_LIT)
     release_server.files[path] = body
     release_server.truncate[path] = 1000
     with pytest.raises(CheckpointError, match=f'truncated: received 1000 of {len(body)} bytes'):
-        timm.create_model('lit_ti', pretrained=True, **TINY)
+        timm.create_model('lit_ti', pretrained=True, **SMALL_LIT)
     cached = (tmp_path / 'torch_home' / 'hub' / 'checkpoints').iterdir()
     assert [p.name for p in cached] == ['lit_ti.pth.lock']  # the lock of concurrent downloads only
 
@@ -136,13 +135,13 @@ def test_crafted_pickle_is_refused_at_every_entry_point(tmp_path, monkeypatch, r
     path = save_crafted(tmp_path / 'evil.pth', marker)
 
     with pytest.raises(UnsafeCheckpointError, match='posix.system'):  # a file overlay
-        timm.create_model('lit_s', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **TINY)
+        timm.create_model('lit_s', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **SMALL_LIT)
     with pytest.raises(UnsafeCheckpointError, match='posix.system'):  # the release url
         _serve_release(release_server, monkeypatch, 'lit_s', path.read_bytes())
-        timm.create_model('lit_s', pretrained=True, **TINY)
+        timm.create_model('lit_s', pretrained=True, **SMALL_LIT)
     with pytest.raises(UnsafeCheckpointError, match='posix.system'):  # torch.hub through hubconf.py
         torch.hub.load(str(ROOT), 'lit_s', source='local', pretrained=True,
-                       pretrained_cfg_overlay=dict(file=str(path)), **TINY)
+                       pretrained_cfg_overlay=dict(file=str(path)), **SMALL_LIT)
     code = main(['lit_s', str(path), str(tmp_path / 'export')])  # lesa-lit-convert
     err = capsys.readouterr().err
     assert code == 1 and 'Refusing to load' in err and 'posix.system' in err and 'Traceback' not in err
@@ -160,7 +159,7 @@ def test_hubconf_lists_every_model_and_loads_the_release(tmp_path, monkeypatch, 
     assert set(package_models()) <= entries and set(hubconf.dependencies) >= {'torch', 'timm'}
     source = small_model('lit_s', seed=14)
     _serve_release(release_server, monkeypatch, 'lit_s', _swin_release(source, tmp_path, monkeypatch))
-    model = torch.hub.load(str(ROOT), 'lit_s', source='local', pretrained=True, **TINY)
+    model = torch.hub.load(str(ROOT), 'lit_s', source='local', pretrained=True, **SMALL_LIT)
     assert_same_tensors(model, source)
 
 
@@ -168,6 +167,6 @@ def test_lesa_convert_from_a_url(tmp_path, monkeypatch, release_server, capsys):
     source = small_model('lit_ti', seed=15)
     path = _serve_release(release_server, monkeypatch, 'lit_ti', _deit_release(source))
     code = main(['lit_ti.in1k', release_server.url(path), str(tmp_path / 'export'), '--model-kwargs',
-                 *(f'{k}={v}'.replace(' ', '') for k, v in TINY.items())])
+                 *(f'{k}={v}'.replace(' ', '') for k, v in SMALL_LIT.items())])
     assert code == 0, capsys.readouterr().err
     assert_same_tensors(timm.create_model(f'local-dir:{tmp_path / "export"}', pretrained=True), source)

@@ -2,7 +2,7 @@
 asserted for every model this package registers.
 
 Models are found in timm's registry (every entrypoint defined in ``lesa_lit_models``), so a new model is
-covered without editing this file. To fit a few minutes on 2 CPU cores:
+covered without editing this file. To keep the run short:
 
 * the cfg / shape checks run for **every model and every pretrained tag**, at the test input size;
 * the tests that compute (forward, backward, features, intermediates, pretrained loading, grad checkpointing,

@@ -1,50 +1,27 @@
-"""Exact attention with a trained additive bias, one band of queries at a time, without any tokens x tokens tensor.
+"""Exact attention with a trained additive bias, one band of query rows at a time, keeping no tokens x tokens tensor.
 
-``softmax(q k^T * scale + bias) v`` where the bias of a band of queries is built on the fly from small tensors
-(LESA: per-query relative logits of key rows and columns; LIT: a relative-position offset grid). Every fused
-kernel returns the gradient of a trained bias as one dense (tokens x tokens) tensor, so this computes, per band:
-
-* forward: one ``F.scaled_dot_product_attention`` call with the band's bias as float mask (outside autograd, so
-  the fused kernels take it); only ``q``, ``k``, ``v`` and the output are kept, as a fused kernel keeps them;
-* backward: the band's logits once more, ``softmax``, then the textbook gradients of the band (``dS = P * (dP -
-  rowsum(dO * O))``), which reach the bias inputs through the family's explicit vjp of its bias function.
-
-Each bias family is one custom operator (:func:`banded_bias_attention_op`), forward and backward, so
-``torch.compile`` and ``torch.export`` see one node per attention and the bands follow the actual input size.
-See ``docs/attention.md`` for the derivation and the measurements that chose this split.
-
-ONNX has no such operator: while ``torch.onnx.export`` traces a model, :func:`banded_bias_attention` records
-the same function in standard ops instead (:func:`dense_bias_attention`: the whole bias from the family's bias
-function, then ``MatMul``, ``Softmax``, ``MatMul``), so a plain ``torch.onnx.export(model, ..., dynamo=True)``
-needs no custom translation table, and the graph follows the input size through its shapes. That attention is
-dense: it holds a tokens x tokens tensor per head, as the authors' code does. A program made by
-``torch.export.export`` holds the operator itself, which has no ONNX translation: export the module.
+Each bias family (LESA's relative logits, LIT's offset grid) is one custom operator, forward and backward; while
+``torch.onnx.export`` traces, the same function is recorded densely in standard ops. Derivation: docs/attention.md §1.
 """
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['banded_bias_attention', 'banded_bias_attention_op', 'default_max_chunk_logits', 'dense_bias_attention',
-           'row_band_size']
+__all__ = ['banded_bias_attention', 'banded_bias_attention_op', 'default_max_chunk_logits', 'dense_bias_attention']
 
 
 def default_max_chunk_logits(device: torch.device) -> int:
-    """Logits per band when none is set: bands that stay in a CPU's caches (2^22, 16 MB in float32), larger on
-    CUDA, where each band is a kernel launch (the timings that chose them: ``benchmarks/results/``)."""
+    """Logits per band when none is set: bands that stay in a CPU's caches, larger on CUDA where each band is a
+    kernel launch (chosen in ``benchmarks/results/``)."""
     return 2 ** 26 if device.type == 'cuda' else 2 ** 22
 
 
-def row_band_size(q: torch.Tensor, num_keys: int, width: int, max_logits: Optional[int] = None) -> int:
-    """Queries per band for queries in raster order over rows of ``width``: whole rows, as many as fit ``max_logits``
-    logits (batch x heads x queries x keys; at least one row)."""
-    max_logits = max_logits or default_max_chunk_logits(q.device)
-    return max(1, max_logits // max(1, q.shape[0] * q.shape[1] * width * num_keys)) * width
-
-
 def _bands(q: torch.Tensor, k: torch.Tensor, grid: Sequence[int], max_logits: Optional[int]) -> List[Tuple[int, int]]:
-    length = q.shape[-2]
-    band_size = row_band_size(q, k.shape[-2], grid[1], max_logits)
+    """Query ranges of whole grid rows, as many rows as fit ``max_logits`` logits (at least one)."""
+    length, width = q.shape[-2], grid[1]
+    max_logits = max_logits or default_max_chunk_logits(q.device)
+    band_size = max(1, max_logits // max(1, q.shape[0] * q.shape[1] * width * k.shape[-2])) * width
     return [(start, min(start + band_size, length)) for start in range(0, length, band_size)]
 
 
@@ -63,8 +40,8 @@ def _pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _sdpa_takes_unequal_head_dims(device: torch.device) -> bool:
-    """Whether SDPA's fused kernels on ``device`` take q, k and v of different head dims (CUDA's memory-efficient
-    kernel does; the CPU's flash kernel needs one, so the narrower operands are zero-padded to it)."""
+    """Whether SDPA's fused kernels on ``device`` take q, k and v of different head dims (the CPU's flash kernel
+    does not)."""
     return device.type == 'cuda'
 
 
@@ -95,8 +72,7 @@ def _new_output(q: torch.Tensor, v: torch.Tensor, out_transposed: bool) -> torch
 
 
 def _new_like(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor of ``t``'s shape (an operator's output strides must not depend on its inputs'), or an
-    empty one for an absent input (operators return no None)."""
+    """A contiguous tensor of ``t``'s shape, or an empty one for an absent input (operators return no None)."""
     return t.new_empty(t.shape) if t is not None else fallback.new_empty(0)
 
 
@@ -143,24 +119,16 @@ def _banded_backward(bias_fn: BiasFn, bias_vjp: BiasVjp, grad_out, q, k, v, out,
 
 def dense_bias_attention(bias_fn: BiasFn, q, k, v, query_bias, shared_bias, grid: Sequence[int], scale: float,
                          out_transposed: bool) -> torch.Tensor:
-    """The operator's function as one band of every query, in plain ``matmul`` / ``softmax``: what an ONNX export
-    records (the output in the operator's memory layout, so the caller's views trace as they run)."""
+    """The operator's function in one band, in plain ``matmul`` / ``softmax``: what an ONNX export records."""
     bias = bias_fn(query_bias, shared_bias, 0, q.shape[-2], grid)
     out = torch.matmul(q, k.transpose(-1, -2)).mul(scale).add(bias).softmax(-1).matmul(v)
     return out.transpose(-1, -2).contiguous().transpose(-1, -2) if out_transposed else out
 
 
 def banded_bias_attention_op(name: str, bias_fn: BiasFn, bias_vjp: BiasVjp) -> Callable[..., torch.Tensor]:
-    """Register ``lesa_lit_models::<name>``, the banded attention with the bias family ``bias_fn`` (and its vjp
-    ``bias_vjp``), as a custom operator with a custom-operator backward; returns the operator, which
-    :func:`banded_bias_attention` calls.
-
-    Opaque to ``torch.compile`` and ``torch.export``: the loop over bands runs at run time, with the bands of the
-    actual input size, instead of being unrolled into the graph, and the graph keeps for backward what the eager
-    path keeps (q, k, v, the output and the bias inputs; AOTAutograd would otherwise merge the backward's rebuilt
-    bias with the forward's and keep every band's probabilities). An exported program that holds it runs where this
-    package is imported.
-    """
+    """Register ``lesa_lit_models::<name>``, the banded attention with bias function ``bias_fn`` and its vjp
+    ``bias_vjp``, as a custom operator with a custom-operator backward, opaque to ``torch.compile`` and
+    ``torch.export`` so that the bands follow the actual input size (docs/attention.md §1)."""
     qualname = f'lesa_lit_models::{name}'
 
     @torch.library.custom_op(qualname, mutates_args=())
@@ -213,23 +181,20 @@ def banded_bias_attention(
         scale: Optional[float] = None,
         out_transposed: bool = False,
 ) -> torch.Tensor:
-    """``softmax(q k^T * scale + bias) v`` over the tokens of an ``H x W`` grid (raster order), with the bias of
-    each band of whole query rows from the bias function of ``op`` (made by :func:`banded_bias_attention_op`).
+    """``softmax(q k^T * scale + bias) v`` over an ``H x W`` grid (raster order), the bias of each band of whole
+    query rows from the bias function of ``op`` (:func:`banded_bias_attention_op`).
 
     Args:
         q: (N, heads, H * W, d); k: (N, heads, L, d); v: (N, heads, L, dv).
         grid: (H, W); bands are whole rows of it.
         query_bias: Tensor with one row per query (dim -2), sliced to each band; or None.
         shared_bias: Tensor every band reads whole (e.g. an offset table); or None.
-        max_logits: Logits per band (N x heads x queries x keys; at least one row), default
-            :func:`default_max_chunk_logits`.
+        max_logits: Logits per band (at least one row), default :func:`default_max_chunk_logits`.
         scale: Logit scale (default ``d ** -0.5``).
-        out_transposed: Return the (N, heads, Lq, dv) output as a view of (N, heads, dv, Lq) storage, for callers
-            that go on channel-first: their ``(N, heads * dv, Lq)`` view then shares the storage kept for backward.
+        out_transposed: Return the output as a view of (N, heads, dv, Lq) storage, so that a channel-first caller's
+            view shares the storage kept for backward.
 
-    Under autocast every operand is cast to the autocast dtype (the dtype a fused kernel would compute in);
-    gradients summed over bands are accumulated in at least float32. While ``torch.onnx.export`` traces, the
-    attention is :func:`dense_bias_attention` (standard ONNX ops) instead of the operator.
+    Under autocast the operands are cast to the autocast dtype, as a fused kernel would compute.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     device_type = q.device.type

@@ -9,12 +9,11 @@ main convolution (``conv_offset``, zero-initialised so a fresh layer starts as a
   real bias on the main convolution.
 
 On CUDA the op is ``torchvision.ops.deform_conv2d``. Elsewhere :func:`deform_conv2d_sampled` computes the same
-function with ``F.grid_sample`` (one bilinear sampling per kernel point, then one grouped matmul): on a CPU its
-backward is faster than torchvision's (the largest single cost of a LESA detection backbone's training step
-there, see ``docs/attention.md``). Offsets use the same channel layout as mmcv and the LIT CUDA extension (channel
-``2n`` = dy, ``2n + 1`` = dx of kernel point ``n``, row-major, repeated per deformable group). Under autocast the
-op runs in (at least) float32, as both upstream implementations do. ``torch.onnx.export`` records the sampled form
-on any device: standard ``GridSample`` (opset 16) and ``MatMul``, which every ONNX runtime has.
+function with ``F.grid_sample`` (one bilinear sampling per kernel point, then one grouped matmul), whose backward
+is cheaper than torchvision's on a CPU (docs/attention.md §4). Offsets use mmcv's channel layout (channel ``2n`` =
+dy, ``2n + 1`` = dx of kernel point ``n``, row-major, repeated per deformable group). Under autocast the op runs in
+(at least) float32, as both upstream implementations do. ``torch.onnx.export`` records the sampled form on any
+device: standard ``GridSample`` (opset 16) and ``MatMul``.
 """
 import math
 from typing import Optional, Tuple, Union

@@ -1,34 +1,10 @@
 """ Locally Enhanced Self-Attention (LESA)
 
 Paper: `Locally Enhanced Self-Attention: Combining Self-Attention and Convolution as Local and Context Terms`
-    - https://arxiv.org/abs/2107.05637 (Yang, Qiao, Kortylewski, Yuille)
+    - https://arxiv.org/abs/2107.05637
 
-LESA replaces the 3x3 convolution of a ResNet bottleneck. It adds two terms over the token grid:
-
-* the unary (local) term ``U = bn_x(x_transform(x))``: a grouped 3x3 convolution (a deformable one in the
-  detection backbones) followed by a 1x1 convolution;
-* the binary (context) term ``B``: multi-head self-attention whose logits sum BatchNorm-ed content and
-  relative-position terms, followed by ``bn_output``;
-
-and couples them with the fusion gate: ``out = U + sigmoid(projection(reasoning([U, B]))) * B``, average
-pooled when the module has a stride (the attention then runs on the input grid).
-
-Two position embeddings, as upstream:
-
-* ``'classification'`` (ImageNet models): one table ``relative`` (2*dqk+dv, 2L-1) over the flattened token
-  index, used by queries, keys and values. It is tied to the L = H*W tokens it was built for.
-* ``'detection_qr'`` (COCO backbones): two tables ``rel_height`` (2H-1, dqk) / ``rel_width`` (2W-1, dqk) of
-  2-D offsets, used by the queries only. On another grid they are resampled by
-  :func:`~lesa_lit_models.layers.lesa_rel_pos.resample_rel_table`.
-
-The binary term is a function of tensors (``*_binary_reference`` below, written straight from the formulas; the
-relative logits come from ``lesa_rel_pos.py``). ``attn_impl='fused'`` swaps in the memory-lean exact
-``detection_qr`` version of ``lesa_fused.py`` (same signature); the ``classification`` term has no exact fused
-form and always runs the reference.
-
-Parameter names follow the authors' code (``Chenglin-Yang/LESA_classification`` / ``LESA_detection``), so
-their checkpoints load without renaming. Deviation: the authors' ``flatten_index`` buffer is not stored; the
-index is rebuilt on the fly (checkpoint filters drop it).
+A unary (grouped 3x3 conv) and a binary (self-attention) term, coupled by a fusion gate; the two position
+embeddings, the fused binary term and the deviations from the authors' code are described in docs/lesa.md.
 """
 import math
 from contextlib import contextmanager, nullcontext
@@ -41,14 +17,12 @@ from timm.layers import register_notrace_module, to_2tuple
 from timm.models import checkpoint as grad_checkpoint
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .attn_impl import ATTN_IMPLS, check_attn_impl
+from .attn_impl import check_attn_impl
 from .deform_conv import DeformConv2dPack
 from . import lesa_fused
 from .lesa_rel_pos import expand_relative_logits, offset_index, relative_logits_2d, resample_rel_table
 
-__all__ = [
-    'Lesa', 'classification_binary_reference', 'detection_qr_binary_reference', 'POS_EMBED_TYPES', 'ATTN_IMPLS',
-]
+__all__ = ['Lesa', 'classification_binary_reference', 'detection_qr_binary_reference', 'POS_EMBED_TYPES']
 
 POS_EMBED_TYPES = ('classification', 'detection_qr')
 
@@ -64,15 +38,12 @@ def classification_binary_reference(
 
     Args:
         q, k: (N, G, L, dqk) queries and keys; v: (N, G, L, dv) values.
-        relative: (2*dqk+dv, 2L-1) table; ``E[c, a, b] = relative[c, a - b + L - 1]`` is split into
-            Eq (dqk rows), Ek (dqk rows), Ev (dv rows).
-        bn_similarity: BatchNorm2d(3G) applied, in whatever mode it is in, to the stack [qk, qr, kr]
-            (channel t*G + g) with ``qk[g,i,j] = q_i . k_j`` (no scale), ``qr[g,i,j] = sum_c q[c,i] Eq[c,i,j]``,
-            ``kr[g,i,j] = sum_c k[c,j] Ek[c,j,i]``; the logits are the sum of the three normalised terms.
+        relative: (2*dqk+dv, 2L-1) table; ``E[c, a, b] = relative[c, a - b + L - 1]`` splits into Eq, Ek, Ev.
+        bn_similarity: BatchNorm2d(3G) on the stack [qk, qr, kr] (channel t*G + g) with ``qk[g,i,j] = q_i . k_j``,
+            ``qr[g,i,j] = sum_c q[c,i] Eq[c,i,j]``, ``kr[g,i,j] = sum_c k[c,j] Ek[c,j,i]``; logits: their sum.
 
     Returns:
-        (sv, sve), each (N, G, L, dv): ``sv = A @ v`` and ``sve[g,i,c] = sum_j A[g,i,j] Ev[c,i,j]`` with
-        ``A = softmax(logits, -1)``.
+        (sv, sve), each (N, G, L, dv): ``A @ v`` and ``sve[g,i,c] = sum_j A[g,i,j] Ev[c,i,j]``, A the softmax.
     """
     N, G, L, dqk = q.shape
     dv = v.shape[-1]
@@ -102,10 +73,8 @@ def detection_qr_binary_reference(
     Args:
         q, k: (N, G, L, dqk); v: (N, G, L, dv), L = H*W tokens in raster order over ``grid = (H, W)``.
         rel_height: (2H-1, dqk), rel_width: (2W-1, dqk), already resampled to the grid.
-        bn_similarity: BatchNorm2d(2G) applied, in whatever mode it is in, to the stack [qk, qr] (channel
-            t*G + g) with ``qk[g,i,j] = q_i . k_j`` (no scale) and ``qr`` the 2-D relative logits
-            (:func:`relative_logits_2d`, :func:`expand_relative_logits`); the
-            logits are the sum of the two normalised terms.
+        bn_similarity: BatchNorm2d(2G) on the stack [qk, qr] (channel t*G + g), ``qr`` the 2-D relative logits;
+            logits: their sum.
 
     Returns:
         ``softmax(logits, -1) @ v``: (N, G, L, dv).
@@ -120,9 +89,7 @@ def detection_qr_binary_reference(
 
 @contextmanager
 def _running_stats_frozen(module: nn.Module):
-    """BatchNorms of ``module`` in train mode normalise with the batch statistics, as always, but leave their
-    running statistics and ``num_batches_tracked`` as they were (momentum 0 inside, the same kernels and saved
-    tensors as the forward being recomputed)."""
+    """Train-mode BatchNorms of ``module`` leave their running statistics as they were (momentum 0 inside)."""
     norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats and m.training]
     saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
     for m in norms:
@@ -136,9 +103,7 @@ def _running_stats_frozen(module: nn.Module):
 
 
 def _checkpoint_updating_stats_once(fn, *inputs: torch.Tensor, owner: nn.Module) -> torch.Tensor:
-    """``fn(*inputs)`` recomputed in backward instead of kept; the recomputation does not update the running
-    statistics of ``owner``'s BatchNorms a second time, so training with checkpointing leaves the same statistics as
-    without."""
+    """``fn(*inputs)`` recomputed in backward without updating ``owner``'s BatchNorm statistics a second time."""
     if torch.compiler.is_compiling():  # the traced recomputation applies no update (and dynamo takes no context_fn)
         return grad_checkpoint(fn, *inputs, use_reentrant=False)
     return grad_checkpoint(fn, *inputs, use_reentrant=False,
@@ -147,24 +112,20 @@ def _checkpoint_updating_stats_once(fn, *inputs: torch.Tensor, owner: nn.Module)
 
 @register_notrace_module  # shape checks and grid-dependent tables: a leaf for FX
 class Lesa(nn.Module):
-    """LESA: unary conv term + binary self-attention term, coupled by a fusion gate.
+    """LESA: unary conv term + binary self-attention term, coupled by a fusion gate (docs/lesa.md).
 
     Args:
         dim: Channels in and out (C).
         feat_size: Token grid (H, W) the binary term attends over: the *input* grid, also when ``stride`` > 1.
-        stride: Average-pooling stride applied to the output (the authors' stride-2 LESA).
-        groups: Attention heads and groups of the unary 3x3 conv (G). Query/key width C/G/2, value width C/G.
+        stride: Average-pooling stride applied to the output.
+        groups: Attention heads and groups of the unary 3x3 conv (G).
         pos_embed: ``'classification'`` (fixed grid) or ``'detection_qr'`` (any grid, tables resampled).
         deformable: Unary 3x3 conv is a DCN v1 (mmcv ``DeformConv2dPack`` layout, no bias).
-        attn_impl: ``'fused'`` (default) or ``'reference'`` ``detection_qr`` binary term (same results). The
-            ``classification`` term always runs the reference (it has no exact fused form, see docs/attention.md).
-        max_chunk_logits: Logits per band of the fused binary term (default: per device, see
-            :func:`~lesa_lit_models.layers.banded_attention.default_max_chunk_logits`).
+        attn_impl: ``'fused'`` (default) or ``'reference'`` ``detection_qr`` binary term (same results).
+        max_chunk_logits: Logits per band of the fused binary term (default: per device).
         input_reduction: Stride of this module's input w.r.t. the image; only used to word size errors.
-        recompute_gate: In training, recompute the norms of both terms and the fusion gate (two 1x1 convs, their
-            norms and activations) in backward from the terms before their norms, instead of keeping eight
-            activations of (N, C, H, W) (exact; two 1x1 convs more per step). Independent of ``grad_checkpointing``
-            (the U and B terms).
+        recompute_gate: In training, recompute the terms' norms and the fusion gate in backward instead of keeping
+            their activations.
     """
 
     def __init__(
@@ -235,7 +196,7 @@ class Lesa(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """Authors' init of the attention weights (convs and norms keep their own init)."""
+        """Authors' init of the attention weights."""
         nn.init.normal_(self.qkv_transform.weight, 0., math.sqrt(1. / self.dim))
         if self.pos_embed == 'classification':
             nn.init.normal_(self.relative, 0., math.sqrt(1. / self.v_dim))
@@ -263,8 +224,7 @@ class Lesa(nn.Module):
         return self.x_transform(x)
 
     def binary_pre_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """Context term before its norm ``bn_output``: (N, C, H, W) -> (N, C, L) (``classification``: (N, 2C, L),
-        the two terms of each channel)."""
+        """Context term before its norm ``bn_output``: (N, C, H, W) -> (N, C, L) (``classification``: (N, 2C, L))."""
         N, C, H, W = x.shape
         qkv = self.bn_qkv(self.qkv_transform(x.flatten(2)))
         # channels are group-major: g * (2dqk + dv) + [q | k | v]
@@ -284,8 +244,7 @@ class Lesa(nn.Module):
         return rearrange(sv, 'n g l c -> n (g c) l')  # a view of the fused term's output
 
     def fuse(self, unary: torch.Tensor, binary: torch.Tensor) -> torch.Tensor:
-        """Norms of the two terms and the fusion gate: ``U + sigmoid(projection(reasoning([U, B]))) * B`` with
-        ``U = bn_x(unary)`` and ``B = bn_output(binary)`` (its two terms per channel summed for ``classification``)."""
+        """``U + sigmoid(projection(reasoning([U, B]))) * B`` with ``U = bn_x(unary)``, ``B = bn_output(binary)``."""
         unary = self.bn_x(unary)
         binary = self.bn_output(binary)
         if self.pos_embed == 'classification':
@@ -297,7 +256,7 @@ class Lesa(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_grid(x.shape[-2], x.shape[-1])
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            # as the authors' with_cp_UB_terms_only: the unary and binary terms are recomputed
+            # the authors' with_cp_UB_terms_only
             unary = _checkpoint_updating_stats_once(self.unary_pre_norm, x, owner=self)
             binary = _checkpoint_updating_stats_once(self.binary_pre_norm, x, owner=self)
         else:
