@@ -28,7 +28,7 @@ import torch.nn as nn
 from huggingface_hub import HfApi
 from timm.models import get_model_input_config, save_for_hf
 
-from ._checkpoint import download_cached, is_url
+from . import download_cached, is_url
 from ._timm import generate_readme
 
 __all__ = [
@@ -88,7 +88,7 @@ def build_from_checkpoint(model_name: str, checkpoint: os.PathLike, **model_kwar
 
     Raises:
         ConversionError: unknown model name, or kwargs the model does not accept.
-        lesa_lit_models._checkpoint.CheckpointError: unreadable file, or a checkpoint of another architecture.
+        lesa_lit_models.CheckpointError: unreadable file, or a checkpoint of another architecture.
     """
     if model_name.split('.', 1)[0] not in package_models():
         raise ConversionError(

@@ -50,7 +50,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, calculate_drop_path_rates, create_classifier, get_device_dtype, to_2tuple
 from timm.models import generate_default_cfgs, register_model
 
-from ._checkpoint import backbone_state_dict, build_model_with_weights, release_file_note
+from ._builder import build_model_with_weights, release_file_note
+from ._state_dict import backbone_state_dict
 from ._timm import feature_take_indices
 from .layers.attn_impl import set_attn_impl
 from .layers.deform_conv import DeformConv2dPack
@@ -460,7 +461,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LesaResNet) -> Dict[
       (:func:`~lesa_lit_models.layers.lesa_rel_pos.resample_rel_table`) when ``img_size`` differs.
 
     A checkpoint without the ``fc`` classifier (a COCO backbone) keeps the model's own, as LIT's filter does.
-    Loading through timm checks the result strictly (:func:`~lesa_lit_models._checkpoint.strict_filter`).
+    Loading through timm checks the result strictly (:func:`~lesa_lit_models.strict_filter`).
     """
     state_dict = {k: v for k, v in backbone_state_dict(state_dict).items() if not k.endswith('.flatten_index')}
     model_sd = model.state_dict()

@@ -39,7 +39,8 @@ from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, ge
     register_notrace_function, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import checkpoint as grad_checkpoint, generate_default_cfgs, register_model
 
-from ._checkpoint import backbone_state_dict, build_model_with_weights
+from ._builder import build_model_with_weights
+from ._state_dict import backbone_state_dict
 from ._timm import feature_take_indices
 from .layers.deform_merge import DeformableTokenMerging
 from .layers.attn_impl import check_attn_impl, set_attn_impl

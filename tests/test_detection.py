@@ -21,7 +21,7 @@ from lesa_lit_det.convert import convert_coco_checkpoint, load_detector_checkpoi
 from lesa_lit_det.engine import DatasetNotFoundError, adapt_to_device, check_dataset_paths, load_config
 from lesa_lit_det.synthetic import COCO_CATEGORIES, DatasetExistsError, SHAPE_CATEGORIES, SyntheticCocoSpec, \
     make_synthetic_coco
-from lesa_lit_models._checkpoint import CheckpointError
+from lesa_lit_models import CheckpointError
 from mmdet.registry import DATASETS, MODELS
 from mmdet.utils import register_all_modules
 from mmengine.dataset import pseudo_collate

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lesa_lit_models  # noqa: F401
-from lesa_lit_models._checkpoint import CheckpointError
+from lesa_lit_models import CheckpointError
 from lesa_lit_models.layers.deform_conv import DeformConv2dPack
 from lesa_lit_models.layers.lesa_attention import Lesa, resample_rel_table
 from _helpers import load_file, mmdet2_checkpoint, randomise

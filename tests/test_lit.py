@@ -10,7 +10,7 @@ from timm.optim import param_groups_weight_decay
 from timm.models import group_parameters
 
 import lesa_lit_models  # noqa: F401  (registers the models)
-from lesa_lit_models._checkpoint import CheckpointError, load_checkpoint_file
+from lesa_lit_models import CheckpointError, load_checkpoint_file
 from lesa_lit_models.layers.deform_merge import DeformableTokenMerging
 from lesa_lit_models.layers.rel_pos import bias_from_grid, relative_position_bias, relative_position_bias_grid, \
     resample_bias_table

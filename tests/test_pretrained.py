@@ -15,7 +15,7 @@ import timm
 import torch
 
 import lesa_lit_models  # noqa: F401  (registers the models)
-from lesa_lit_models._checkpoint import CheckpointError, UnsafeCheckpointError
+from lesa_lit_models import CheckpointError, UnsafeCheckpointError
 from lesa_lit_models.cli import main
 from lesa_lit_models.hub import package_models
 from _helpers import SMALL, CfgNode, assert_same_tensors, save_crafted, save_with_module, small_model, to_upstream

@@ -26,7 +26,7 @@ from timm.layers import LayerNorm2d
 from timm.models import load_pretrained
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lesa_lit_models._checkpoint import CheckpointError, backbone_state_dict, strict_filter, verify_state_dict
+from lesa_lit_models import CheckpointError, backbone_state_dict, strict_filter, verify_state_dict
 from lesa_lit_models.lesa import LesaResNet, keys_kept_at_init
 from lesa_lit_models.lit import OUTPUT_NORM_KEY, detection_output_norms
 
