@@ -1,24 +1,33 @@
 """timm's ``build_model_with_cfg`` for this package's families: pretrained weights go through the safe loader, the
 family's ``checkpoint_filter_fn`` and :func:`~lesa_lit_models.strict_filter`."""
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Type
 
 import torch.nn as nn
-from timm.models import build_model_with_cfg, resolve_pretrained_cfg
+from timm.models import PretrainedCfg, build_model_with_cfg, resolve_pretrained_cfg
 
 from ._download import load_checkpoint
 from ._safe_load import CheckpointError, load_checkpoint_file
 from ._state_dict import FilterFn, strict_filter
 from ._timm import _resolve_pretrained_source
 
-__all__ = ['release_file_note', 'resolve_pretrained_weights', 'build_model_with_weights', 'release_loaded_weights']
+__all__ = ['ReleasePretrainedCfg', 'resolve_pretrained_weights', 'build_model_with_weights', 'release_loaded_weights']
 
 
-_RELEASE_FILE_NOTE = 'Release file:'
+@dataclass
+class ReleasePretrainedCfg(PretrainedCfg):
+    """timm's ``PretrainedCfg`` and ``release_file``: which file to download by hand from ``origin_url`` when the
+    weights have no direct download (``pretrained=True`` without a file says so).
 
+    ``to_dict()`` (the model's ``pretrained_cfg``) leaves it out: exported ``config.json`` files are read back
+    with timm's ``PretrainedCfg``, which takes no other fields.
+    """
+    release_file: Optional[str] = None
 
-def release_file_note(text: str) -> str:
-    """A pretrained cfg note that tells where to get weights that have no direct download (shown by the error)."""
-    return f'{_RELEASE_FILE_NOTE} {text}'
+    def to_dict(self, remove_source: bool = False, remove_null: bool = True) -> Dict[str, Any]:
+        cfg = super().to_dict(remove_source=remove_source, remove_null=remove_null)
+        cfg.pop('release_file', None)
+        return cfg
 
 
 def resolve_pretrained_weights(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -37,29 +46,29 @@ def resolve_pretrained_weights(variant: str, pretrained: bool, kwargs: Dict[str,
     """
     if not pretrained:
         return kwargs
-    cfg = resolve_pretrained_cfg(
+    pretrained_cfg = resolve_pretrained_cfg(
         variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
-        pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay')).to_dict()
-    load_from, location = _resolve_pretrained_source(cfg)
+        pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    load_from, location = _resolve_pretrained_source(pretrained_cfg.to_dict())
     if load_from == 'file':
         checkpoint = load_checkpoint_file(location)
     elif load_from == 'url':
         checkpoint = load_checkpoint(location, cache_dir=kwargs.get('cache_dir'))  # with a progress bar
     elif load_from == '':
-        raise CheckpointError(_no_weights_message(variant, cfg))
+        raise CheckpointError(_no_weights_message(variant, pretrained_cfg))
     else:  # state_dict already in memory, hf-hub, local-dir
         return kwargs
     overlay = dict(kwargs.get('pretrained_cfg_overlay') or {}, state_dict=checkpoint)
     return dict(kwargs, pretrained_cfg_overlay=overlay)
 
 
-def _no_weights_message(variant: str, cfg: Dict[str, Any]) -> str:
-    name = '.'.join(filter(None, (cfg.get('architecture') or variant, cfg.get('tag'))))
-    where = [n[len(_RELEASE_FILE_NOTE):].strip() for n in cfg.get('notes') or () if n.startswith(_RELEASE_FILE_NOTE)]
-    source = f'The authors publish them at {cfg["origin_url"]}' if cfg.get('origin_url') else 'No source is known'
+def _no_weights_message(variant: str, cfg: PretrainedCfg) -> str:
+    name = '.'.join(filter(None, (cfg.architecture or variant, cfg.tag)))
+    release_file = getattr(cfg, 'release_file', None)
+    source = f'The authors publish them at {cfg.origin_url}' if cfg.origin_url else 'No source is known'
     return (
         f'{name} has no weights that can be downloaded automatically (no url or hf_hub_id in its pretrained cfg). '
-        f'{source}' + (f': {where[0]}' if where else '.') + '\n'
+        f'{source}' + (f': {release_file}' if release_file else '.') + '\n'
         f'Download the file by hand, then either load it directly:\n'
         f"    timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/file.pth'))\n"
         f'or convert it once and load the converted copy:\n'

@@ -30,9 +30,9 @@ Models:
   from ImageNet weights as the authors' detectors did, load an ImageNet checkpoint into them (``pretrained=True,
   pretrained_cfg_overlay=dict(file=...)``): :func:`checkpoint_filter_fn` adapts it.
 
-Weights: the authors publish them as OneDrive folders (no direct download); each tag's ``origin_url`` and notes
-name the folder and the file. ``pretrained=True`` without ``pretrained_cfg_overlay=dict(file=...)`` stops with
-those instructions, before any network access.
+Weights: the authors publish them as OneDrive folders (no direct download); each tag's ``origin_url`` and
+``release_file`` name the folder and the file. ``pretrained=True`` without ``pretrained_cfg_overlay=dict(file=...)``
+stops with those instructions, before any network access.
 
 Deviations from the authors' code: ``set_grad_checkpointing`` (their ``with_cp_UB_terms_only``) is off by
 default (their detection configs turn it on) and its recomputation leaves BatchNorm running statistics alone
@@ -50,7 +50,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, calculate_drop_path_rates, create_classifier, get_device_dtype, to_2tuple
 from timm.models import generate_default_cfgs, register_model
 
-from ._builder import build_model_with_weights, release_file_note
+from ._builder import ReleasePretrainedCfg, build_model_with_weights
 from ._state_dict import backbone_state_dict
 from ._timm import feature_take_indices
 from .layers.attn_impl import set_attn_impl
@@ -494,16 +494,16 @@ _PAPER = dict(
 )
 
 
-def _cfg(**kwargs) -> Dict[str, Any]:
-    return {
+def _cfg(**kwargs) -> ReleasePretrainedCfg:
+    return ReleasePretrainedCfg(**{
         'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (14, 14),
         'fixed_input_size': True, 'crop_pct': 0.875, 'interpolation': 'bilinear',
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD, 'first_conv': 'conv1', 'classifier': 'fc',
         **_PAPER, **kwargs,
-    }
+    })
 
 
-def _det_cfg(img_size: int, **kwargs) -> Dict[str, Any]:
+def _det_cfg(img_size: int, **kwargs) -> ReleasePretrainedCfg:
     return _cfg(
         num_classes=0, input_size=(3, img_size, img_size), pool_size=(img_size // 32, img_size // 32),
         fixed_input_size=False, crop_pct=1.0, license='apache-2.0', **kwargs,
@@ -513,36 +513,36 @@ def _det_cfg(img_size: int, **kwargs) -> Dict[str, Any]:
 _ONEDRIVE = 'https://livejohnshopkins-my.sharepoint.com/:f:/g/personal/cyang76_jh_edu/'
 
 # The authors' weights are OneDrive folders (no direct download): no url / hf_hub_id; pretrained=True without a
-# file stops with the instructions in the 'Release file' note.
+# file stops, naming the origin_url folder and the release_file in it.
 default_cfgs = generate_default_cfgs({
     'lesa_resnet50.in1k': _cfg(
         origin_url=_ONEDRIVE + 'EnO2WCZcRwJJh1YsdHEZXOMBueC6q0baT4kWl_sI5SqjFQ?e=Wh9uWt',
-        notes=('ImageNet-1k top-1 79.55, top-5 94.79 at 224 (authors\' numbers).',
-               release_file_note('checkpoint.pth in the lesa_resnet50 folder of the LESA_classification README\'s '
-                                 '"Download" link (a OneDrive folder, no direct download).')),
+        notes=('ImageNet-1k top-1 79.55, top-5 94.79 at 224 (authors\' numbers).',),
+        release_file=('checkpoint.pth in the lesa_resnet50 folder of the LESA_classification README\'s '
+                      '"Download" link (a OneDrive folder, no direct download).'),
     ),
     'lesa_wrn50.in1k': _cfg(
         origin_url=_ONEDRIVE + 'EgHuW1XQefNNkLCkRE1Ag4UBA96d7lBasZ4esEh3Re1mXA?e=jU72GG',
-        notes=('ImageNet-1k top-1 80.18, top-5 95.07 at 224 (authors\' numbers).',
-               release_file_note('checkpoint.pth in the lesa_wrn50 folder of the LESA_classification README\'s '
-                                 '"Download" link (a OneDrive folder, no direct download).')),
+        notes=('ImageNet-1k top-1 80.18, top-5 95.07 at 224 (authors\' numbers).',),
+        release_file=('checkpoint.pth in the lesa_wrn50 folder of the LESA_classification README\'s '
+                      '"Download" link (a OneDrive folder, no direct download).'),
     ),
     'lesa_resnet50_det.coco': _det_cfg(
         1024,
         origin_url=_ONEDRIVE + 'Egpo87VmMmlEg0jY_KHYAJsBS7EFDJ4YxJ2zhkTxcJCzWg?e=SGSKmx',
         notes=('Backbone of the authors\' Mask R-CNN (FPN, 1024x1024, 20 epochs): COCO val box AP 44.0, mask AP '
-               '39.2; test-dev box AP 44.2, mask AP 39.6 (authors\' numbers).',
-               release_file_note('epoch_20.pth (the whole mmdet 2.x detector; its backbone.* keys are used) in the '
-                                 'Mask-RCNN "Model" folder of the LESA_detection README (OneDrive, no direct '
-                                 'download).')),
+               '39.2; test-dev box AP 44.2, mask AP 39.6 (authors\' numbers).',),
+        release_file=('epoch_20.pth (the whole mmdet 2.x detector; its backbone.* keys are used) in the '
+                      'Mask-RCNN "Model" folder of the LESA_detection README (OneDrive, no direct '
+                      'download).'),
     ),
     'lesa_wrn50_det.coco': _det_cfg(
         1280,
         origin_url=_ONEDRIVE + 'EmSPz8ToSK5GuYyWELj3Y0QBwP3Q_Jd4FhK1WDvf2FuADw?e=xRsbl5',
         notes=('Backbone of the authors\' HTC (FPN, semantic branch, 1280x1280, 20 epochs): COCO val box AP 50.1, '
-               'mask AP 43.9; test-dev box AP 50.5, mask AP 44.4 (authors\' numbers).',
-               release_file_note('epoch_20.pth (the whole mmdet 2.x detector; its backbone.* keys are used) in the '
-                                 'HTC "Model" folder of the LESA_detection README (OneDrive, no direct download).')),
+               'mask AP 43.9; test-dev box AP 50.5, mask AP 44.4 (authors\' numbers).',),
+        release_file=('epoch_20.pth (the whole mmdet 2.x detector; its backbone.* keys are used) in the '
+                      'HTC "Model" folder of the LESA_detection README (OneDrive, no direct download).'),
     ),
 })
 
