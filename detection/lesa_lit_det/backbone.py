@@ -128,15 +128,6 @@ class TimmBackbone(BaseModule):
         self._frozen_modules = self._find_frozen_modules()
         self._freeze()
 
-    @property
-    def channels(self) -> Tuple[int, ...]:
-        """Channels of each output, in order: the neck's ``in_channels``."""
-        return tuple(self.body.feature_info.channels())
-
-    @property
-    def strides(self) -> Tuple[int, ...]:
-        return tuple(self.body.feature_info.reduction())
-
     def init_weights(self):
         """Load the ``init_cfg`` checkpoint (timm already initialised every weight when the model was built)."""
         if self.init_cfg is not None and not self._is_init:
