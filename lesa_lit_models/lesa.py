@@ -3,13 +3,6 @@
 Paper: `Locally Enhanced Self-Attention: Combining Self-Attention and Convolution as Local and Context Terms`
     - https://arxiv.org/abs/2107.05637
 
-@article{yang2021locally,
-  title={Locally Enhanced Self-Attention: Rethinking Self-Attention as Local and Context Terms},
-  author={Yang, Chenglin and Qiao, Siyuan and Kortylewski, Adam and Yuille, Alan},
-  journal={arXiv preprint arXiv:2107.05637},
-  year={2021}
-}
-
 Rebuilt from the authors' ImageNet (https://github.com/Chenglin-Yang/LESA_classification) and COCO
 (https://github.com/Chenglin-Yang/LESA_detection, an mmdetection 2.x fork) code; the mmcv parts use
 ``torchvision.ops.deform_conv2d``. Parameter names are the authors' (torchvision ResNet names plus those of
