@@ -13,7 +13,7 @@ authors' file (``pretrained_cfg_overlay=dict(file=PATH)``), see the README.
 """
 import timm
 
-from lesa_lit_models.hub import package_models
+from lesa_lit_models import package_models
 
 dependencies = ['torch', 'torchvision', 'timm', 'einops', 'huggingface_hub', 'safetensors']
 

@@ -7,9 +7,9 @@ from typing import List, Optional
 
 from timm.utils import ParseKwargs
 
-from lesa_lit_models._checkpoint import CheckpointError
-from lesa_lit_models.hub import (
-    ConversionError, ConversionResult, HubError, check_hub_access, convert, package_models, push_converted,
+from lesa_lit_models import CheckpointError, package_models
+from lesa_lit_models.convert import (
+    ConversionError, ConversionResult, HubError, check_hub_access, convert, push_converted,
 )
 
 _EPILOG = """\

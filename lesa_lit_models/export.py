@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 from timm.utils import ParseKwargs
 
+from . import package_models
+
 __all__ = ['OnnxCheck', 'takes_any_size', 'export_onnx', 'check_onnx', 'main']
 
 # an output is within tolerance at this many times the model's own float32 rounding, or this relative error
@@ -153,7 +155,6 @@ def check_onnx(model: nn.Module, path: os.PathLike, inputs: Sequence[torch.Tenso
 def _build_model(ref: str, features_only: bool, pretrained: bool, model_kwargs: dict) -> Tuple[nn.Module, Path]:
     """The model named by ``ref`` (a package model name, a converted folder, ``local-dir:`` / ``hf-hub:``) and where
     its ``model.onnx`` goes by default (into a converted folder, else the working directory)."""
-    import lesa_lit_models.hub as hub
     kwargs = dict(model_kwargs, **({'features_only': True} if features_only else {}))
     if os.path.isdir(ref):
         return timm.create_model(f'local-dir:{Path(ref).resolve()}', pretrained=True, **kwargs), Path(ref)
@@ -161,8 +162,8 @@ def _build_model(ref: str, features_only: bool, pretrained: bool, model_kwargs: 
         return timm.create_model(ref, pretrained=True, **kwargs), Path(ref[len('local-dir:'):])
     if ref.startswith('hf-hub:'):
         return timm.create_model(ref, pretrained=True, **kwargs), Path('.')
-    if ref.split('.', 1)[0] not in hub.package_models():
-        raise ValueError(f'{ref!r} is neither a folder nor a model of this package ({", ".join(hub.package_models())}'
+    if ref.split('.', 1)[0] not in package_models():
+        raise ValueError(f'{ref!r} is neither a folder nor a model of this package ({", ".join(package_models())}'
                          f'); give a model name, a converted folder, local-dir:DIR or hf-hub:ORG/NAME.')
     return timm.create_model(ref, pretrained=pretrained, **kwargs), Path('.')
 

@@ -16,10 +16,11 @@ import torch
 import torch.nn as nn
 from timm.models import load_pretrained
 
-from lesa_lit_models._checkpoint import (
-    CheckpointError, DownloadError, UnsafeCheckpointError, load_checkpoint, load_checkpoint_file,
-    resolve_pretrained_weights, strict_filter, unwrap_state_dict, verify_state_dict,
+from lesa_lit_models import (
+    CheckpointError, DownloadError, UnsafeCheckpointError, load_checkpoint, load_checkpoint_file, strict_filter,
+    unwrap_state_dict, verify_state_dict,
 )
+from lesa_lit_models._builder import resolve_pretrained_weights
 from _helpers import CfgNode, EvaluatesCode, OpensAFile, RunsAShellCommand, assert_same_tensors, save_crafted, \
     save_with_module
 
@@ -137,11 +138,10 @@ def tiny_runner(monkeypatch):
 
 @pytest.fixture
 def mmengine_loader(monkeypatch):
-    pytest.importorskip('mmengine')
+    loading = pytest.importorskip('lesa_lit_det.loading')  # the detection extra
     from mmengine.runner.checkpoint import CheckpointLoader
-    from lesa_lit_models._checkpoint import register_mmengine_loader
     monkeypatch.setattr(CheckpointLoader, '_schemes', dict(CheckpointLoader._schemes))  # restored afterwards
-    register_mmengine_loader()
+    loading.register_checkpoint_loader()
     return CheckpointLoader
 
 
@@ -187,7 +187,7 @@ def test_mmengine_config_dict_reads_as_a_dict(tmp_path):
 def test_history_buffer_is_inert_without_mmengine_loaded(tmp_path, tiny_runner):
     import subprocess
     tiny_runner(tmp_path, 1, False).train()
-    code = ('import sys; from lesa_lit_models._checkpoint import load_checkpoint_file, InertObject; '
+    code = ('import sys; from lesa_lit_models import load_checkpoint_file, InertObject; '
             f'c = load_checkpoint_file({str(tmp_path / "epoch_1.pth")!r}); '
             'b = c["message_hub"]["log_scalars"]["train/loss"]; '
             'assert type(b) is InertObject and b._log_history.shape == (2,), b; '
@@ -323,7 +323,7 @@ _LOAD_WITH_OTHERS = """
 import sys, time
 from pathlib import Path
 import torch
-from lesa_lit_models._checkpoint import load_checkpoint, unwrap_state_dict
+from lesa_lit_models import load_checkpoint, unwrap_state_dict
 url, out, *ready = sys.argv[1:]
 Path(out + '.ready').touch()
 while not all(Path(r + '.ready').exists() for r in ready):

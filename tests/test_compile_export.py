@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.export import Dim
 
-from lesa_lit_models.hub import package_models
+from lesa_lit_models import package_models
 from lesa_lit_models.layers.lesa_attention import Lesa
 from lesa_lit_models.layers.lesa_fused import detection_qr_binary
 from lesa_lit_models.lit import LITStage, attend_in_row_bands

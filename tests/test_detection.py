@@ -21,7 +21,7 @@ from lesa_lit_det.convert import convert_coco_checkpoint, load_detector_checkpoi
 from lesa_lit_det.engine import DatasetNotFoundError, adapt_to_device, check_dataset_paths, load_config
 from lesa_lit_det.synthetic import COCO_CATEGORIES, DatasetExistsError, SHAPE_CATEGORIES, SyntheticCocoSpec, \
     make_synthetic_coco
-from lesa_lit_models._checkpoint import CheckpointError
+from lesa_lit_models import CheckpointError
 from mmdet.registry import DATASETS, MODELS
 from mmdet.utils import register_all_modules
 from mmengine.dataset import pseudo_collate
@@ -215,8 +215,8 @@ def test_config_builds_with_no_weights_and_neck_matching_backbone(path, no_netwo
     assert cfg.custom_imports.imports == ['lesa_lit_models', 'lesa_lit_det']
     with torch.device('meta'):  # only channels and strides are read
         model = MODELS.build(cfg.model)
-    assert list(cfg.model.neck.in_channels) == list(model.backbone.channels)
-    assert model.backbone.strides == (4, 8, 16, 32)
+    assert list(cfg.model.neck.in_channels) == model.backbone.body.feature_info.channels()
+    assert model.backbone.body.feature_info.reduction() == [4, 8, 16, 32]
 
 
 @pytest.mark.parametrize('path', PAPER_CONFIGS, ids=lambda p: p.name)
@@ -345,7 +345,7 @@ def test_frozen_stages_and_norm_eval_follow_mmdet(model_name, kwargs, frozen, tr
 def test_out_indices_pick_levels_and_shapes():
     backbone = make_backbone('resnet18', out_indices=(2, 4))
     features = backbone(torch.randn(1, 3, 64, 96))
-    assert backbone.channels == (128, 512) and backbone.strides == (8, 32)
+    assert backbone.body.feature_info.channels() == [128, 512] and backbone.body.feature_info.reduction() == [8, 32]
     assert [f.shape for f in features] == [(1, 128, 8, 12), (1, 512, 2, 3)]
 
 
@@ -362,7 +362,8 @@ def test_an_empty_batch_gives_empty_features(model_name, kwargs, training):
     image = torch.randn(0, 3, 64, 96, requires_grad=training)
     features = backbone(image)
     assert [tuple(f.shape) for f in features] == [
-        (0, c, -(-64 // s), -(-96 // s)) for c, s in zip(backbone.channels, backbone.strides)]
+        (0, c, -(-64 // s), -(-96 // s))
+        for c, s in zip(backbone.body.feature_info.channels(), backbone.body.feature_info.reduction())]
     if training:
         sum(f.sum() for f in features).backward()
         grads = [p.grad for p in backbone.parameters() if p.requires_grad]

@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lesa_lit_det.convert import convert_coco_checkpoint, load_detector_checkpoint
 from lesa_lit_det.engine import load_config
-from lesa_lit_models._checkpoint import CheckpointError, DownloadError, UnsafeCheckpointError
+from lesa_lit_models import CheckpointError, DownloadError, UnsafeCheckpointError
 from _helpers import MASK_RCNN_LIT_TI, OpensAFile, build, make_backbone, pretrained, save_crafted, small_config, \
     upstream_detector, upstream_key
 

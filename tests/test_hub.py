@@ -20,7 +20,7 @@ import safetensors.torch
 import timm
 import torch
 
-import lesa_lit_models.hub  # registers the models; the converter
+import lesa_lit_models.convert  # registers the models; the converter
 from lesa_lit_models.cli import main
 from _helpers import SMALL, assert_same_tensors, small_model
 
@@ -207,7 +207,7 @@ def lit_ti_checkpoint(tmp_path_factory):
 
 def test_push_uploads_the_verified_files(tmp_path, capsys, monkeypatch, hub_token, lit_ti_checkpoint):
     RecordingHfApi.calls = []
-    monkeypatch.setattr(lesa_lit_models.hub, 'HfApi', RecordingHfApi)
+    monkeypatch.setattr(lesa_lit_models.convert, 'HfApi', RecordingHfApi)
     checkpoint, source = lit_ti_checkpoint
     card = tmp_path / 'card.json'
     card.write_text(json.dumps({'citation': '@article{lit2021}', 'details': {'Dataset': 'ImageNet-1k'}}))

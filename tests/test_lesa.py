@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lesa_lit_models  # noqa: F401
-from lesa_lit_models._checkpoint import CheckpointError
+from lesa_lit_models import CheckpointError
 from lesa_lit_models.layers.deform_conv import DeformConv2dPack
 from lesa_lit_models.layers.attn_impl import ATTN_IMPLS
 from lesa_lit_models.layers.lesa_attention import Lesa
@@ -187,7 +187,7 @@ def test_registered_models_and_pretrained_cfgs(name):
         model = timm.create_model(name)
     cfg = model.pretrained_cfg
     assert not cfg.get('hf_hub_id') and not cfg.get('url') and cfg['origin_url'].startswith('https://')  # OneDrive only
-    assert any(n.startswith('Release file: ') and '.pth' in n for n in cfg['notes'])
+    assert '.pth' in timm.get_pretrained_cfg(name).release_file and 'release_file' not in cfg  # not in exports
     assert cfg['paper_ids'] == 'arXiv:2107.05637'
     if name.endswith('_det'):
         assert cfg['tag'] == 'coco'

@@ -23,7 +23,7 @@ pytest.importorskip('onnxscript')
 
 from lesa_lit_models import timm_script  # noqa: E402
 from lesa_lit_models.export import check_onnx, export_onnx, takes_any_size  # noqa: E402
-from lesa_lit_models.hub import package_models  # noqa: E402
+from lesa_lit_models import package_models  # noqa: E402
 from lesa_lit_models.layers.lesa_fused import _relative_bias_attention  # noqa: E402
 from lesa_lit_models.layers.banded_attention import dense_bias_attention  # noqa: E402
 from lesa_lit_models.lit import _offset_bias_attention  # noqa: E402

@@ -15,9 +15,8 @@ import timm
 import torch
 
 import lesa_lit_models  # noqa: F401  (registers the models)
-from lesa_lit_models._checkpoint import CheckpointError, UnsafeCheckpointError
+from lesa_lit_models import CheckpointError, UnsafeCheckpointError, package_models
 from lesa_lit_models.cli import main
-from lesa_lit_models.hub import package_models
 from _helpers import SMALL_LIT, CfgNode, assert_same_tensors, save_crafted, save_with_module, small_model, to_upstream
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,7 +28,7 @@ import timm
 import torch
 from timm.layers import create_feature_extractor, get_channel_dim, get_graph_node_names, get_spatial_dim
 
-from lesa_lit_models.hub import package_models
+from lesa_lit_models import package_models
 from _helpers import SMALL
 
 SIZE = 64

@@ -11,10 +11,11 @@ mmengine's Runner calls before training) from ``init_cfg=dict(type='Pretrained',
 file is read by the package's safe loader (through mmengine's ``CheckpointLoader``), translated by the model
 family's ``checkpoint_filter_fn`` and loaded into the backbone's model by timm's ``load_pretrained``.
 """
-import importlib
 import logging
 import os.path as osp
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+import re
+import sys
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -26,9 +27,8 @@ from timm.layers import LayerNorm2d
 from timm.models import load_pretrained
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lesa_lit_models._checkpoint import CheckpointError, backbone_state_dict, strict_filter, verify_state_dict
-from lesa_lit_models.lesa import LesaResNet, keys_kept_at_init
-from lesa_lit_models.lit import OUTPUT_NORM_KEY, detection_output_norms
+from lesa_lit_models import CheckpointError, backbone_state_dict, strict_filter, verify_state_dict
+from lesa_lit_models import lesa, lit
 
 from .loading import HF_HUB_PREFIX
 
@@ -37,6 +37,27 @@ __all__ = ['TimmBackbone', 'read_checkpoint']
 _logger = logging.getLogger(__name__)
 
 _REMOTE_PREFIXES = ('http://', 'https://', HF_HUB_PREFIX)
+_OUTPUT_NORM_KEY = re.compile(r'^norm(\d+)\.')  # the authors' mmdet backbones name output norms norm<level>.*
+
+
+class _Family(NamedTuple):
+    """What a model family adds to loading weights into the adapter."""
+    # the authors' checkpoint layouts -> the model's state dict (timm's pretrained_filter_fn)
+    checkpoint_filter: Optional[Callable[[Dict[str, Any], nn.Module], Dict[str, torch.Tensor]]] = None
+    # (checkpoint, model) -> keys the checkpoint leaves at their init: their BatchNorms keep training under norm_eval
+    keys_kept_at_init: Callable[[Dict[str, Any], nn.Module], List[str]] = lambda checkpoint, model: []
+
+
+_FAMILIES = {
+    lesa.LesaResNet: _Family(lesa.checkpoint_filter_fn, lesa.keys_kept_at_init),
+    lit.LIT: _Family(lit.checkpoint_filter_fn),
+}
+
+
+def _family(model: nn.Module) -> _Family:
+    """The hooks of ``model``'s family; other timm models get their model file's ``checkpoint_filter_fn``, if any."""
+    model_file = sys.modules[type(model).__module__]
+    return _FAMILIES.get(type(model)) or _Family(getattr(model_file, 'checkpoint_filter_fn', None))
 
 
 @MODELS.register_module()
@@ -54,7 +75,8 @@ class TimmBackbone(BaseModule):
             a COCO backbone starts from the classification weights, see
             :func:`~lesa_lit_models.lesa.keys_kept_at_init`) keep training, so that their statistics get estimated.
         out_norms: feature levels (values of ``out_indices``) followed by a channel LayerNorm (eps 1e-5), e.g.
-            ``(1, 2, 3)`` for LIT-S's COCO backbone. Their weights are ``out_norms.<level>.*``.
+            ``(1, 2, 3)`` for LIT-S's COCO backbone. Their weights are ``out_norms.<level>.*``, loaded from the
+            authors' ``norm<level>.*``.
         with_cp: gradient checkpointing as the model defines it (LESA: unary and binary terms; LIT: blocks).
         init_cfg: None (timm's random init) or ``dict(type='Pretrained', checkpoint=...)``: a path, an http(s)
             URL or ``hf-hub:ORG/NAME`` of an ImageNet checkpoint (the authors' release or a converted file), an
@@ -106,15 +128,6 @@ class TimmBackbone(BaseModule):
         self._frozen_modules = self._find_frozen_modules()
         self._freeze()
 
-    @property
-    def channels(self) -> Tuple[int, ...]:
-        """Channels of each output, in order: the neck's ``in_channels``."""
-        return tuple(self.body.feature_info.channels())
-
-    @property
-    def strides(self) -> Tuple[int, ...]:
-        return tuple(self.body.feature_info.reduction())
-
     def init_weights(self):
         """Load the ``init_cfg`` checkpoint (timm already initialised every weight when the model was built)."""
         if self.init_cfg is not None and not self._is_init:
@@ -127,6 +140,7 @@ class TimmBackbone(BaseModule):
         messages. Notes the BatchNorms whose statistics the checkpoint does not provide (see ``norm_eval``)."""
         state_dict = backbone_state_dict(checkpoint)
         model = self.body.model
+        family = _family(model)
         if any(k.startswith('body.') for k in state_dict):
             try:
                 verify_state_dict(state_dict, self)
@@ -138,12 +152,12 @@ class TimmBackbone(BaseModule):
             try:
                 load_pretrained(model, dict(model.pretrained_cfg, source='', state_dict=state_dict), num_classes=0,
                                 in_chans=self._model_kwargs.get('in_chans', 3),
-                                filter_fn=strict_filter(self._checkpoint_filter(model)))
+                                filter_fn=strict_filter(self._checkpoint_filter(family.checkpoint_filter)))
             except CheckpointError as e:
                 raise CheckpointError(f'{source} does not fit backbone {self.model_name!r}: {e}') from e
             if self.out_norms:
                 self._load_out_norms(state_dict, source)
-            kept_at_init = keys_kept_at_init(state_dict, model) if isinstance(model, LesaResNet) else []
+            kept_at_init = family.keys_kept_at_init(state_dict, model)
         self._untrained_norms = [model.get_submodule(k.rsplit('.', 1)[0]) for k in kept_at_init
                                  if k.endswith('.running_mean')]
         if self._untrained_norms:
@@ -152,10 +166,9 @@ class TimmBackbone(BaseModule):
         _logger.info(f'Loaded the {self.model_name} backbone from {source}.')
         self.train(self.training)
 
-    def _checkpoint_filter(self, model: nn.Module) -> Callable:
-        """The family's ``checkpoint_filter_fn`` (timm's convention: a function of the model's module), then the
-        keys of what the feature extractor pruned are dropped."""
-        family_filter = getattr(importlib.import_module(type(model).__module__), 'checkpoint_filter_fn', None)
+    def _checkpoint_filter(self, family_filter: Optional[Callable]) -> Callable:
+        """The family's ``checkpoint_filter_fn``, then the keys of what the feature extractor pruned are dropped."""
+        model = self.body.model
         pruned_stages = tuple(f'{info["module"]}.' for info in model.feature_info[max(self.body.out_indices) + 1:])
 
         def filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -167,9 +180,9 @@ class TimmBackbone(BaseModule):
     def _load_out_norms(self, state_dict: Dict[str, torch.Tensor], source: str):
         """Output norms ``out_norms.<level>.*`` from the authors' ``norm<level>.*`` (LIT-S's COCO backbone)."""
         state = {}
-        for k, v in detection_output_norms(state_dict).items():
-            level = OUTPUT_NORM_KEY.match(k)
-            if level[1] in self.out_norms:
+        for k, v in state_dict.items():
+            level = _OUTPUT_NORM_KEY.match(k)
+            if level and level[1] in self.out_norms:
                 state[f'{level[1]}.{k[level.end():]}'] = v
         if not state:
             _logger.info(f'{source} has no output norms for levels {list(self.out_norms)}: they start as identity.')

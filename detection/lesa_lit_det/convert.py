@@ -18,7 +18,7 @@ from mmdet.registry import MODELS
 from mmdet.utils import register_all_modules
 from mmengine.model import is_model_wrapper
 
-from lesa_lit_models._checkpoint import CheckpointError, unwrap_state_dict, verify_state_dict
+from lesa_lit_models import CheckpointError, unwrap_state_dict, verify_state_dict
 
 from .backbone import TimmBackbone, read_checkpoint
 from .engine import load_config

@@ -14,7 +14,7 @@ import json
 import sys
 
 from lesa_lit_det.convert import convert_coco_checkpoint
-from lesa_lit_models._checkpoint import CheckpointError
+from lesa_lit_models import CheckpointError
 from mmengine.config import DictAction
 
 

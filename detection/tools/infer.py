@@ -21,7 +21,7 @@ import sys
 
 from lesa_lit_det.engine import load_config
 from lesa_lit_det.inference import DetectorInferencer
-from lesa_lit_models._checkpoint import CheckpointError
+from lesa_lit_models import CheckpointError
 from mmengine.config import DictAction
 
 

@@ -17,7 +17,7 @@ import sys
 from lesa_lit_det.convert import load_detector_checkpoint
 from lesa_lit_det.engine import DatasetNotFoundError, add_common_args, build_runner, check_image_files, \
     load_run_config, parse_common_args, set_format_only, use_test_dev
-from lesa_lit_models._checkpoint import CheckpointError
+from lesa_lit_models import CheckpointError
 
 
 def parse_args(argv=None):

@@ -12,7 +12,7 @@ import sys
 
 from lesa_lit_det.engine import DatasetNotFoundError, add_common_args, build_runner, load_run_config, \
     parse_common_args
-from lesa_lit_models._checkpoint import CheckpointError
+from lesa_lit_models import CheckpointError
 
 
 def parse_args(argv=None):

@@ -28,13 +28,13 @@ import torch.nn as nn
 from huggingface_hub import HfApi
 from timm.models import get_model_input_config, save_for_hf
 
-from ._checkpoint import download_cached, is_url
+from . import download_cached, is_url, package_models
 from ._timm import generate_readme
 
 __all__ = [
-    'ConversionError', 'HubError', 'ExportedFile', 'ConversionResult', 'EXPORT_FILES', 'package_models',
-    'build_from_checkpoint', 'make_model_card', 'prepare_output_dir', 'save_converted', 'verify_export',
-    'check_hub_access', 'push_converted', 'convert', 'sha256sum',
+    'ConversionError', 'HubError', 'ExportedFile', 'ConversionResult', 'EXPORT_FILES', 'build_from_checkpoint',
+    'make_model_card', 'prepare_output_dir', 'save_converted', 'verify_export', 'check_hub_access', 'push_converted',
+    'convert', 'sha256sum',
 ]
 
 EXPORT_FILES = ('model.safetensors', 'config.json', 'README.md')
@@ -78,17 +78,12 @@ def sha256sum(path: os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def package_models() -> List[str]:
-    """Names of the timm models registered by this package (their checkpoint filters validate every key)."""
-    return [n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__.startswith(__package__ + '.')]
-
-
 def build_from_checkpoint(model_name: str, checkpoint: os.PathLike, **model_kwargs: Any) -> nn.Module:
     """Build ``model_name`` in eval mode with the weights of an original (or timm-format) checkpoint file.
 
     Raises:
         ConversionError: unknown model name, or kwargs the model does not accept.
-        lesa_lit_models._checkpoint.CheckpointError: unreadable file, or a checkpoint of another architecture.
+        lesa_lit_models.CheckpointError: unreadable file, or a checkpoint of another architecture.
     """
     if model_name.split('.', 1)[0] not in package_models():
         raise ConversionError(
