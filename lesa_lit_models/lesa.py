@@ -3,13 +3,6 @@
 Paper: `Locally Enhanced Self-Attention: Combining Self-Attention and Convolution as Local and Context Terms`
     - https://arxiv.org/abs/2107.05637
 
-@article{yang2021locally,
-  title={Locally Enhanced Self-Attention: Rethinking Self-Attention as Local and Context Terms},
-  author={Yang, Chenglin and Qiao, Siyuan and Kortylewski, Adam and Yuille, Alan},
-  journal={arXiv preprint arXiv:2107.05637},
-  year={2021}
-}
-
 Rebuilt from the authors' ImageNet (https://github.com/Chenglin-Yang/LESA_classification) and COCO
 (https://github.com/Chenglin-Yang/LESA_detection, an mmdetection 2.x fork) code; the mmcv parts use
 ``torchvision.ops.deform_conv2d``. Parameter names are the authors' (torchvision ResNet names plus those of
@@ -27,7 +20,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, calculate_drop_path_rates, create_classifier, get_device_dtype, to_2tuple
 from timm.models import generate_default_cfgs, register_model
 
-from ._checkpoint import backbone_state_dict, build_model_with_weights, release_file_note
+from ._builder import ReleasePretrainedCfg, build_model_with_weights
+from ._state_dict import backbone_state_dict
 from ._timm import feature_take_indices
 from .layers.attn_impl import set_attn_impl
 from .layers.deform_conv import DeformConv2dPack
@@ -437,7 +431,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LesaResNet) -> Dict[
       (:func:`~lesa_lit_models.layers.lesa_rel_pos.resample_rel_table`) when ``img_size`` differs.
 
     A checkpoint without the ``fc`` classifier (a COCO backbone) keeps the model's own, as LIT's filter does.
-    Loading through timm checks the result strictly (:func:`~lesa_lit_models._checkpoint.strict_filter`).
+    Loading through timm checks the result strictly (:func:`~lesa_lit_models.strict_filter`).
     """
     state_dict = {k: v for k, v in backbone_state_dict(state_dict).items() if not k.endswith('.flatten_index')}
     model_sd = model.state_dict()
@@ -470,16 +464,16 @@ _PAPER = dict(
 )
 
 
-def _cfg(**kwargs) -> Dict[str, Any]:
-    return {
+def _cfg(**kwargs) -> ReleasePretrainedCfg:
+    return ReleasePretrainedCfg(**{
         'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (14, 14),
         'fixed_input_size': True, 'crop_pct': 0.875, 'interpolation': 'bilinear',
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD, 'first_conv': 'conv1', 'classifier': 'fc',
         **_PAPER, **kwargs,
-    }
+    })
 
 
-def _det_cfg(img_size: int, **kwargs) -> Dict[str, Any]:
+def _det_cfg(img_size: int, **kwargs) -> ReleasePretrainedCfg:
     return _cfg(
         num_classes=0, input_size=(3, img_size, img_size), pool_size=(img_size // 32, img_size // 32),
         fixed_input_size=False, crop_pct=1.0, license='apache-2.0', **kwargs,
@@ -489,36 +483,36 @@ def _det_cfg(img_size: int, **kwargs) -> Dict[str, Any]:
 _ONEDRIVE = 'https://livejohnshopkins-my.sharepoint.com/:f:/g/personal/cyang76_jh_edu/'
 
 # The authors' weights are OneDrive folders (no direct download): no url / hf_hub_id; pretrained=True without a
-# file stops with the instructions in the 'Release file' note.
+# file stops, naming the origin_url folder and the release_file in it.
 default_cfgs = generate_default_cfgs({
     'lesa_resnet50.in1k': _cfg(
         origin_url=_ONEDRIVE + 'EnO2WCZcRwJJh1YsdHEZXOMBueC6q0baT4kWl_sI5SqjFQ?e=Wh9uWt',
-        notes=('ImageNet-1k top-1 79.55, top-5 94.79 at 224 (authors\' numbers).',
-               release_file_note('checkpoint.pth in the lesa_resnet50 folder of the LESA_classification README\'s '
-                                 '"Download" link (a OneDrive folder, no direct download).')),
+        notes=('ImageNet-1k top-1 79.55, top-5 94.79 at 224 (authors\' numbers).',),
+        release_file=('checkpoint.pth in the lesa_resnet50 folder of the LESA_classification README\'s '
+                      '"Download" link (a OneDrive folder, no direct download).'),
     ),
     'lesa_wrn50.in1k': _cfg(
         origin_url=_ONEDRIVE + 'EgHuW1XQefNNkLCkRE1Ag4UBA96d7lBasZ4esEh3Re1mXA?e=jU72GG',
-        notes=('ImageNet-1k top-1 80.18, top-5 95.07 at 224 (authors\' numbers).',
-               release_file_note('checkpoint.pth in the lesa_wrn50 folder of the LESA_classification README\'s '
-                                 '"Download" link (a OneDrive folder, no direct download).')),
+        notes=('ImageNet-1k top-1 80.18, top-5 95.07 at 224 (authors\' numbers).',),
+        release_file=('checkpoint.pth in the lesa_wrn50 folder of the LESA_classification README\'s '
+                      '"Download" link (a OneDrive folder, no direct download).'),
     ),
     'lesa_resnet50_det.coco': _det_cfg(
         1024,
         origin_url=_ONEDRIVE + 'Egpo87VmMmlEg0jY_KHYAJsBS7EFDJ4YxJ2zhkTxcJCzWg?e=SGSKmx',
         notes=('Backbone of the authors\' Mask R-CNN (FPN, 1024x1024, 20 epochs): COCO val box AP 44.0, mask AP '
-               '39.2; test-dev box AP 44.2, mask AP 39.6 (authors\' numbers).',
-               release_file_note('epoch_20.pth (the whole mmdet 2.x detector; its backbone.* keys are used) in the '
-                                 'Mask-RCNN "Model" folder of the LESA_detection README (OneDrive, no direct '
-                                 'download).')),
+               '39.2; test-dev box AP 44.2, mask AP 39.6 (authors\' numbers).',),
+        release_file=('epoch_20.pth (the whole mmdet 2.x detector; its backbone.* keys are used) in the '
+                      'Mask-RCNN "Model" folder of the LESA_detection README (OneDrive, no direct '
+                      'download).'),
     ),
     'lesa_wrn50_det.coco': _det_cfg(
         1280,
         origin_url=_ONEDRIVE + 'EmSPz8ToSK5GuYyWELj3Y0QBwP3Q_Jd4FhK1WDvf2FuADw?e=xRsbl5',
         notes=('Backbone of the authors\' HTC (FPN, semantic branch, 1280x1280, 20 epochs): COCO val box AP 50.1, '
-               'mask AP 43.9; test-dev box AP 50.5, mask AP 44.4 (authors\' numbers).',
-               release_file_note('epoch_20.pth (the whole mmdet 2.x detector; its backbone.* keys are used) in the '
-                                 'HTC "Model" folder of the LESA_detection README (OneDrive, no direct download).')),
+               'mask AP 43.9; test-dev box AP 50.5, mask AP 44.4 (authors\' numbers).',),
+        release_file=('epoch_20.pth (the whole mmdet 2.x detector; its backbone.* keys are used) in the '
+                      'HTC "Model" folder of the LESA_detection README (OneDrive, no direct download).'),
     ),
 })
 

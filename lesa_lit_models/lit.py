@@ -28,7 +28,8 @@ from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, ge
     register_notrace_function, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import checkpoint as grad_checkpoint, generate_default_cfgs, register_model
 
-from ._checkpoint import backbone_state_dict, build_model_with_weights
+from ._builder import build_model_with_weights
+from ._state_dict import backbone_state_dict
 from ._timm import feature_take_indices
 from .layers.deform_merge import DeformableTokenMerging
 from .layers.attn_impl import check_attn_impl, set_attn_impl
@@ -36,7 +37,7 @@ from .layers.banded_attention import banded_bias_attention, banded_bias_attentio
 from .layers.rel_pos import bias_from_grid, bias_rows_keys_reversed, bias_rows_keys_reversed_vjp, bias_table_size, \
     relative_position_bias_grid, resample_bias_table
 
-__all__ = ['LIT', 'checkpoint_filter_fn', 'detection_output_norms', 'OUTPUT_NORM_KEY']
+__all__ = ['LIT', 'checkpoint_filter_fn', 'OUTPUT_NORM_KEY']
 
 _logger = logging.getLogger(__name__)
 
@@ -604,16 +605,6 @@ def _rename(key: str, renames) -> str:
     return key
 
 
-def detection_output_norms(checkpoint: Any) -> Dict[str, torch.Tensor]:
-    """The output LayerNorms (``norm1.*``, ``norm2.*``, ``norm3.*``) of the authors' LIT-S COCO backbone.
-
-    They normalise detection outputs 2-4 and are not part of the timm model: :func:`checkpoint_filter_fn` drops
-    them, and the detection adapter loads them from the same checkpoint with this function (keys unprefixed, as
-    matched by ``OUTPUT_NORM_KEY``, whose group is the output level).
-    """
-    return {k: v for k, v in backbone_state_dict(checkpoint).items() if OUTPUT_NORM_KEY.match(k)}
-
-
 def _square_side(num_positions: int) -> Optional[int]:
     side = math.isqrt(num_positions)
     return side if side * side == num_positions else None
@@ -632,8 +623,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LIT) -> Dict[str, to
     Accepts the authors' classification checkpoints (LIT-Ti flat ``patch_embed1..4/pos_embed1..4/block1..4``
     layout, LIT-S/M/B ``layers.*`` layout; bare or under ``'model'``), their mmdet COCO checkpoints
     (``state_dict`` with ``backbone.*``; neck and heads are ignored) and already converted timm state dicts.
-    Drops the rebuilt ``relative_position_index`` buffers and the detection output norms (see
-    :func:`detection_output_norms`), resamples bias tables (bicubic) and position embeddings (bilinear) whose
+    Drops the rebuilt ``relative_position_index`` buffers and the detection output norms (the detection adapter's
+    ``out_norms``), resamples bias tables (bicubic) and position embeddings (bilinear) whose
     grid differs from the model's, and keeps the model's own class token / final norm / classifier when the
     checkpoint is a detection backbone without them.
     """
