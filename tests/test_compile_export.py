@@ -81,12 +81,16 @@ def _set_model_checkpointing(model: nn.Module, enable: bool):
             m.grad_checkpointing = enable
 
 
-# Each family as a classifier and as features through aot_eager (dynamo + AOTAutograd: the graphs inductor would
-# compile, run by eager kernels); on CUDA the features through inductor (Triton kernels). The full-size compile
-# matrix is in benchmarks (python -m benchmarks.run --compile).
+# Each model through aot_eager (dynamo + AOTAutograd: the graphs inductor would compile, run by eager kernels) as a
+# classifier and as features; on CUDA the features through inductor (Triton kernels). The two cases whose code the
+# others already trace (the LESA detection backbone's pooled output, LIT-S's head) are exhaustive. The full-size
+# compile matrix is in benchmarks (python -m benchmarks.run --compile).
+_TRACED_ELSEWHERE = {('lesa_resnet50_det', False), ('lit_s', False)}
+
+
 def _compile_case(name: str, features_only: bool, device: str = 'cpu'):
     backend = 'inductor' if device == 'cuda' else 'aot_eager'
-    marks = [pytest.mark.slow]
+    marks = [pytest.mark.exhaustive if (name, features_only) in _TRACED_ELSEWHERE else pytest.mark.slow]
     if device == 'cuda':
         marks.append(pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device'))
     return pytest.param(name, features_only, backend, device, marks=marks,
