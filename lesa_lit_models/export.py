@@ -1,14 +1,14 @@
 """ONNX export of the package's models, checked with onnxruntime (the ``lesa-lit-export`` command).
 
 ``torch.onnx.export(model, (x,), f, dynamo=True, dynamic_shapes=...)`` works on every model of the package as it
-is: the banded attention records its dense form in standard ops while exporting
+is: the banded attention records its bands in standard ops while exporting
 (:mod:`lesa_lit_models.layers.banded_attention`) and the deformable convolution is ``GridSample`` + ``MatMul``. This
 module adds what a deployment wants on top: a dynamic batch and, where the model takes any size, a dynamic height
 and width in multiples of 32; one self-contained ``model.onnx``; and a check of the file with onnxruntime against
 eager PyTorch, judged against the model's own float32 rounding (eager float32 against eager float64 on the same
 input), since a random deep network amplifies rounding far beyond 1e-6.
 
-onnx, onnxruntime and onnxscript are the ``onnx`` extra (``pip install 'lesa-lit-models[onnx]'``), imported only
+onnx, onnxruntime and onnxscript are the ``onnx`` extra (``pip install -e '.[onnx]'`` in a clone), imported only
 here and only when used.
 """
 import argparse

@@ -144,7 +144,9 @@ def test_compile_suite_pairs_every_model_eager_and_compiled_with_the_compile_tim
     ort = by_title['lit_s 800x1344 fwd: onnxruntime vs eager']
     assert ort.slow == replace(ort.fast, onnxruntime=False) and ort.slow.detection
 
+    # onnxruntime against eager by the resident-size rise of their runs, the one measure taken alike for both
     results = {c.key: {'status': 'ok', 'peak_bytes': 2 ** 30, 'img_per_s': 2. if c.eager else 3., 'params_m': 25.,
+                       'runs_rss_rise_bytes': 2 ** 28 if c.onnxruntime else 2 ** 29,
                        **({'compile_s': 42.} if c.compiled else {}), **({'export_s': 7.} if c.onnxruntime else {})}
                for c in cases}
     meta = {'command': 'python -m benchmarks.run --compile', 'date': 'today', 'commit': 'abc1234', 'mem_limit_gb': 12.,
@@ -156,7 +158,7 @@ def test_compile_suite_pairs_every_model_eager_and_compiled_with_the_compile_tim
     assert '| comparison | memory ratio | speed ratio | compile / export (s) |\n|---|---|---|---|\n' in md
     assert '| lesa_resnet50_det 1024x1024 fwd+bwd: compiled vs eager | 1.00x | 1.50x | 42 |' in md
     assert '| lesa_resnet50_det | 1024x1024 | default +compile |' in md
-    assert '| lit_s 800x1344 fwd: onnxruntime vs eager | 1.00x | 1.50x | 7 |' in md
+    assert '| lit_s 800x1344 fwd: onnxruntime vs eager | 2.00x | 1.50x | 7 |' in md
 
 
 def _fake_results(cases, oom_keys=()):
@@ -239,8 +241,9 @@ def test_quick_run_writes_table_json_and_chart(tmp_path):
     param_bytes = results['fwd']['params_m'] * 1e6 * 4
     for r in results.values():
         assert r['img_per_s'] > 0 and r['peak_bytes'] > r['resident_bytes'] > param_bytes
-    # training holds the gradients on top of the weights
+    # training holds the gradients on top of the weights, which were resident before the runs
     assert results['fwd+bwd']['peak_bytes'] > results['fwd']['peak_bytes'] + param_bytes
+    assert results['fwd+bwd']['runs_rss_rise_bytes'] > param_bytes > results['fwd']['runs_rss_rise_bytes'] > 0
     md = (out / 'results.md').read_text()
     assert '| resnet50 | 64x64 | 25.6 |' in md and doc['commit'] in md and doc['date'] in md
     assert '(flags: ' in doc['device']['description'] and doc['device']['description'] in md

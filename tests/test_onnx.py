@@ -25,7 +25,7 @@ from lesa_lit_models import timm_script  # noqa: E402
 from lesa_lit_models.export import check_onnx, export_onnx, takes_any_size  # noqa: E402
 from lesa_lit_models import package_models  # noqa: E402
 from lesa_lit_models.layers.lesa_fused import _relative_bias_attention  # noqa: E402
-from lesa_lit_models.layers.banded_attention import dense_bias_attention  # noqa: E402
+from lesa_lit_models.layers.banded_attention import exported_bias_attention  # noqa: E402
 from lesa_lit_models.lit import _offset_bias_attention  # noqa: E402
 from _helpers import SIZE, SMALL, TRACED, as_list, calibrate_batchnorms, small_model  # noqa: E402
 
@@ -81,10 +81,10 @@ def test_onnxruntime_matches_eager_within_the_models_own_rounding(name, features
 
 
 @pytest.mark.parametrize('op', [_relative_bias_attention, _offset_bias_attention], ids=['lesa', 'lit'])
-def test_dense_form_of_the_banded_attention_equals_the_operator(op):
-    """What an ONNX export records (all queries in one band, plain matmul / softmax) equals the operator's bands, in
-    float64, with the operator's output layout."""
-    grid, groups, dim = (5, 3), 2, 4
+def test_exported_form_of_the_banded_attention_equals_the_operator(op):
+    """What an ONNX export records (plain matmul / softmax in bands of rows: all rows in one, or three bands of
+    unequal size) equals the operator, in float64, with the operator's output layout."""
+    grid, groups, dim = (7, 3), 2, 4
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, groups, grid[0] * grid[1], dim, dtype=torch.float64, generator=gen) for _ in range(3))
     if op is _relative_bias_attention:
@@ -93,11 +93,14 @@ def test_dense_form_of_the_banded_attention_equals_the_operator(op):
     else:
         query_bias = None
         shared_bias = torch.randn(groups, 2 * grid[0] - 1, 2 * grid[1] - 1, dtype=torch.float64, generator=gen)
+    row_logits = q.shape[0] * groups * grid[1] * q.shape[2]
     for out_transposed in (False, True):
-        want = op(q, k, v, query_bias, shared_bias, list(grid), groups * 2 * grid[1] * q.shape[2], .5, out_transposed)
-        got = dense_bias_attention(op.bias_fn, q, k, v, query_bias, shared_bias, grid, .5, out_transposed)
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-        assert got.stride() == want.stride()
+        want = op(q, k, v, query_bias, shared_bias, list(grid), 2 * row_logits, .5, out_transposed)
+        for max_logits in (grid[0] * row_logits, 2 * row_logits):
+            got = exported_bias_attention(op.bias_fn, q, k, v, query_bias, shared_bias, grid, max_logits, .5,
+                                          out_transposed)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+            assert got.stride() == want.stride()
 
 
 @pytest.mark.slow

@@ -1,14 +1,15 @@
 """Exact attention with a trained additive bias, one band of query rows at a time, keeping no tokens x tokens tensor.
 
 Each bias family (LESA's relative logits, LIT's offset grid) is one custom operator, forward and backward; while
-``torch.onnx.export`` traces, the same function is recorded densely in standard ops. Derivation: docs/attention.md §1.
+``torch.onnx.export`` traces, the same function is recorded in standard ops, band after band. Derivation: docs/attention.md §1.
 """
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['banded_bias_attention', 'banded_bias_attention_op', 'default_max_chunk_logits', 'dense_bias_attention']
+__all__ = ['banded_bias_attention', 'banded_bias_attention_op', 'default_max_chunk_logits',
+           'exported_bias_attention']
 
 
 def default_max_chunk_logits(device: torch.device) -> int:
@@ -62,7 +63,7 @@ def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def _band_rows(query_bias: Optional[torch.Tensor], start: int, stop: int) -> Optional[torch.Tensor]:
-    return query_bias[..., start:stop, :] if query_bias is not None else None
+    return query_bias.narrow(-2, start, stop - start) if query_bias is not None else None
 
 
 def _new_output(q: torch.Tensor, v: torch.Tensor, out_transposed: bool) -> torch.Tensor:
@@ -117,11 +118,34 @@ def _banded_backward(bias_fn: BiasFn, bias_vjp: BiasVjp, grad_out, q, k, v, out,
     return [grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), grad_query_bias, grad_shared_bias.to(q.dtype)]
 
 
-def dense_bias_attention(bias_fn: BiasFn, q, k, v, query_bias, shared_bias, grid: Sequence[int], scale: float,
-                         out_transposed: bool) -> torch.Tensor:
-    """The operator's function in one band, in plain ``matmul`` / ``softmax``: what an ONNX export records."""
-    bias = bias_fn(query_bias, shared_bias, 0, q.shape[-2], grid)
-    out = torch.matmul(q, k.transpose(-1, -2)).mul(scale).add(bias).softmax(-1).matmul(v)
+def _traced_value(size) -> int:
+    """A size as it is in the example being traced (no guard on a symbolic one), or the size itself."""
+    return int(size.node.hint) if isinstance(size, torch.SymInt) else size
+
+
+def _export_bands(q: torch.Tensor, k: torch.Tensor, grid: Sequence[int], max_logits: Optional[int]) -> List[Tuple]:
+    """Query ranges of whole grid rows for an exported graph: about as many bands as eager takes at the traced
+    example's size, each a fixed share of the rows, so that the graph is fixed and its bands follow a symbolic grid.
+    Each band has at least two rows in the example: the exporter would fix a size of one."""
+    height, width = grid
+    example = [_traced_value(size) for size in (q.shape[0] * q.shape[1], width, k.shape[-2], height)]
+    max_logits = max_logits or default_max_chunk_logits(q.device)
+    rows_per_band = max(2, max_logits // max(1, example[0] * example[1] * example[2]))
+    count = max(1, min(-(-example[3] // rows_per_band), example[3] // 2))
+    bounds = [band * height // count * width for band in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def exported_bias_attention(bias_fn: BiasFn, q, k, v, query_bias, shared_bias, grid: Sequence[int],
+                            max_logits: Optional[int], scale: float, out_transposed: bool) -> torch.Tensor:
+    """The operator's function in plain ``matmul`` / ``softmax``, one band of rows after the other: what an ONNX
+    export records (a runtime then keeps one band's logits at a time)."""
+    k_t = k.transpose(-1, -2)
+    bands = []
+    for start, stop in _export_bands(q, k, grid, max_logits):
+        bias = bias_fn(_band_rows(query_bias, start, stop), shared_bias, start, stop, grid)
+        bands.append(torch.matmul(q.narrow(-2, start, stop - start), k_t).mul(scale).add(bias).softmax(-1).matmul(v))
+    out = torch.cat(bands, dim=-2) if len(bands) > 1 else bands[0]
     return out.transpose(-1, -2).contiguous().transpose(-1, -2) if out_transposed else out
 
 
@@ -165,7 +189,7 @@ def banded_bias_attention_op(name: str, bias_fn: BiasFn, bias_vjp: BiasVjp) -> C
                 grad_shared_bias if shared_bias is not None else None, None, None, None, None)
 
     attend.register_autograd(backward, setup_context=setup_context)
-    attend.bias_fn = bias_fn  # for the dense ONNX form (dense_bias_attention)
+    attend.bias_fn = bias_fn  # for the ONNX form (exported_bias_attention)
     return attend
 
 
@@ -202,5 +226,5 @@ def banded_bias_attention(
     tensors = tuple(t.to(dtype) if t is not None else None for t in (q, k, v, query_bias, shared_bias))
     with torch.autocast(device_type, enabled=False):
         if torch.onnx.is_in_onnx_export():
-            return dense_bias_attention(op.bias_fn, *tensors, grid, scale, out_transposed)
+            return exported_bias_attention(op.bias_fn, *tensors, grid, max_logits, scale, out_transposed)
         return op(*tensors, list(grid), max_logits, scale, out_transposed)

@@ -160,8 +160,8 @@ def _relative_bias(query_rel: torch.Tensor, tables: torch.Tensor, start: int, st
     """Bias of the queries ``[start, stop)`` (whole rows of the grid) against every key: the 2-D relative logits of
     their scaled queries ``query_rel[..., :-1]`` plus the logit shift ``query_rel[..., -1:]``."""
     height_table, width_table = _split_tables(tables, grid)
-    rows = slice(start // grid[1], stop // grid[1])
-    rh, rw = relative_logits_of_rows(query_rel[..., :-1], height_table[rows], width_table)
+    band_table = height_table.narrow(0, start // grid[1], (stop - start) // grid[1])  # sizes exact when symbolic
+    rh, rw = relative_logits_of_rows(query_rel[..., :-1], band_table, width_table)
     return expand_relative_logits(rh + query_rel[..., -1:], rw)
 
 
