@@ -74,8 +74,8 @@ class Case:
     ``bf16`` runs the model under ``torch.autocast(dtype=torch.bfloat16)`` (mixed precision, as the LIT detector
     configs train on GPU); otherwise fp32.
     ``compiled`` runs ``torch.compile(model)`` (inductor); its first call, the compilation, is timed apart.
-    ``onnxruntime`` (forward, CPU) exports the model to ONNX (dynamic batch, height and width) and runs the file with
-    onnxruntime's CPU provider, with as many intra-op threads as torch has; the export is timed apart.
+    ``onnxruntime`` / ``openvino`` (forward, CPU) export the model to ONNX (dynamic batch, height and width) and run
+    the file with that runtime on the CPU, with as many intra-op threads as torch has; the export is timed apart.
     """
     model: str
     img_size: Tuple[int, int]
@@ -89,6 +89,7 @@ class Case:
     bf16: bool = False
     compiled: bool = False
     onnxruntime: bool = False
+    openvino: bool = False
     warmup: int = 1
     iters: int = 3
 
@@ -97,8 +98,9 @@ class Case:
             raise ValueError(f'Unknown mode {self.mode!r}; use one of {MODES}.')
         if self.warmup < 1 or self.iters < 1:
             raise ValueError('A case needs at least one warm-up and one timed iteration.')
-        if self.onnxruntime and (self.mode != 'fwd' or self.compiled or self.bf16):
-            raise ValueError('An onnxruntime case is an fp32 forward of the exported model (not compiled).')
+        if self.runtime and (self.mode != 'fwd' or self.compiled or self.bf16 or self.onnxruntime + self.openvino > 1):
+            raise ValueError('An onnxruntime or openvino case is an fp32 forward of the exported model in one runtime '
+                             '(not compiled).')
 
     @classmethod
     def from_dict(cls, d: Dict) -> 'Case':
@@ -111,14 +113,19 @@ class Case:
 
     @property
     def setting(self) -> Tuple:
-        """Everything but the mode and the iteration counts: one table row. The runtime (compiled, onnxruntime)
-        comes last."""
+        """Everything but the mode and the iteration counts: one table row. The runtime (compiled, onnxruntime,
+        openvino) comes last."""
         return (self.model, self.img_size, self.batch_size, self.attn_impl, self.grad_checkpointing, self.frozen_stages,
-                self.detection, self.bf16, self.compiled, self.onnxruntime)
+                self.detection, self.bf16, self.compiled, self.onnxruntime, self.openvino)
+
+    @property
+    def runtime(self) -> Optional[str]:
+        """The runtime an exported case runs in (``'onnxruntime'``, ``'openvino'``), None for PyTorch."""
+        return 'onnxruntime' if self.onnxruntime else 'openvino' if self.openvino else None
 
     @property
     def eager(self) -> bool:
-        return not (self.compiled or self.onnxruntime)
+        return not (self.compiled or self.runtime)
 
     @property
     def key(self) -> str:
@@ -134,8 +141,8 @@ class Case:
             parts.append('bf16')
         if self.compiled:
             parts.append('compiled')
-        if self.onnxruntime:
-            parts.append('onnxruntime')
+        if self.runtime:
+            parts.append(self.runtime)
         return '-'.join(parts)
 
     @property
@@ -143,7 +150,7 @@ class Case:
         """How the case differs from the plain fp32 one: `` +ckpt``, `` +frozen_stages=N``, `` +bf16``."""
         return (' +ckpt' if self.grad_checkpointing else '') + (
             f' +frozen_stages={self.frozen_stages}' if self.frozen_stages else '') + (' +bf16' if self.bf16 else '') + (
-            ' +compile' if self.compiled else '') + (' +onnxruntime' if self.onnxruntime else '')
+            ' +compile' if self.compiled else '') + (f' +{self.runtime}' if self.runtime else '')
 
 
 @dataclass(frozen=True)
@@ -233,7 +240,7 @@ def suite(quick: bool = False, device: str = 'cpu') -> List[Case]:
 def compile_suite(quick: bool = False, device: str = 'cpu') -> List[Case]:
     """Eager and ``torch.compile``-d pairs: the classifiers at 224 (batch 4) and the detection backbones at their
     detection sizes (batch 1, as in :func:`suite`), fwd and fwd+bwd, default attention, no checkpointing; on the CPU
-    also the detection backbones' forward exported to ONNX and run by onnxruntime."""
+    also the detection backbones' forward exported to ONNX and run by onnxruntime and by OpenVINO."""
     if quick:
         eager = [
             *[Case('lit_ti', (64, 64), mode, warmup=1, iters=1) for mode in MODES],
@@ -253,20 +260,20 @@ def compile_suite(quick: bool = False, device: str = 'cpu') -> List[Case]:
         ]
         if device.startswith('cuda'):
             eager = [replace(c, warmup=3, iters=10) for c in eager]
-    onnx = [replace(e, onnxruntime=True) for e in eager
-            if e.detection and e.mode == 'fwd' and not device.startswith('cuda')]
+    onnx = [replace(e, **{runtime: True}) for e in eager if e.detection and e.mode == 'fwd'
+            and not device.startswith('cuda') for runtime in ('onnxruntime', 'openvino')]
     return [c for e in eager for c in (e, replace(e, compiled=True))] + onnx
 
 
 def _compiled_vs_eager(cases: List[Case]) -> List[Comparison]:
-    """Each compiled and each onnxruntime case against the eager case of the same setting."""
-    eager = {c.setting[:-2] + (c.mode,): c for c in cases if c.eager}
+    """Each compiled and each onnxruntime / openvino case against the eager case of the same setting."""
+    eager = {c.setting[:-3] + (c.mode,): c for c in cases if c.eager}
     out = []
     for fast in cases:
-        slow = None if fast.eager else eager.get(fast.setting[:-2] + (fast.mode,))
+        slow = None if fast.eager else eager.get(fast.setting[:-3] + (fast.mode,))
         if slow is not None:
             h, w = fast.img_size
-            runtime = 'compiled' if fast.compiled else 'onnxruntime'
+            runtime = 'compiled' if fast.compiled else fast.runtime
             out.append(Comparison(f'{fast.model} {h}x{w} {fast.mode}: {runtime} vs eager', fast, slow))
     return out
 

@@ -6,10 +6,10 @@ idle machine); then the process's peak resident size; last the memory pass, one 
 allocator's peak (``torch.cuda.max_memory_allocated`` after a reset), on CPU the peak of the bytes the CPU
 allocator reports to ``torch.profiler(profile_memory=True)`` during that iteration, added to what is resident
 before it (weights, buffers, input). It comes last because the profiler's own records would count in the
-resident size. onnxruntime allocates outside torch: its peak is the rise of the process's resident size (its peak
-reset after the export) over the session's creation and every run. Measured the same way for every case (the one
-measure onnxruntime and eager are compared by): the rise of the process's peak resident size over the warm-up and
-timed runs above its resident size before them (weights, input and an onnxruntime session already there).
+resident size. onnxruntime and OpenVINO allocate outside torch: their peak is the rise of the process's resident
+size (its peak reset after the export) over the session's creation and every run. Measured the same way for every
+case (the one measure the runtimes and eager are compared by): the rise of the process's peak resident size over the
+warm-up and timed runs above its resident size before them (weights, input and a runtime's session already there).
 
 torch and timm are imported inside the functions: the harness process stays light, and the fork server that
 starts each case has them preloaded.
@@ -117,12 +117,12 @@ def _reset_peak_rss() -> None:
         f.write('5')
 
 
-def _onnxruntime_step(model, x, info: Dict) -> Callable[[], None]:
-    """Export ``model`` to ONNX (timed into ``info['export_s']``), drop it, and return a forward of the file in an
-    onnxruntime CPU session with torch's intra-op threads; ``info['peak_bytes']`` then reads the session's peak."""
-    import onnxruntime
+def _exported_step(model, x, runtime: str, info: Dict) -> Callable[[], None]:
+    """Export ``model`` to ONNX (timed into ``info['export_s']``), drop it, and return a forward of the file in
+    ``runtime`` (onnxruntime, openvino) on the CPU with torch's intra-op threads; ``info['peak_bytes']`` then reads
+    the rise of the resident size over the runtime's session and runs."""
     import torch
-    from lesa_lit_models.export import export_onnx
+    from lesa_lit_models.export import export_onnx, onnx_session
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix='bench-onnx-') as folder:
         path = export_onnx(model.eval(), os.path.join(folder, 'model.onnx'), torch.randn(2, *x.shape[1:]),
@@ -132,13 +132,10 @@ def _onnxruntime_step(model, x, info: Dict) -> Callable[[], None]:
         gc.collect()
         _reset_peak_rss()
         rss_before = proc_status_bytes('VmRSS')
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
-    feed = {session.get_inputs()[0].name: x.numpy()}
+        run = onnx_session(path, runtime, torch.get_num_threads())
+    image = x.numpy()
     info['peak_bytes'] = lambda: proc_status_bytes('VmHWM') - rss_before
-    return lambda: session.run(None, feed)
+    return lambda: run(image)
 
 
 def _sum_outputs(out):
@@ -154,7 +151,7 @@ def build_step(case: Case, device: str = 'cpu') -> Tuple[Callable[[], None], Cal
 
     Returns ``(step, sync, info)``: ``step()`` runs one forward (inference mode) or forward + backward, ``sync()``
     waits for the device, ``info`` holds ``params_m`` and ``resident_bytes`` (weights, buffers and input); for an
-    onnxruntime case also ``export_s`` and ``peak_bytes()``, the session's peak so far.
+    onnxruntime / openvino case also ``export_s`` and ``peak_bytes()``, the session's peak so far.
     """
     import timm
     import torch
@@ -171,10 +168,10 @@ def build_step(case: Case, device: str = 'cpu') -> Tuple[Callable[[], None], Cal
             'resident_bytes': sum(t.numel() * t.element_size() for t in tensors)}
     if case.compiled:
         model = torch.compile(model)
-    if case.onnxruntime:
+    if case.runtime:
         if torch.device(device).type != 'cpu':
-            raise ValueError(f'onnxruntime cases run on the CPU, not {device}.')
-        return _onnxruntime_step(model, x, info), lambda: None, info
+            raise ValueError(f'{case.runtime} cases run on the CPU, not {device}.')
+        return _exported_step(model, x, case.runtime, info), lambda: None, info
 
     def forward():
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=case.bf16):
@@ -241,7 +238,7 @@ def measure(case: Case, device: str = 'cpu', threads: int = 0, mem_limit_gb: flo
     # profiler keeps every event it records
     runs_peak_rss = proc_status_bytes('VmHWM')
     peak_rss = max(build_peak_rss, runs_peak_rss)
-    if 'peak_bytes' in info:  # onnxruntime: its allocations are the process's resident growth
+    if 'peak_bytes' in info:  # onnxruntime, openvino: their allocations are the process's resident growth
         peak = info['peak_bytes']()
     elif cuda:
         torch.cuda.reset_peak_memory_stats(device)

@@ -38,8 +38,8 @@ def ratios(comp: Comparison, results: Dict[str, Dict], mem_limit_gb: float) -> D
            'memory_ratio_is_lower_bound': False, 'speed_ratio': None, 'cpu_time_speed_ratio': None}
     if fast.get('status') != 'ok':
         return out
-    # onnxruntime allocates outside torch: both sides by the one measure taken alike (see benchmarks/measure.py)
-    memory = 'runs_rss_rise_bytes' if comp.fast.onnxruntime and 'runs_rss_rise_bytes' in slow else 'peak_bytes'
+    # onnxruntime and OpenVINO allocate outside torch: both sides by the one measure taken alike (benchmarks/measure.py)
+    memory = 'runs_rss_rise_bytes' if comp.fast.runtime and 'runs_rss_rise_bytes' in slow else 'peak_bytes'
     if slow.get('status') == 'ok':
         out['memory_ratio'] = slow[memory] / fast[memory]
         out['speed_ratio'] = fast['img_per_s'] / slow['img_per_s']
@@ -196,15 +196,15 @@ def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, 
     if upstream:
         lines += _upstream_lines(upstream)
     if compile_comps:
-        lines += ['', '## torch.compile and onnxruntime vs eager', '',
+        lines += ['', '## torch.compile, onnxruntime and OpenVINO vs eager', '',
                   'Compiled: `torch.compile(model)` (inductor, default mode). Its first call, which compiles, is '
-                  'not in the timings; its wall time is the last column. onnxruntime: the model exported to ONNX '
-                  '(`torch.onnx.export(dynamo=True)`, dynamic batch, height and width; the LESA / LIT attention in '
-                  'bands of query rows, as eager) run by onnxruntime\'s CPU provider with the same intra-op threads '
-                  'and input; the export is the last column. The memory ratio of onnxruntime vs eager compares, on '
-                  'both sides, the rise of the process\'s peak resident size over the warm-up and timed runs '
-                  '(weights, input and the onnxruntime session resident before them); in the tables, '
-                  'onnxruntime\'s peak is the rise over the session\'s creation and runs.', '',
+                  'not in the timings; its wall time is the last column. onnxruntime, OpenVINO: the model exported to '
+                  'ONNX (`torch.onnx.export(dynamo=True)`, dynamic batch, height and width; the LESA / LIT attention in '
+                  'bands of query rows, as eager) run by onnxruntime\'s CPU provider, or by OpenVINO on the CPU in '
+                  'float32, with the same intra-op threads and input; the export is the last column. The memory '
+                  'ratio of a runtime vs eager compares, on both sides, the rise of the process\'s peak resident '
+                  'size over the warm-up and timed runs (weights, input and the runtime\'s session resident before '
+                  'them); in the tables, a runtime\'s peak is the rise over its session\'s creation and runs.', '',
                   ratio_head + ' compile / export (s) |', ratio_rule + '---|']
         lines += [f'{ratio_cells(r)} {_compile_cell(results.get(r["fast"], {}))} |' for r in compile_comps]
     det = [row for row in _rows(cases) if row[0].detection]

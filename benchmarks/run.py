@@ -9,7 +9,7 @@ Usage (``make bench`` runs the first line)::
     python -m benchmarks.run --models 'lesa_resnet50_det,lit_s'   # only the cases of these models (fnmatch)
     python -m benchmarks.run --compile --cases '*-1024x1024-*-fwd+bwd*'   # only these case keys (fnmatch)
     python -m benchmarks.run --render benchmarks/results/results.json   # table and chart again, no measuring
-    python -m benchmarks.run --compile --out benchmarks/results/compile   # torch.compile, onnxruntime vs eager
+    python -m benchmarks.run --compile --out benchmarks/results/compile   # torch.compile, onnxruntime, OpenVINO vs eager
 
 What is measured and how (cases, peers, memory and time): ``benchmarks/README.md``.
 """
@@ -148,8 +148,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--cases', default='*',
                         help="comma-separated fnmatch patterns of case keys (as the log names them), e.g. '*-fwd+bwd*'")
     parser.add_argument('--compile', action='store_true',
-                        help='measure torch.compile (and on the CPU onnxruntime) vs eager (cases.compile_suite) instead of '
-                             'the main suite')
+                        help='measure torch.compile (and on the CPU onnxruntime and OpenVINO) vs eager '
+                             '(cases.compile_suite) instead of the main suite')
     parser.add_argument('--render', metavar='RESULTS_JSON',
                         help='write results.md and the chart into --out from this results.json, measuring nothing')
     args = parser.parse_args(argv)

@@ -1,15 +1,15 @@
-"""ONNX export of the package's models, checked with onnxruntime (the ``lesa-lit-export`` command).
+"""ONNX export of the package's models, checked with onnxruntime or OpenVINO (the ``lesa-lit-export`` command).
 
 ``torch.onnx.export(model, (x,), f, dynamo=True, dynamic_shapes=...)`` works on every model of the package as it
 is: the banded attention records its bands in standard ops while exporting
 (:mod:`lesa_lit_models.layers.banded_attention`) and the deformable convolution is ``GridSample`` + ``MatMul``. This
 module adds what a deployment wants on top: a dynamic batch and, where the model takes any size, a dynamic height
-and width in multiples of 32; one self-contained ``model.onnx``; and a check of the file with onnxruntime against
-eager PyTorch, judged against the model's own float32 rounding (eager float32 against eager float64 on the same
-input), since a random deep network amplifies rounding far beyond 1e-6.
+and width in multiples of 32; one self-contained ``model.onnx``; and a check of the file with onnxruntime (or
+OpenVINO) against eager PyTorch, judged against the model's own float32 rounding (eager float32 against eager
+float64 on the same input), since a random deep network amplifies rounding far beyond 1e-6.
 
-onnx, onnxruntime and onnxscript are the ``onnx`` extra (``pip install -e '.[onnx]'`` in a clone), imported only
-here and only when used.
+onnx, onnxruntime and onnxscript are the ``onnx`` extra (``pip install -e '.[onnx]'`` in a clone), OpenVINO the
+``openvino`` extra; each is imported only here and only when used.
 """
 import argparse
 import copy
@@ -17,7 +17,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -26,11 +26,12 @@ from timm.utils import ParseKwargs
 
 from . import package_models
 
-__all__ = ['OnnxCheck', 'takes_any_size', 'export_onnx', 'check_onnx', 'main']
+__all__ = ['OnnxCheck', 'RUNTIMES', 'takes_any_size', 'export_onnx', 'check_onnx', 'onnx_session', 'main']
 
 # an output is within tolerance at this many times the model's own float32 rounding, or this relative error
 ROUNDING_FACTOR = 10.
 MIN_RELATIVE_TOLERANCE = 1e-4
+RUNTIMES = ('onnxruntime', 'openvino')  # the CPU runtimes a file is checked with
 
 
 def _require_onnx():
@@ -42,6 +43,37 @@ def _require_onnx():
         raise ImportError(
             f'ONNX export needs onnx, onnxruntime and onnxscript ({e}): pip install -e ".[onnx]" in your clone of '
             'lesa-lit-models, or pip install "onnx>=1.16" "onnxruntime>=1.18" "onnxscript>=0.3".') from e
+
+
+def _require_openvino():
+    try:
+        import openvino  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f'Running ONNX files with OpenVINO needs openvino ({e}): pip install -e ".[openvino]" in '
+                          'your clone of lesa-lit-models, or pip install "openvino>=2024.0".') from e
+
+
+def onnx_session(path: os.PathLike, runtime: str = 'onnxruntime', threads: int = 0) -> Callable:
+    """``run(image) -> outputs`` (NumPy in, NumPy out) for the ONNX file on the CPU with ``runtime``
+    (:data:`RUNTIMES`), ``threads`` intra-op threads (0: the runtime's default), in float32 throughout (OpenVINO
+    would otherwise compute in bfloat16 on CPUs that have it)."""
+    if runtime == 'onnxruntime':
+        _require_onnx()
+        import onnxruntime
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1 if threads else 0
+        session = onnxruntime.InferenceSession(os.fspath(path), options, providers=['CPUExecutionProvider'])
+        name = session.get_inputs()[0].name
+        return lambda image: session.run(None, {name: image})
+    if runtime == 'openvino':
+        _require_openvino()
+        import openvino
+        config = {'INFERENCE_PRECISION_HINT': 'f32', **({'INFERENCE_NUM_THREADS': threads} if threads else {})}
+        compiled = openvino.Core().compile_model(os.fspath(path), 'CPU', config)
+        request = compiled.create_infer_request()
+        return lambda image: [request.infer([image])[output] for output in compiled.outputs]
+    raise ValueError(f'Unknown runtime {runtime!r}; use one of {", ".join(RUNTIMES)}.')
 
 
 def _as_list(out) -> List[torch.Tensor]:
@@ -98,12 +130,13 @@ def export_onnx(model: nn.Module, path: os.PathLike, example: torch.Tensor, dyna
 
 @dataclass
 class OnnxCheck:
-    """onnxruntime against eager PyTorch on one input, per output: the largest absolute error against eager float32,
+    """A runtime against eager PyTorch on one input, per output: the largest absolute error against eager float32,
     the model's own rounding there (eager float32 against eager float64) and the largest absolute output."""
     input_shape: Tuple[int, ...]
     errors: List[float]
     roundings: List[float]
     scales: List[float]
+    runtime: str = 'onnxruntime'
 
     @property
     def tolerances(self) -> List[float]:
@@ -121,25 +154,21 @@ class OnnxCheck:
     def summary(self) -> str:
         i = self.worst
         shape = 'x'.join(map(str, self.input_shape))
-        return (f'{shape} input: onnxruntime vs eager float32 max abs error {self.errors[i]:.2e} (output {i}; eager '
+        return (f'{shape} input: {self.runtime} vs eager float32 max abs error {self.errors[i]:.2e} (output {i}; eager '
                 f'float32 vs float64 {self.roundings[i]:.2e}, max |output| {self.scales[i]:.3g}, tolerance '
                 f'{self.tolerances[i]:.2e}): {"ok" if self.passed else "FAILED"}')
 
 
-def check_onnx(model: nn.Module, path: os.PathLike, inputs: Sequence[torch.Tensor],
-               threads: int = 0) -> List[OnnxCheck]:
-    """Run the ONNX file with onnxruntime (CPU) on each input and compare with the eager model in float32 and in
-    float64 (a copy of it); ``threads``: onnxruntime's intra-op threads (0: its default)."""
-    _require_onnx()
-    import onnxruntime
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = onnxruntime.InferenceSession(os.fspath(path), options, providers=['CPUExecutionProvider'])
+def check_onnx(model: nn.Module, path: os.PathLike, inputs: Sequence[torch.Tensor], threads: int = 0,
+               runtime: str = 'onnxruntime') -> List[OnnxCheck]:
+    """Run the ONNX file with ``runtime`` (:func:`onnx_session`) on each input and compare with the eager model in
+    float32 and in float64 (a copy of it); ``threads``: the runtime's intra-op threads (0: its default)."""
+    run = onnx_session(path, runtime, threads)
     model = model.eval().float()
     model64 = copy.deepcopy(model).double()
     checks = []
     for x in inputs:
-        got = session.run(None, {session.get_inputs()[0].name: x.float().numpy()})
+        got = run(x.float().numpy())
         with torch.no_grad():
             want, truth = _as_list(model(x.float())), _as_list(model64(x.double()))
         if len(got) != len(want):
@@ -148,7 +177,7 @@ def check_onnx(model: nn.Module, path: os.PathLike, inputs: Sequence[torch.Tenso
             tuple(x.shape),
             [(torch.from_numpy(g) - w).abs().max().item() for g, w in zip(got, want)],
             [(w.double() - t).abs().max().item() for w, t in zip(want, truth)],
-            [t.abs().max().item() for t in truth]))
+            [t.abs().max().item() for t in truth], runtime))
     return checks
 
 
@@ -171,12 +200,12 @@ def _build_model(ref: str, features_only: bool, pretrained: bool, model_kwargs: 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='lesa-lit-export',
-        description='Export a LESA / LIT model to ONNX (model.onnx) and check it with onnxruntime against eager '
-                    'PyTorch on a random input.',
+        description='Export a LESA / LIT model to ONNX (model.onnx) and check it with onnxruntime (and OpenVINO) '
+                    'against eager PyTorch on a random input.',
         epilog='Examples:\n'
                '  lesa-lit-export out/lit_s.in1k                      # a lesa-lit-convert folder -> its model.onnx\n'
                '  lesa-lit-export lesa_resnet50_det --features --input-size 800 1344 -o det/model.onnx\n'
-               '  lesa-lit-export lit_ti.in1k --pretrained\n'
+               '  lesa-lit-export lit_ti.in1k --pretrained --runtime onnxruntime openvino\n'
                'Exit status: 0 when the file matches eager PyTorch, 1 when the export or the check fails, 2 on '
                'usage errors.',
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,8 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--opset', type=int, help="ONNX opset version (default: the exporter's)")
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                         help='extra timm.create_model kwargs (e.g. img_size=1024)')
+    parser.add_argument('--runtime', nargs='+', choices=RUNTIMES, default=['onnxruntime'],
+                        help='the CPU runtimes that check the file (default: onnxruntime; openvino needs the '
+                             'openvino extra)')
     parser.add_argument('--no-verify', dest='verify', action='store_false',
-                        help='skip the onnxruntime check')
+                        help='skip the check')
     return parser
 
 
@@ -211,6 +243,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     import lesa_lit_models  # noqa: F401  (registers the models with timm)
     try:
         _require_onnx()
+        if args.verify and 'openvino' in args.runtime:
+            _require_openvino()
         model, folder = _build_model(args.model, args.features, args.pretrained, args.model_kwargs)
         model.eval()
         height, width = args.input_size or timm.data.resolve_model_data_config(model)['input_size'][1:]
@@ -228,7 +262,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         inputs = [torch.randn(1, 3, height, width, generator=generator)]
         if dynamic_size:  # another size than the export's
             inputs.append(torch.randn(1, 3, height, width + 32, generator=generator))
-        checks = check_onnx(model, output, inputs)
+        checks = [check for runtime in args.runtime for check in check_onnx(model, output, inputs, runtime=runtime)]
         for check in checks:
             print(f'Checked on a random {check.summary()}')
         return 0 if all(c.passed for c in checks) else 1

@@ -129,10 +129,11 @@ def test_compile_suite_pairs_every_model_eager_and_compiled_with_the_compile_tim
     assert len({c.key for c in cases}) == len(cases)
     assert {(c.model, c.mode, c.compiled) for c in cases} == {
         (m, mode, compiled) for m in PACKAGE_MODELS for mode in MODES for compiled in (False, True)}
-    onnx = [c for c in cases if c.onnxruntime]  # the detection backbones' forward, on the CPU only
-    assert {(c.model, c.img_size, c.mode) for c in onnx} == {
-        (c.model, c.img_size, 'fwd') for c in cases if c.detection and c.eager}
-    assert not any(c.onnxruntime for c in compile_suite(device='cuda'))
+    exported = [c for c in cases if c.runtime]  # the detection backbones' forward in each runtime, on the CPU only
+    assert {(c.model, c.img_size, c.mode, c.runtime) for c in exported} == {
+        (c.model, c.img_size, 'fwd', runtime) for c in cases if c.detection and c.eager
+        for runtime in ('onnxruntime', 'openvino')}
+    assert not any(c.runtime for c in compile_suite(device='cuda'))
     assert {(c.img_size, c.batch_size) for c in cases if not c.detection} == {((224, 224), 4)}
     assert {c.model for c in cases if c.detection} == {'lesa_resnet50_det', 'lesa_wrn50_det', 'lit_s', 'lit_ti'}
     assert {c.img_size for c in cases if c.model.startswith('lit_') and c.detection} == {(800, 1344)}
@@ -143,22 +144,25 @@ def test_compile_suite_pairs_every_model_eager_and_compiled_with_the_compile_tim
     assert by_title['lit_s 224x224 fwd+bwd: compiled vs eager'].slow.key == 'lit_s-224x224-b4-fwd+bwd'
     ort = by_title['lit_s 800x1344 fwd: onnxruntime vs eager']
     assert ort.slow == replace(ort.fast, onnxruntime=False) and ort.slow.detection
+    assert by_title['lit_s 800x1344 fwd: openvino vs eager'].slow == ort.slow
 
-    # onnxruntime against eager by the resident-size rise of their runs, the one measure taken alike for both
+    # a runtime against eager by the resident-size rise of their runs, the one measure taken alike for both
     results = {c.key: {'status': 'ok', 'peak_bytes': 2 ** 30, 'img_per_s': 2. if c.eager else 3., 'params_m': 25.,
-                       'runs_rss_rise_bytes': 2 ** 28 if c.onnxruntime else 2 ** 29,
-                       **({'compile_s': 42.} if c.compiled else {}), **({'export_s': 7.} if c.onnxruntime else {})}
+                       'runs_rss_rise_bytes': {'onnxruntime': 2 ** 28, 'openvino': 2 ** 27}.get(c.runtime, 2 ** 29),
+                       **({'compile_s': 42.} if c.compiled else {}), **({'export_s': 7.} if c.runtime else {})}
                for c in cases}
     meta = {'command': 'python -m benchmarks.run --compile', 'date': 'today', 'commit': 'abc1234', 'mem_limit_gb': 12.,
             'load_before': '0', 'load_after': '0',
             'device': {'name': 'cuda', 'description': 'test GPU', 'torch': '2', 'timm': '1', 'threads': 1}}
     report.write_markdown(str(tmp_path / 'results.md'), meta, cases, results)
     md = (tmp_path / 'results.md').read_text()
-    assert '## torch.compile and onnxruntime vs eager' in md and '## Fused vs reference' not in md
+    assert '## torch.compile, onnxruntime and OpenVINO vs eager' in md and '## Fused vs reference' not in md
     assert '| comparison | memory ratio | speed ratio | compile / export (s) |\n|---|---|---|---|\n' in md
     assert '| lesa_resnet50_det 1024x1024 fwd+bwd: compiled vs eager | 1.00x | 1.50x | 42 |' in md
     assert '| lesa_resnet50_det | 1024x1024 | default +compile |' in md
     assert '| lit_s 800x1344 fwd: onnxruntime vs eager | 2.00x | 1.50x | 7 |' in md
+    assert '| lit_s 800x1344 fwd: openvino vs eager | 4.00x | 1.50x | 7 |' in md
+    assert '| lit_s | 800x1344 | default +openvino |' in md
 
 
 def _fake_results(cases, oom_keys=()):

@@ -18,11 +18,12 @@ import timm
 import torch
 import torch.nn as nn
 
-onnxruntime = pytest.importorskip('onnxruntime')
+pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')
+pytest.importorskip('openvino')
 
 from lesa_lit_models import timm_script  # noqa: E402
-from lesa_lit_models.export import check_onnx, export_onnx, takes_any_size  # noqa: E402
+from lesa_lit_models.export import RUNTIMES, check_onnx, export_onnx, onnx_session, takes_any_size  # noqa: E402
 from lesa_lit_models import package_models  # noqa: E402
 from lesa_lit_models.layers.lesa_fused import _relative_bias_attention  # noqa: E402
 from lesa_lit_models.layers.banded_attention import exported_bias_attention  # noqa: E402
@@ -58,26 +59,28 @@ def test_every_registered_model_has_an_export_case():
                  marks=[pytest.mark.exhaustive] if (name, features_only) in EXHAUSTIVE_CASES else [])
     for name, features_only in EXPORT_CASES + EXHAUSTIVE_CASES])
 def test_onnxruntime_matches_eager_within_the_models_own_rounding(name, features_only, tmp_path):
-    """One export per model and mode, run by onnxruntime at the export size and at a second size (or batch)."""
+    """One export per model and mode, run by onnxruntime and by OpenVINO at the export size and at a second size
+    (or batch)."""
     model64 = _calibrated(name, features_only)
     model = copy.deepcopy(model64).float()
     any_size = takes_any_size(model)
     assert any_size == (name not in ('lesa_resnet50', 'lesa_wrn50'))  # LESA's classification tables take one size
     gen = torch.Generator().manual_seed(1)
     path = export_onnx(model, tmp_path / 'model.onnx', torch.randn(2, 3, SIZE, SIZE, generator=gen))
-    session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    sessions = {runtime: onnx_session(path, runtime) for runtime in RUNTIMES}
     second = (3, 3, SIZE + 32, SIZE + 64) if any_size else (3, 3, SIZE, SIZE)
     for shape in ((1, 3, SIZE, SIZE), second):
         x = torch.randn(shape, dtype=torch.float64, generator=gen)
-        got = [torch.from_numpy(o) for o in session.run(None, {'image': x.float().numpy()})]
         with torch.no_grad():
             want, truth = as_list(model(x.float())), as_list(model64(x))
-        assert [g.shape for g in got] == [w.shape for w in want]
-        for i, (g, w, t) in enumerate(zip(got, want, truth)):
-            error, rounding, scale = _max_abs(g, w), _max_abs(w, t), t.abs().max().item()
-            print(f'{name} {"features" if features_only else "classifier"} {tuple(shape)} output {i}: onnxruntime '
-                  f'vs eager fp32 {error:.2e}, eager fp32 vs fp64 {rounding:.2e}, max |output| {scale:.3g}')
-            assert error <= max(10 * rounding, 1e-4 * scale), (error, rounding, scale)
+        for runtime, run in sessions.items():
+            got = [torch.from_numpy(o) for o in run(x.float().numpy())]
+            assert [g.shape for g in got] == [w.shape for w in want]
+            for i, (g, w, t) in enumerate(zip(got, want, truth)):
+                error, rounding, scale = _max_abs(g, w), _max_abs(w, t), t.abs().max().item()
+                print(f'{name} {"features" if features_only else "classifier"} {tuple(shape)} output {i}: {runtime} '
+                      f'vs eager fp32 {error:.2e}, eager fp32 vs fp64 {rounding:.2e}, max |output| {scale:.3g}')
+                assert error <= max(10 * rounding, 1e-4 * scale), (runtime, error, rounding, scale)
 
 
 @pytest.mark.parametrize('op', [_relative_bias_attention, _offset_bias_attention], ids=['lesa', 'lit'])
@@ -106,21 +109,22 @@ def test_exported_form_of_the_banded_attention_equals_the_operator(op):
 @pytest.mark.slow
 def test_export_command_writes_a_checked_model_onnx_into_a_converted_folder(tmp_path):
     """``lesa-lit-export FOLDER`` on a timm-format folder (what lesa-lit-convert writes): model.onnx beside its
-    weights, checked at the export size and another, exit status 0; the same file against other weights fails the
-    check."""
+    weights, checked by onnxruntime and OpenVINO at the export size and another, exit status 0; the same file against
+    other weights fails the check."""
     kwargs = dict(SMALL['lit_s'], num_classes=10)
     model = timm.create_model('lit_s', **kwargs)
     folder = tmp_path / 'lit_s_tiny'
     timm.models.save_for_hf(model, folder, model_args=kwargs)
-    result = subprocess.run([sys.executable, '-m', 'lesa_lit_models.export', str(folder), '--input-size', '64', '96'],
-                            capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run([sys.executable, '-m', 'lesa_lit_models.export', str(folder), '--input-size', '64', '96',
+                             '--runtime', 'onnxruntime', 'openvino'], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     onnx_file = folder / 'model.onnx'
     assert f'-> {onnx_file} ({onnx_file.stat().st_size:,} bytes)' in result.stdout
     assert 'dynamic batch, height and width' in result.stdout
     checked = [line for line in result.stdout.splitlines() if line.startswith('Checked on a random')]
-    assert [line.split(' input:')[0] for line in checked] == ['Checked on a random 1x3x64x96',
-                                                              'Checked on a random 1x3x64x128']
+    assert [line.split(' vs eager')[0] for line in checked] == [
+        f'Checked on a random {size} input: {runtime}' for runtime in ('onnxruntime', 'openvino')
+        for size in ('1x3x64x96', '1x3x64x128')]
     assert all(line.endswith(': ok') for line in checked)
 
     other = timm.create_model('lit_s', **kwargs)  # other random weights
