@@ -22,6 +22,14 @@ cuda_toolkit_plan() {
   fi
 }
 
+# cuda_link_dir VENV LIB MAJOR: the packages ship libcudart.so.MAJOR in LIB but not the unversioned libcudart.so
+# that the link's -lcudart looks for; make it in VENV/cuda-link and print that folder's absolute path (for
+# LIBRARY_PATH: the build links from another working directory)
+cuda_link_dir() {
+  local dir; dir="$(realpath -m "$1/cuda-link")"
+  mkdir -p "$dir" && ln -sf "$(realpath -m "$2/libcudart.so.$3")" "$dir/libcudart.so" && echo "$dir"
+}
+
 # the package-index toolkit of CUDA X.Y: the packages, and where they install (site-packages/nvidia/cuX)
 cuda_toolkit_packages() {
   local version=$1

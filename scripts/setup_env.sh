@@ -19,7 +19,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/cuda_toolkit.sh"
-VENV="${VENV:-$ROOT/.venv}"
+VENV="$(realpath -m "${VENV:-$ROOT/.venv}")"  # absolute: the mmcv build runs in another directory
 CACHE="${LESA_LIT_CACHE:-$HOME/.cache/lesa-lit-models}"
 WHEELS="$CACHE/wheels"
 LOGS="$CACHE/logs"
@@ -88,10 +88,8 @@ if [ "$CUDA" = 1 ]; then
       run "${PIP[@]}" $(cuda_toolkit_packages "$TOOLKIT") "${TORCH_PINS[@]}"
       NVCC="$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/nvidia/cu${TOOLKIT%%.*}/bin/nvcc"
       [ -x "$NVCC" ] || { echo "    the compiler packages installed no $NVCC" >"$LOG"; fail; }
-      # the packages ship libcudart.so.X but not the unversioned libcudart.so that the link's -lcudart looks for
-      mkdir -p "$VENV/cuda-link"
-      ln -sf "$(dirname "$(dirname "$NVCC")")/lib/libcudart.so.${TOOLKIT%%.*}" "$VENV/cuda-link/libcudart.so"
-      export LIBRARY_PATH="$VENV/cuda-link${LIBRARY_PATH:+:$LIBRARY_PATH}"
+      LINK_DIR="$(cuda_link_dir "$VENV" "$(dirname "$(dirname "$NVCC")")/lib" "${TOOLKIT%%.*}")"
+      export LIBRARY_PATH="$LINK_DIR${LIBRARY_PATH:+:$LIBRARY_PATH}"
       unset CUDA_HOME;;
     *)
       echo "    torch is built with CUDA $TOOLKIT, whose compiler is not on the package index in a form this" \

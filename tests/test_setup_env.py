@@ -8,20 +8,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run_setup(tmp_path, tools, **env_vars):
+def _run_setup(tmp_path, tools, cwd=None, **env_vars):
     """Run the set-up with only ``tools`` (names -> paths) on PATH and a Python that fails at once, so that nothing
     is installed: the run stops at its first step at the latest."""
     bin_dir = tmp_path / 'bin'
     bin_dir.mkdir()
-    for tool in ('bash', 'dirname', 'mkdir', 'grep', 'tail'):
+    for tool in ('bash', 'dirname', 'mkdir', 'grep', 'tail', 'realpath'):
         (bin_dir / tool).symlink_to(subprocess.run(['which', tool], capture_output=True, text=True).stdout.strip())
     for name, path in tools.items():
         (bin_dir / name).symlink_to(path)
     env = {k: v for k, v in os.environ.items() if k not in ('CUDA', 'CUDA_HOME', 'VIRTUAL_ENV')}
-    env.update(PATH=str(bin_dir), PYTHON='false', VENV=str(tmp_path / 'venv'), LESA_LIT_CACHE=str(tmp_path / 'cache'),
-               **env_vars)
+    env.update({'PATH': str(bin_dir), 'PYTHON': 'false', 'VENV': str(tmp_path / 'venv'),
+                'LESA_LIT_CACHE': str(tmp_path / 'cache'), **env_vars})
     return subprocess.run([str(bin_dir / 'bash'), str(ROOT / 'scripts' / 'setup_env.sh')], env=env,
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=30, cwd=cwd)
 
 
 def _fake_nvcc(tmp_path, release='13.0'):
@@ -58,3 +58,24 @@ def test_the_cuda_compiler_is_of_torchs_cuda_version(tmp_path, torch_cuda, nvcc_
         capture_output=True, text=True, check=True)
     assert result.stdout.strip() == (f'system {nvcc}' if plan == 'system' else plan)
 
+
+
+def test_the_venv_is_an_absolute_path_whatever_the_working_directory(tmp_path):
+    """The mmcv build runs in a temporary directory: a relative VENV (make setup passes .venv) must not reach it."""
+    result = _run_setup(tmp_path, {}, cwd=tmp_path, VENV='relative-venv', CUDA='0')
+    assert f'virtual environment at {tmp_path.resolve()}/relative-venv ' in result.stdout, result.stdout + result.stderr
+
+
+def test_the_cuda_runtime_link_is_found_from_another_directory(tmp_path):
+    """-lcudart at the link of mmcv's build (in another directory) finds the index packages' libcudart.so.13 through
+    the folder cuda_link_dir prints, even for a relative venv path."""
+    lib = tmp_path / 'site-packages' / 'nvidia' / 'cu13' / 'lib'
+    lib.mkdir(parents=True)
+    (lib / 'libcudart.so.13').write_bytes(b'')
+    (tmp_path / 'work').mkdir()
+    result = subprocess.run(
+        ['bash', '-c', f'source {ROOT}/scripts/cuda_toolkit.sh && cuda_link_dir venv site-packages/nvidia/cu13/lib 13'],
+        cwd=tmp_path, capture_output=True, text=True, check=True)
+    link_dir = Path(result.stdout.strip())
+    assert link_dir.is_absolute() and link_dir == tmp_path / 'venv' / 'cuda-link'
+    assert (link_dir / 'libcudart.so').resolve() == (lib / 'libcudart.so.13').resolve()
