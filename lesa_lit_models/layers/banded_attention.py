@@ -123,15 +123,19 @@ def _traced_value(size) -> int:
     return int(size.node.hint) if isinstance(size, torch.SymInt) else size
 
 
+# bands per attention in an exported graph at most: each band is a subgraph the exporter traces symbolically
+MAX_EXPORT_BANDS = 8
+
+
 def _export_bands(q: torch.Tensor, k: torch.Tensor, grid: Sequence[int], max_logits: Optional[int]) -> List[Tuple]:
-    """Query ranges of whole grid rows for an exported graph: about as many bands as eager takes at the traced
-    example's size, each a fixed share of the rows, so that the graph is fixed and its bands follow a symbolic grid.
-    Each band has at least two rows in the example: the exporter would fix a size of one."""
+    """Query ranges of whole grid rows for an exported graph: as many bands as eager takes at the traced example's
+    size, up to :data:`MAX_EXPORT_BANDS`, each a fixed share of the rows, so that the graph is fixed and its bands
+    follow a symbolic grid. Each band has at least two rows in the example: the exporter would fix a size of one."""
     height, width = grid
     example = [_traced_value(size) for size in (q.shape[0] * q.shape[1], width, k.shape[-2], height)]
     max_logits = max_logits or default_max_chunk_logits(q.device)
     rows_per_band = max(2, max_logits // max(1, example[0] * example[1] * example[2]))
-    count = max(1, min(-(-example[3] // rows_per_band), example[3] // 2))
+    count = max(1, min(-(-example[3] // rows_per_band), example[3] // 2, MAX_EXPORT_BANDS))
     bounds = [band * height // count * width for band in range(count + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
 
