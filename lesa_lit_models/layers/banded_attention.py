@@ -18,11 +18,16 @@ def default_max_chunk_logits(device: torch.device) -> int:
     return 2 ** 26 if device.type == 'cuda' else 2 ** 22
 
 
+def _rows_per_band(batch_heads: int, width: int, keys: int, max_logits: Optional[int], device: torch.device) -> int:
+    """Whole grid rows of queries whose logits fit ``max_logits`` (default per device), at least one."""
+    max_logits = max_logits or default_max_chunk_logits(device)
+    return max(1, max_logits // max(1, batch_heads * width * keys))
+
+
 def _bands(q: torch.Tensor, k: torch.Tensor, grid: Sequence[int], max_logits: Optional[int]) -> List[Tuple[int, int]]:
     """Query ranges of whole grid rows, as many rows as fit ``max_logits`` logits (at least one)."""
     length, width = q.shape[-2], grid[1]
-    max_logits = max_logits or default_max_chunk_logits(q.device)
-    band_size = max(1, max_logits // max(1, q.shape[0] * q.shape[1] * width * k.shape[-2])) * width
+    band_size = _rows_per_band(q.shape[0] * q.shape[1], width, k.shape[-2], max_logits, q.device) * width
     return [(start, min(start + band_size, length)) for start in range(0, length, band_size)]
 
 
@@ -132,10 +137,10 @@ def _export_bands(q: torch.Tensor, k: torch.Tensor, grid: Sequence[int], max_log
     size, up to :data:`MAX_EXPORT_BANDS`, each a fixed share of the rows, so that the graph is fixed and its bands
     follow a symbolic grid. Each band has at least two rows in the example: the exporter would fix a size of one."""
     height, width = grid
-    example = [_traced_value(size) for size in (q.shape[0] * q.shape[1], width, k.shape[-2], height)]
-    max_logits = max_logits or default_max_chunk_logits(q.device)
-    rows_per_band = max(2, max_logits // max(1, example[0] * example[1] * example[2]))
-    count = max(1, min(-(-example[3] // rows_per_band), example[3] // 2, MAX_EXPORT_BANDS))
+    batch_heads, example_width, keys, example_height = (
+        _traced_value(size) for size in (q.shape[0] * q.shape[1], width, k.shape[-2], height))
+    rows_per_band = max(2, _rows_per_band(batch_heads, example_width, keys, max_logits, q.device))
+    count = max(1, min(-(-example_height // rows_per_band), example_height // 2, MAX_EXPORT_BANDS))
     bounds = [band * height // count * width for band in range(count + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
 
