@@ -17,11 +17,11 @@ demo: $(STAMP)
 	VIRTUAL_ENV=$(abspath $(VENV)) bash detection/demo.sh
 
 # one pytest worker per core, at most 4 (each builds its own detectors and synthetic dataset); tests/conftest.py
-# shares the cores out between them
+# shares the cores out between them; a worker that runs out of tests takes some of the other's (worksteal)
 TEST_WORKERS ?= auto
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --maxprocesses=4
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --maxprocesses=4 --dist worksteal
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m benchmarks.run

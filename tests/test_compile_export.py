@@ -82,10 +82,11 @@ def _set_model_checkpointing(model: nn.Module, enable: bool):
 
 
 # Each model through aot_eager (dynamo + AOTAutograd: the graphs inductor would compile, run by eager kernels) as a
-# classifier and as features; on CUDA the features through inductor (Triton kernels). The two cases whose code the
-# others already trace (the LESA detection backbone's pooled output, LIT-S's head) are exhaustive. The full-size
-# compile matrix is in benchmarks (python -m benchmarks.run --compile).
-_TRACED_ELSEWHERE = {('lesa_resnet50_det', False), ('lit_s', False)}
+# classifier and as features; on CUDA the features through inductor (Triton kernels). The cases whose code the
+# others already trace are exhaustive: the LESA detection backbone's pooled output and LIT-S's head, the LESA
+# classifier's trunk as features, LIT-Ti's stage 4 without its class token. The full-size compile matrix is in
+# benchmarks (python -m benchmarks.run --compile).
+_TRACED_ELSEWHERE = {('lesa_resnet50_det', False), ('lit_s', False), ('lesa_resnet50', True), ('lit_ti', True)}
 
 
 def _compile_case(name: str, features_only: bool, device: str = 'cpu'):
