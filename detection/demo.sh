@@ -23,6 +23,7 @@ if [[ -d "$WORK_DIR" && -n "$(ls -A "$WORK_DIR")" && ! -f "$MARKER" ]]; then
 fi
 mkdir -p "$WORK_DIR" && touch "$MARKER"
 START=$SECONDS
+echo "The training step logs how long training takes on this machine after its first 10 iterations."
 run() { printf '\n$ %s\n' "$*"; "$@"; }
 
 run "$PYTHON" "$HERE/tools/make_synthetic_coco.py" "$WORK_DIR/data" --num-train 240 --num-val 48 --num-test 0 \

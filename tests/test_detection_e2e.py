@@ -4,6 +4,7 @@ torchrun with two processes, crafted checkpoints refused), and an overfit check 
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -107,7 +108,9 @@ def trained(coco, tmp_path_factory):
 
 def test_a_run_resumed_after_a_kill_ends_with_the_weights_of_an_uninterrupted_run(coco, trained, tmp_path):
     from mmengine.runner import CheckpointLoader
-    ok(run('train.sh', DEMO_CONFIG, 0, '--data-root', coco, '--work-dir', tmp_path, *QUICK, *TWO_EPOCHS))
+    log = ok(run('train.sh', DEMO_CONFIG, 0, '--data-root', coco, '--work-dir', tmp_path, *QUICK, *TWO_EPOCHS))
+    assert re.search(r'Training time on this machine: 4 iterations at \d+\.\d\d s \(the mean of the first 4 of '
+                     r'this run\), about 0 min \d\d s in all; 0 min 00 s left', log), log[-3000:]
     uninterrupted, resumed = (CheckpointLoader.load_checkpoint(str(work / 'epoch_2.pth'), map_location='cpu')
                               for work in (tmp_path, trained))
     assert_same_tensors(resumed['state_dict'], uninterrupted['state_dict'], same_keys=True)

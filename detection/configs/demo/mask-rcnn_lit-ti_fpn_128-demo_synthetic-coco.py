@@ -66,4 +66,5 @@ param_scheduler = [
 optim_wrapper = dict(optimizer=dict(lr=0.001, fused=True), clip_grad=dict(max_norm=10),
                      paramwise_cfg=dict(custom_keys={'backbone': dict(lr_mult=0.2)}))
 default_hooks = dict(logger=dict(interval=5), checkpoint=dict(interval=epochs))
+custom_hooks = [dict(type='TrainingTimeHook')]  # how long training takes here, after its first 10 iterations
 randomness = dict(seed=0)
