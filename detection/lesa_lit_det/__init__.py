@@ -3,8 +3,8 @@
 Importing this package registers :class:`~lesa_lit_det.backbone.TimmBackbone` in ``mmdet.registry.MODELS`` and
 :class:`~lesa_lit_det.hooks.TrainingTimeHook` in mmengine's ``HOOKS``, and makes the package's safe checkpoint
 loader mmengine's loader for local files and http(s) URLs (``load_from``, ``resume``, ``init_cfg``,
-``DetInferencer``): checkpoints are read as tensors and plain data, never as code. Local
-files that mmengine writes (checkpoints) are written whole or not at all (:mod:`lesa_lit_det.resume`).
+``DetInferencer``): checkpoints are read as tensors and plain data, never as code. Local files that mmengine writes
+(checkpoints) are written whole or not at all (:mod:`lesa_lit_det.resume`).
 Configs load it with ``custom_imports = dict(imports=['lesa_lit_models', 'lesa_lit_det'])``.
 """
 try:
