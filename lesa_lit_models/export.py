@@ -121,11 +121,52 @@ def export_onnx(model: nn.Module, path: os.PathLike, example: torch.Tensor, dyna
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        torch.onnx.export(
-            model, (example.float(),), path, dynamo=True, dynamic_shapes=_dynamic_shapes(dynamic_size),
-            input_names=['image'], output_names=output_names, opset_version=opset_version, external_data=False,
-            verbose=False)
+        program = torch.onnx.export(
+            model, (example.float(),), dynamo=True, dynamic_shapes=_dynamic_shapes(dynamic_size),
+            input_names=['image'], output_names=output_names, opset_version=opset_version, verbose=False)
+    import onnx
+    onnx.save(_scans_as_loops(program.model_proto), path)
     return path
+
+
+def _scans_as_loops(model: 'onnx.ModelProto') -> 'onnx.ModelProto':
+    """``model`` with local functions inlined and each top-level ``Scan`` (the banded attention's scan over grid rows)
+    replaced by the equivalent ``Loop`` over its scan inputs' first dim, whose body gathers each step's slices:
+    OpenVINO's ONNX reader (2026.4) miscounts the inputs of a Scan whose body reads values of the outer graph."""
+    import onnx.inliner
+    from onnx import TensorProto, helper
+
+    model = onnx.inliner.inline_local_functions(model)
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type != 'Scan':
+            nodes.append(node)
+            continue
+        attributes = {a.name: a for a in node.attribute}
+        body, num_scanned = attributes['body'].g, attributes['num_scan_inputs'].i
+        if any(any(attributes[key].ints) for key in
+               ('scan_input_directions', 'scan_output_directions', 'scan_input_axes', 'scan_output_axes')
+               if key in attributes):
+            raise ValueError(f'{node.name}: only forward scans over dim 0 convert to a Loop.')
+        num_states = len(node.input) - num_scanned
+        states, scanned = list(node.input[:num_states]), list(node.input[num_states:])
+        prefix = node.name or node.output[0]
+        step, condition, trip_count = f'{prefix}_step', f'{prefix}_condition', f'{prefix}_trip_count'
+        slices = [helper.make_node('Gather', [outer, step], [inner.name], axis=0)
+                  for outer, inner in zip(scanned, body.input[num_states:])]
+        loop_body = helper.make_graph(
+            [*slices, helper.make_node('Identity', [condition], [f'{condition}_out']), *body.node], body.name,
+            [helper.make_tensor_value_info(step, TensorProto.INT64, []),
+             helper.make_tensor_value_info(condition, TensorProto.BOOL, []), *body.input[:num_states]],
+            [helper.make_tensor_value_info(f'{condition}_out', TensorProto.BOOL, []), *body.output],
+            value_info=body.value_info)
+        nodes += [helper.make_node('Shape', [scanned[0]], [f'{prefix}_length'], start=0, end=1),
+                  helper.make_node('Squeeze', [f'{prefix}_length'], [trip_count]),
+                  helper.make_node('Loop', [trip_count, '', *states], list(node.output), name=node.name,
+                                   body=loop_body)]
+    model.graph.ClearField('node')
+    model.graph.node.extend(nodes)
+    return model
 
 
 @dataclass

@@ -63,14 +63,12 @@ def resample_grid_pos_embed(pos_embed: torch.Tensor, pos_embed_grid: Tuple[int, 
 
 
 # banded_bias_attention's bias function and its vjp; the shared bias is the offset grid
-def _bias_of_rows(query_bias, offset_bias, start, stop, feat_size):
-    width = feat_size[1]
-    return bias_rows_keys_reversed(offset_bias, feat_size, (start // width, stop // width)).unsqueeze(0)
+def _bias_of_rows(query_bias, offset_bias, first_row, num_rows, feat_size):
+    return bias_rows_keys_reversed(offset_bias, feat_size, first_row, num_rows).unsqueeze(0)
 
 
-def _bias_of_rows_vjp(grad, query_bias, offset_bias, start, stop, feat_size):
-    width = feat_size[1]
-    return None, bias_rows_keys_reversed_vjp(grad.squeeze(0), feat_size, (start // width, stop // width))
+def _bias_of_rows_vjp(grad, query_bias, offset_bias, first_row, num_rows, feat_size):
+    return None, bias_rows_keys_reversed_vjp(grad.squeeze(0), feat_size, first_row, num_rows)
 
 
 _offset_bias_attention = banded_bias_attention_op('lit_offset_bias_attention', _bias_of_rows, _bias_of_rows_vjp)

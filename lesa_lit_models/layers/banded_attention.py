@@ -1,12 +1,14 @@
 """Exact attention with a trained additive bias, one band of query rows at a time, keeping no tokens x tokens tensor.
 
 Each bias family (LESA's relative logits, LIT's offset grid) is one custom operator, forward and backward; while
-``torch.onnx.export`` traces, the same function is recorded in standard ops, band after band. Derivation: docs/attention.md §1.
+``torch.onnx.export`` traces, the same function is recorded in standard ops, one grid row per step of a ``Scan``.
+Derivation: docs/attention.md §1.
 """
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch._higher_order_ops.scan import scan
 
 __all__ = ['banded_bias_attention', 'banded_bias_attention_op', 'default_max_chunk_logits',
            'exported_bias_attention']
@@ -31,13 +33,20 @@ def _bands(q: torch.Tensor, k: torch.Tensor, grid: Sequence[int], max_logits: Op
     return [(start, min(start + band_size, length)) for start in range(0, length, band_size)]
 
 
-# bias_fn(query_bias_band, shared_bias, start, stop, grid) -> bias of queries [start, stop) against every key,
-# broadcastable to (N, heads, stop - start, keys)
-BiasFn = Callable[[Optional[torch.Tensor], Optional[torch.Tensor], int, int, Sequence[int]], torch.Tensor]
-# bias_vjp(grad_bias, query_bias_band, shared_bias, start, stop, grid) -> (gradient of query_bias_band, gradient
-# of shared_bias), each None where that input is None; grad_bias has the shape bias_fn returned
+# bias_fn(query_bias_band, shared_bias, first_row, num_rows, grid) -> bias of the queries in grid rows
+# [first_row, first_row + num_rows) against every key, broadcastable to (N, heads, num_rows * W, keys); first_row is
+# an int, or a 0-d tensor in the exported form
+BiasFn = Callable[[Optional[torch.Tensor], Optional[torch.Tensor], Union[int, torch.Tensor], int, Sequence[int]],
+                  torch.Tensor]
+# bias_vjp(grad_bias, query_bias_band, shared_bias, first_row, num_rows, grid) -> (gradient of query_bias_band,
+# gradient of shared_bias), each None where that input is None; grad_bias has the shape bias_fn returned
 BiasVjp = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], int, int, Sequence[int]],
                    Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]
+
+
+def _grid_rows(start: int, stop: int, grid: Sequence[int]) -> Tuple[int, int]:
+    """First grid row and number of rows of the query range ``[start, stop)`` (whole rows)."""
+    return start // grid[1], (stop - start) // grid[1]
 
 
 def _pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -86,7 +95,7 @@ def _banded_forward(bias_fn: BiasFn, q, k, v, query_bias, shared_bias, grid: Seq
                     max_logits: Optional[int], scale: float, out_transposed: bool) -> torch.Tensor:
     out = _new_output(q, v, out_transposed)
     for start, stop in _bands(q, k, grid, max_logits):
-        bias = bias_fn(_band_rows(query_bias, start, stop), shared_bias, start, stop, grid)
+        bias = bias_fn(_band_rows(query_bias, start, stop), shared_bias, *_grid_rows(start, stop, grid), grid)
         out[..., start:stop, :] = _band_forward(q[..., start:stop, :], k, v, bias, scale)
     return out
 
@@ -106,7 +115,7 @@ def _banded_backward(bias_fn: BiasFn, bias_vjp: BiasVjp, grad_out, q, k, v, out,
     for start, stop in _bands(q, k, grid, max_logits):
         q_band, grad_out_band = q[..., start:stop, :], grad_out[..., start:stop, :]
         band_query_bias = _band_rows(query_bias, start, stop)
-        bias = bias_fn(band_query_bias, shared_bias, start, stop, grid)
+        bias = bias_fn(band_query_bias, shared_bias, *_grid_rows(start, stop, grid), grid)
         probs = torch.matmul(q_band, k_t).mul_(scale).add_(bias).softmax(-1)
         grad_v += torch.matmul(probs.transpose(-1, -2), grad_out_band)
         # dS = P * (dO v^T - rowsum(dO * O)), in place over dP
@@ -115,7 +124,7 @@ def _banded_backward(bias_fn: BiasFn, bias_vjp: BiasVjp, grad_out, q, k, v, out,
         grad_q[..., start:stop, :] = torch.matmul(grad_logits, k).mul_(scale)
         grad_k += torch.matmul(grad_logits.transpose(-1, -2), q_band).mul_(scale)
         grad_band_bias, grad_shared = bias_vjp(
-            _sum_to(grad_logits, bias.shape), band_query_bias, shared_bias, start, stop, grid)
+            _sum_to(grad_logits, bias.shape), band_query_bias, shared_bias, *_grid_rows(start, stop, grid), grid)
         if query_bias is not None:
             grad_query_bias[..., start:stop, :] = grad_band_bias
         if shared_bias is not None:
@@ -123,38 +132,28 @@ def _banded_backward(bias_fn: BiasFn, bias_vjp: BiasVjp, grad_out, q, k, v, out,
     return [grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), grad_query_bias, grad_shared_bias.to(q.dtype)]
 
 
-def _traced_value(size) -> int:
-    """A size as it is in the example being traced (no guard on a symbolic one), or the size itself."""
-    return int(size.node.hint) if isinstance(size, torch.SymInt) else size
-
-
-# bands per attention in an exported graph at most: each band is a subgraph the exporter traces symbolically
-MAX_EXPORT_BANDS = 8
-
-
-def _export_bands(q: torch.Tensor, k: torch.Tensor, grid: Sequence[int], max_logits: Optional[int]) -> List[Tuple]:
-    """Query ranges of whole grid rows for an exported graph: as many bands as eager takes at the traced example's
-    size, up to :data:`MAX_EXPORT_BANDS`, each a fixed share of the rows, so that the graph is fixed and its bands
-    follow a symbolic grid. Each band has at least two rows in the example: the exporter would fix a size of one."""
+def exported_bias_attention(bias_fn: BiasFn, q, k, v, query_bias, shared_bias, grid: Sequence[int], scale: float,
+                            out_transposed: bool) -> torch.Tensor:
+    """The operator's function in plain ``matmul`` / ``softmax``, one grid row of queries per step of a ``scan``
+    (ONNX ``Scan``): what an ONNX export records. The graph holds one row's subgraph at every input size, and a
+    runtime keeps one row's logits at a time."""
     height, width = grid
-    batch_heads, example_width, keys, example_height = (
-        _traced_value(size) for size in (q.shape[0] * q.shape[1], width, k.shape[-2], height))
-    rows_per_band = max(2, _rows_per_band(batch_heads, example_width, keys, max_logits, q.device))
-    count = max(1, min(-(-example_height // rows_per_band), example_height // 2, MAX_EXPORT_BANDS))
-    bounds = [band * height // count * width for band in range(count + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
+    k_t, v = k.transpose(-1, -2).clone(), v.clone()  # a scan's inputs must not alias (k and v may share storage)
 
+    def rows_first(t: torch.Tensor) -> torch.Tensor:  # (H, ..., W, C): the scan steps over dim 0
+        return t.unflatten(-2, (height, width)).movedim(-3, 0)
 
-def exported_bias_attention(bias_fn: BiasFn, q, k, v, query_bias, shared_bias, grid: Sequence[int],
-                            max_logits: Optional[int], scale: float, out_transposed: bool) -> torch.Tensor:
-    """The operator's function in plain ``matmul`` / ``softmax``, one band of rows after the other: what an ONNX
-    export records (a runtime then keeps one band's logits at a time)."""
-    k_t = k.transpose(-1, -2)
-    bands = []
-    for start, stop in _export_bands(q, k, grid, max_logits):
-        bias = bias_fn(_band_rows(query_bias, start, stop), shared_bias, start, stop, grid)
-        bands.append(torch.matmul(q.narrow(-2, start, stop - start), k_t).mul(scale).add(bias).softmax(-1).matmul(v))
-    out = torch.cat(bands, dim=-2) if len(bands) > 1 else bands[0]
+    def attend_row(carry, row_inputs):
+        bias = bias_fn(row_inputs.get('query_bias'), shared_bias, row_inputs['row'], 1, grid)
+        logits = torch.matmul(row_inputs['q'], k_t).mul(scale).add(bias)
+        return carry.clone(), logits.softmax(-1).matmul(v)
+
+    rows = torch.arange(height, device=q.device)
+    row_inputs = {'row': rows, 'q': rows_first(q)}
+    if query_bias is not None:
+        row_inputs['query_bias'] = rows_first(query_bias)
+    _, out = scan(attend_row, rows.new_zeros(()), row_inputs)  # the carry is unused: a scan needs one
+    out = out.movedim(0, -3).flatten(-3, -2)
     return out.transpose(-1, -2).contiguous().transpose(-1, -2) if out_transposed else out
 
 
@@ -235,5 +234,5 @@ def banded_bias_attention(
     tensors = tuple(t.to(dtype) if t is not None else None for t in (q, k, v, query_bias, shared_bias))
     with torch.autocast(device_type, enabled=False):
         if torch.onnx.is_in_onnx_export():
-            return exported_bias_attention(op.bias_fn, *tensors, grid, max_logits, scale, out_transposed)
+            return exported_bias_attention(op.bias_fn, *tensors, grid, scale, out_transposed)
         return op(*tensors, list(grid), max_logits, scale, out_transposed)

@@ -11,7 +11,7 @@ backward, so only the scaled queries are kept, not the L x (H + W) logits). In t
 form: ``docs/attention.md``.
 """
 import logging
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -155,23 +155,27 @@ def _split_tables(tables: torch.Tensor, grid: Tuple[int, int]) -> Tuple[torch.Te
             tables[height * height:].unflatten(0, (width, width)))
 
 
-def _relative_bias(query_rel: torch.Tensor, tables: torch.Tensor, start: int, stop: int,
-                   grid: Sequence[int]) -> torch.Tensor:
-    """Bias of the queries ``[start, stop)`` (whole rows of the grid) against every key: the 2-D relative logits of
-    their scaled queries ``query_rel[..., :-1]`` plus the logit shift ``query_rel[..., -1:]``."""
+def _relative_bias(query_rel: torch.Tensor, tables: torch.Tensor, first_row: Union[int, torch.Tensor],
+                   num_rows: int, grid: Sequence[int]) -> torch.Tensor:
+    """Bias of the queries in grid rows ``[first_row, first_row + num_rows)`` against every key: the 2-D relative
+    logits of their scaled queries ``query_rel[..., :-1]`` plus the logit shift ``query_rel[..., -1:]``; ``first_row``
+    is a 0-d tensor in a step of the exported scan."""
     height_table, width_table = _split_tables(tables, grid)
-    band_table = height_table.narrow(0, start // grid[1], (stop - start) // grid[1])  # sizes exact when symbolic
+    if isinstance(first_row, torch.Tensor):
+        band_table = height_table.index_select(0, first_row + torch.arange(num_rows, device=first_row.device))
+    else:
+        band_table = height_table.narrow(0, first_row, num_rows)
     rh, rw = relative_logits_of_rows(query_rel[..., :-1], band_table, width_table)
     return expand_relative_logits(rh + query_rel[..., -1:], rw)
 
 
-def _relative_bias_vjp(grad: torch.Tensor, query_rel: torch.Tensor, tables: torch.Tensor, start: int, stop: int,
-                       grid: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+def _relative_bias_vjp(grad: torch.Tensor, query_rel: torch.Tensor, tables: torch.Tensor, first_row: int,
+                       num_rows: int, grid: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Gradients of :func:`_relative_bias`'s ``query_rel`` rows and ``tables``: the bias gradient summed over key
     columns (for ``rh``) and key rows (for ``rw``), through the two einsums of :func:`relative_logits_of_rows`."""
     width = grid[1]
     height_table, width_table = _split_tables(tables, grid)
-    rows = slice(start // width, stop // width)
+    rows = slice(first_row, first_row + num_rows)
     grad = grad.unflatten(-1, grid)
     grad_rh = grad.sum(-1).unflatten(-2, (-1, width))  # (N, G, rows, W, H)
     grad_rw = grad.sum(-2).unflatten(-2, (-1, width))  # (N, G, rows, W, W)

@@ -55,8 +55,11 @@ def relative_logits_of_rows(
     batch, groups, tokens, dim = q.shape
     (rows, height), width = height_table.shape[:2], width_table.shape[0]
     q_grid = q.reshape(batch, groups, rows, width, dim)
-    rh = torch.einsum('ngxyd,xad->ngxya', q_grid, height_table).reshape(batch, groups, tokens, height)
-    rw = torch.einsum('ngxyd,ybd->ngxyb', q_grid, width_table).reshape(batch, groups, tokens, width)
+    # matmuls batched over the query row (rh) and column (rw), not einsum: OpenVINO fails on an exported Einsum
+    # inside a Loop (the exported banded attention)
+    rh = torch.matmul(q_grid, height_table.transpose(-1, -2)).reshape(batch, groups, tokens, height)
+    rw = torch.matmul(q_grid.transpose(2, 3), width_table.transpose(-1, -2)).transpose(2, 3).reshape(
+        batch, groups, tokens, width)
     return rh, rw
 
 

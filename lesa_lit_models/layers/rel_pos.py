@@ -4,7 +4,7 @@ Swin's table layout, resampled bicubically to each input's offset grid as the au
 expanded with strided views of the live table instead of an index (docs/lit.md; bands: docs/attention.md §3).
 """
 from functools import partial
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -58,41 +58,39 @@ def relative_position_bias_grid(
 def bias_rows_keys_reversed(
         offset_bias: torch.Tensor,
         feat_size: Tuple[int, int],
-        query_rows: Optional[Tuple[int, int]] = None,
+        first_row: Union[int, torch.Tensor] = 0,
+        num_rows: Optional[int] = None,
 ) -> torch.Tensor:
-    """Bias ``(heads, (stop - start) * W, H * W)`` of the queries in map rows ``[start, stop)`` against every key,
-    keys in *reverse* raster order: a strided view of ``offset_bias`` (docs/attention.md §3)."""
+    """Bias ``(heads, num_rows * W, H * W)`` of the queries in map rows ``[first_row, first_row + num_rows)`` (all
+    rows by default) against every key, keys in *reverse* raster order: a strided view of ``offset_bias``
+    (docs/attention.md §3); gathered where ``first_row`` is a tensor (a step of the exported scan) or exporting."""
     height, width = feat_size
-    start, stop = query_rows or (0, height)
-    if torch.compiler.is_exporting():  # unfold's window sizes would fix the grid of the exported program
+    num_rows = height if num_rows is None else num_rows
+    if isinstance(first_row, torch.Tensor) or torch.compiler.is_exporting():  # unfold's sizes would fix the grid
         arange = partial(torch.arange, device=offset_bias.device)
-        rows, cols = arange(start, stop)[:, None] + arange(height), arange(width)[:, None] + arange(width)
+        rows = first_row + arange(num_rows)[:, None] + arange(height)
+        cols = arange(width)[:, None] + arange(width)
         windows = offset_bias[:, rows[:, None, :, None], cols[None, :, None, :]]
     else:  # heads, rows, W, H, W
-        windows = offset_bias[:, start:stop + height - 1].unfold(1, height, 1).unfold(2, width, 1)
-    return windows.reshape(offset_bias.shape[0], (stop - start) * width, height * width)
+        windows = offset_bias[:, first_row:first_row + num_rows + height - 1].unfold(1, height, 1).unfold(2, width, 1)
+    return windows.reshape(offset_bias.shape[0], num_rows * width, height * width)
 
 
 @register_notrace_function  # FX: shapes depend on the input grid
 def bias_rows_keys_reversed_vjp(
         grad: torch.Tensor,
         feat_size: Tuple[int, int],
-        query_rows: Optional[Tuple[int, int]] = None,
+        first_row: int = 0,
+        num_rows: Optional[int] = None,
 ) -> torch.Tensor:
     """Gradient ``(heads, 2H - 1, 2W - 1)`` of the offset bias from that of a :func:`bias_rows_keys_reversed` band:
     the overlapping windows' gradients summed by ``F.fold`` (col2im)."""
     height, width = feat_size
-    start, stop = query_rows or (0, height)
-    rows = F.fold(grad.transpose(-1, -2), (stop - start + height - 1, 2 * width - 1), (height, width)).squeeze(1)
-    return F.pad(rows, (0, 0, start, height - stop))
+    num_rows = height if num_rows is None else num_rows
+    rows = F.fold(grad.transpose(-1, -2), (num_rows + height - 1, 2 * width - 1), (height, width)).squeeze(1)
+    return F.pad(rows, (0, 0, first_row, height - first_row - num_rows))
 
 
-def bias_from_grid(
-        offset_bias: torch.Tensor,
-        feat_size: Tuple[int, int],
-        query_rows: Optional[Tuple[int, int]] = None,
-) -> torch.Tensor:
-    """Dense bias ``(heads, (stop - start) * W, H * W)`` of the queries in map rows ``[start, stop)`` (all rows by
-    default) against every key in raster order."""
-    return bias_rows_keys_reversed(offset_bias, feat_size, query_rows).flip(-1)
-
+def bias_from_grid(offset_bias: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+    """Dense bias ``(heads, H * W, H * W)`` of every query against every key in raster order."""
+    return bias_rows_keys_reversed(offset_bias, feat_size).flip(-1)
