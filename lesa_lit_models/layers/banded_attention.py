@@ -132,6 +132,12 @@ def _banded_backward(bias_fn: BiasFn, bias_vjp: BiasVjp, grad_out, q, k, v, out,
     return [grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), grad_query_bias, grad_shared_bias.to(q.dtype)]
 
 
+# the exported softmax's logits are raised to at least (row max - this): probabilities below e^-80 (1.8e-35) do not
+# change a float32 result, and onnxruntime's softmax (and the matmul after it) runs ~10x slower on rows whose
+# probabilities underflow to subnormals (benchmarks: docs/compile-export.md)
+EXPORT_LOGIT_RANGE = 80.
+
+
 def exported_bias_attention(bias_fn: BiasFn, q, k, v, query_bias, shared_bias, grid: Sequence[int], scale: float,
                             out_transposed: bool) -> torch.Tensor:
     """The operator's function in plain ``matmul`` / ``softmax``, one grid row of queries per step of a ``scan``
@@ -146,6 +152,7 @@ def exported_bias_attention(bias_fn: BiasFn, q, k, v, query_bias, shared_bias, g
     def attend_row(carry, row_inputs):
         bias = bias_fn(row_inputs.get('query_bias'), shared_bias, row_inputs['row'], 1, grid)
         logits = torch.matmul(row_inputs['q'], k_t).mul(scale).add(bias)
+        logits = torch.maximum(logits, logits.amax(-1, keepdim=True) - EXPORT_LOGIT_RANGE)
         return carry.clone(), logits.softmax(-1).matmul(v)
 
     rows = torch.arange(height, device=q.device)
