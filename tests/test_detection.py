@@ -93,6 +93,23 @@ def test_synthetic_dataset_is_coco_and_deterministic(tmp_path, coco):
     assert 'annotations' not in test_dev and len(test_dev['images']) == 2
 
 
+def test_synthetic_validation_images_do_not_depend_on_the_number_of_training_images(tmp_path):
+    """A split is drawn from its own stream: more training images leave the validation images (pixels and
+    annotations) as they were, so trials with different training sets are scored on the same images."""
+    roots = []
+    for num_train in (1, 3):
+        roots.append(tmp_path / f'train{num_train}')
+        make_synthetic_coco(str(roots[-1]), SyntheticCocoSpec(num_train=num_train, num_val=2, num_test=0, min_side=64,
+                                                              max_side=96, stuff_maps=False))
+    images = [sorted((root / 'val2017').iterdir()) for root in roots]
+    assert [p.read_bytes() for p in images[0]] == [p.read_bytes() for p in images[1]]
+    annotations = [json.loads((root / 'annotations' / 'instances_val2017.json').read_text()) for root in roots]
+    assert [(a['segmentation'], a['category_id']) for a in annotations[0]['annotations']] == [
+        (a['segmentation'], a['category_id']) for a in annotations[1]['annotations']]
+    train = [sorted((root / 'train2017').iterdir())[0].read_bytes() for root in roots]
+    assert train[0] == train[1]
+
+
 def test_synthetic_dataset_loads_in_mmdet_with_masks_and_stuff_maps(coco):
     cfg = small_config(HTC_LESA, coco)
     dataset = DATASETS.build(cfg.train_dataloader.dataset)

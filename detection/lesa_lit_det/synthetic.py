@@ -14,7 +14,8 @@ The category list is COCO's 80 thing categories (names and ids); the three shape
 (rectangle -> tv, ellipse -> clock, triangle -> kite). So the stock 80-class heads, ``CocoDataset``'s labels and
 ``CocoMetric``'s id mapping apply unchanged, and a prediction of any class is a valid result. Stuff maps follow
 COCO-stuff: pixel value = category id - 1, 255 = unlabelled; the background of each image is one stuff class.
-Everything is drawn from one seed, so the same arguments give byte-identical files.
+Everything is drawn from one seed (a stream per split, so the validation images stay the same whatever the
+number of training images), and the same arguments give byte-identical files.
 """
 import json
 import math
@@ -183,14 +184,15 @@ def make_synthetic_coco(root: str, spec: SyntheticCocoSpec = SyntheticCocoSpec()
     summary_path = os.path.join(root, 'annotations')
     if _check_destination(root, spec, overwrite):
         return _summary(summary_path, reused=True)
-    rng = np.random.default_rng(spec.seed)
     if progress:
         from mmengine.utils import ProgressBar
         bar = ProgressBar(spec.num_train + spec.num_val + spec.num_test, file=sys.stdout)
     os.makedirs(summary_path, exist_ok=True)
     image_id = ann_id = 0
-    for split, count in (('train', spec.num_train), ('val', spec.num_val), ('test', spec.num_test)):
+    for split_index, (split, count) in enumerate((('train', spec.num_train), ('val', spec.num_val),
+                                                  ('test', spec.num_test))):
         folder = SPLITS[split]
+        rng = np.random.default_rng([spec.seed, split_index])  # a split's images do not depend on the others' counts
         os.makedirs(os.path.join(root, folder), exist_ok=True)
         if split == 'train' and spec.stuff_maps:
             os.makedirs(os.path.join(root, 'stuffthingmaps', folder), exist_ok=True)
