@@ -199,8 +199,8 @@ def write_markdown(path: str, meta: Dict, cases: List[Case], results: Dict[str, 
         lines += ['', '## torch.compile, onnxruntime and OpenVINO vs eager', '',
                   'Compiled: `torch.compile(model)` (inductor, default mode). Its first call, which compiles, is '
                   'not in the timings; its wall time is the last column. onnxruntime, OpenVINO: the model exported to '
-                  'ONNX (`torch.onnx.export(dynamo=True)`, dynamic batch, height and width; the LESA / LIT attention in '
-                  'bands of query rows, as eager) run by onnxruntime\'s CPU provider, or by OpenVINO on the CPU in '
+                  'ONNX by `lesa_lit_models.export.export_onnx` (dynamic batch, height and width; the LESA / LIT '
+                  'attention a loop over the rows of the query grid) run by onnxruntime\'s CPU provider, or by OpenVINO on the CPU in '
                   'float32, with the same intra-op threads and input; the export is the last column. The memory '
                   'ratio of a runtime vs eager compares, on both sides, the rise of the process\'s peak resident '
                   'size over the warm-up and timed runs (weights, input and the runtime\'s session resident before '

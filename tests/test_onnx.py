@@ -54,17 +54,11 @@ def test_every_registered_model_has_an_export_case():
 
 
 def _runtime_cases():
-    """(name, features_only, runtimes): onnxruntime runs every export; OpenVINO runs the classifiers' in every run
-    (and the export command's LIT-S below), the detection backbones' features (the slowest exports) in exhaustive
-    runs, as a case of their own."""
+    """(name, features_only, runtimes): each export run by onnxruntime and OpenVINO."""
     for name, features_only in EXPORT_CASES + EXHAUSTIVE_CASES:
         mode = 'features' if features_only else 'classifier'
         exhaustive = [pytest.mark.exhaustive] if (name, features_only) in EXHAUSTIVE_CASES else []
-        if features_only:
-            yield pytest.param(name, True, ('onnxruntime',), id=f'{name}-{mode}-onnxruntime', marks=exhaustive)
-            yield pytest.param(name, True, ('openvino',), id=f'{name}-{mode}-openvino', marks=[pytest.mark.exhaustive])
-        else:
-            yield pytest.param(name, False, RUNTIMES, id=f'{name}-{mode}', marks=exhaustive)
+        yield pytest.param(name, features_only, RUNTIMES, id=f'{name}-{mode}', marks=exhaustive)
 
 
 @pytest.mark.slow
