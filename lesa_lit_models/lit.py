@@ -34,8 +34,8 @@ from ._timm import feature_take_indices
 from .layers.deform_merge import DeformableTokenMerging
 from .layers.attn_impl import check_attn_impl, set_attn_impl
 from .layers.banded_attention import banded_bias_attention, banded_bias_attention_op
-from .layers.rel_pos import bias_from_grid, bias_rows_keys_reversed, bias_rows_keys_reversed_vjp, bias_table_size, \
-    relative_position_bias_grid, resample_bias_table
+from .layers.rel_pos import bias_from_grid, bias_row_keys_reversed, bias_rows_keys_reversed, \
+    bias_rows_keys_reversed_vjp, bias_table_size, column_windows, relative_position_bias_grid, resample_bias_table
 
 __all__ = ['LIT', 'checkpoint_filter_fn', 'OUTPUT_NORM_KEY']
 
@@ -64,6 +64,8 @@ def resample_grid_pos_embed(pos_embed: torch.Tensor, pos_embed_grid: Tuple[int, 
 
 # banded_bias_attention's bias function and its vjp; the shared bias is the offset grid
 def _bias_of_rows(query_bias, offset_bias, first_row, num_rows, feat_size):
+    if isinstance(first_row, torch.Tensor):  # a step of the exported scan: offset_bias is column_windows' table
+        return bias_row_keys_reversed(offset_bias, feat_size, first_row).unsqueeze(0)
     return bias_rows_keys_reversed(offset_bias, feat_size, first_row, num_rows).unsqueeze(0)
 
 
@@ -71,7 +73,8 @@ def _bias_of_rows_vjp(grad, query_bias, offset_bias, first_row, num_rows, feat_s
     return None, bias_rows_keys_reversed_vjp(grad.squeeze(0), feat_size, first_row, num_rows)
 
 
-_offset_bias_attention = banded_bias_attention_op('lit_offset_bias_attention', _bias_of_rows, _bias_of_rows_vjp)
+_offset_bias_attention = banded_bias_attention_op('lit_offset_bias_attention', _bias_of_rows, _bias_of_rows_vjp,
+                                                   export_shared_bias=column_windows)
 
 
 @register_notrace_function  # FX leaf: it reads the shapes, the device and the autocast state of its inputs

@@ -12,8 +12,8 @@ from timm.models import group_parameters
 import lesa_lit_models  # noqa: F401  (registers the models)
 from lesa_lit_models import CheckpointError
 from lesa_lit_models.layers.deform_merge import DeformableTokenMerging
-from lesa_lit_models.layers.rel_pos import bias_from_grid, bias_rows_keys_reversed, relative_position_bias_grid, \
-    resample_bias_table
+from lesa_lit_models.layers.rel_pos import bias_from_grid, bias_row_keys_reversed, bias_rows_keys_reversed, \
+    column_windows, relative_position_bias_grid, resample_bias_table
 from lesa_lit_models.lit import AttentionBlock, LITAttention, MLPBlock
 from _helpers import SMALL_LIT, assert_same_results, assert_same_tensors, load_file, mmdet2_checkpoint, \
     outputs_and_grads, randomise, small_model, swin_relative_position_index, to_upstream
@@ -127,15 +127,18 @@ def test_attention_equals_explicit_softmax(with_table):
 
 @pytest.mark.parametrize('feat_size, rows', [((5, 4), (0, 2)), ((5, 4), (3, 5)), ((7, 3), (2, 6)), ((4, 6), (0, 4))])
 def test_bias_of_a_band_of_query_rows_is_that_slice_of_the_dense_bias(feat_size, rows):
-    """A band's bias, as a view (eager) and gathered from a tensor row (a step of the exported scan), is its rows of
-    the dense bias."""
+    """A band's bias (eager's strided view) and each of its rows from the column windows (a step of the exported
+    scan, the row a tensor) are their rows of the dense bias."""
     h, w = feat_size
     table = torch.randn(9 * 11, 3)  # a 5x6-grid table, resampled for every size here but (5, 6)
     dense = _dense_bias(table, (9, 11), feat_size)
     offset_bias = relative_position_bias_grid(table, (9, 11), feat_size)
-    for first_row in (rows[0], torch.tensor(rows[0])):
-        band = bias_rows_keys_reversed(offset_bias, feat_size, first_row, rows[1] - rows[0]).flip(-1)
-        assert torch.equal(band, dense[:, rows[0] * w:rows[1] * w])
+    band = bias_rows_keys_reversed(offset_bias, feat_size, rows[0], rows[1] - rows[0]).flip(-1)
+    assert torch.equal(band, dense[:, rows[0] * w:rows[1] * w])
+    windows = column_windows(offset_bias, feat_size)
+    for row in range(*rows):
+        got = bias_row_keys_reversed(windows, feat_size, torch.tensor(row)).flip(-1)
+        assert torch.equal(got, dense[:, row * w:(row + 1) * w])
 
 
 @pytest.mark.parametrize('feat_size', [(9, 8), (11, 5)])

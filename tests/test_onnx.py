@@ -103,7 +103,7 @@ def test_exported_form_of_the_banded_attention_equals_the_operator(op):
     row_logits = q.shape[0] * groups * grid[1] * q.shape[2]
     for out_transposed in (False, True):
         want = op(q, k, v, query_bias, shared_bias, list(grid), 2 * row_logits, .5, out_transposed)
-        got = exported_bias_attention(op.bias_fn, q, k, v, query_bias, shared_bias, grid, .5, out_transposed)
+        got = exported_bias_attention(op, q, k, v, query_bias, shared_bias, grid, .5, out_transposed)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         assert got.stride() == want.stride()
 

@@ -35,7 +35,7 @@ def _bands(q: torch.Tensor, k: torch.Tensor, grid: Sequence[int], max_logits: Op
 
 # bias_fn(query_bias_band, shared_bias, first_row, num_rows, grid) -> bias of the queries in grid rows
 # [first_row, first_row + num_rows) against every key, broadcastable to (N, heads, num_rows * W, keys); first_row is
-# an int, or a 0-d tensor in the exported form
+# an int, or a 0-d tensor in a step of the exported form (one row; shared_bias then as export_shared_bias made it)
 BiasFn = Callable[[Optional[torch.Tensor], Optional[torch.Tensor], Union[int, torch.Tensor], int, Sequence[int]],
                   torch.Tensor]
 # bias_vjp(grad_bias, query_bias_band, shared_bias, first_row, num_rows, grid) -> (gradient of query_bias_band,
@@ -138,12 +138,15 @@ def _banded_backward(bias_fn: BiasFn, bias_vjp: BiasVjp, grad_out, q, k, v, out,
 EXPORT_LOGIT_RANGE = 80.
 
 
-def exported_bias_attention(bias_fn: BiasFn, q, k, v, query_bias, shared_bias, grid: Sequence[int], scale: float,
-                            out_transposed: bool) -> torch.Tensor:
-    """The operator's function in plain ``matmul`` / ``softmax``, one grid row of queries per step of a ``scan``
-    (ONNX ``Scan``): what an ONNX export records. The graph holds one row's subgraph at every input size, and a
-    runtime keeps one row's logits at a time."""
+def exported_bias_attention(op: Callable[..., torch.Tensor], q, k, v, query_bias, shared_bias, grid: Sequence[int],
+                            scale: float, out_transposed: bool) -> torch.Tensor:
+    """The function of ``op`` (:func:`banded_bias_attention_op`) in plain ``matmul`` / ``softmax``, one grid row of
+    queries per step of a ``scan`` (ONNX ``Scan``): what an ONNX export records. The graph holds one row's subgraph
+    at every input size, and a runtime keeps one row's logits at a time."""
     height, width = grid
+    bias_fn = op.bias_fn
+    if shared_bias is not None and op.export_shared_bias is not None:
+        shared_bias = op.export_shared_bias(shared_bias, grid)
     k_t, v = k.transpose(-1, -2).clone(), v.clone()  # a scan's inputs must not alias (k and v may share storage)
 
     def rows_first(t: torch.Tensor) -> torch.Tensor:  # (H, ..., W, C): the scan steps over dim 0
@@ -164,10 +167,14 @@ def exported_bias_attention(bias_fn: BiasFn, q, k, v, query_bias, shared_bias, g
     return out.transpose(-1, -2).contiguous().transpose(-1, -2) if out_transposed else out
 
 
-def banded_bias_attention_op(name: str, bias_fn: BiasFn, bias_vjp: BiasVjp) -> Callable[..., torch.Tensor]:
+def banded_bias_attention_op(name: str, bias_fn: BiasFn, bias_vjp: BiasVjp,
+                             export_shared_bias: Optional[Callable[[torch.Tensor, Sequence[int]], torch.Tensor]] = None
+                             ) -> Callable[..., torch.Tensor]:
     """Register ``lesa_lit_models::<name>``, the banded attention with bias function ``bias_fn`` and its vjp
     ``bias_vjp``, as a custom operator with a custom-operator backward, opaque to ``torch.compile`` and
-    ``torch.export`` so that the bands follow the actual input size (docs/attention.md §1)."""
+    ``torch.export`` so that the bands follow the actual input size (docs/attention.md §1).
+    ``export_shared_bias(shared_bias, grid)``, if given, recasts the shared bias once before the exported form's scan,
+    whose steps then pass its result to ``bias_fn`` (with a tensor ``first_row``)."""
     qualname = f'lesa_lit_models::{name}'
 
     @torch.library.custom_op(qualname, mutates_args=())
@@ -204,7 +211,7 @@ def banded_bias_attention_op(name: str, bias_fn: BiasFn, bias_vjp: BiasVjp) -> C
                 grad_shared_bias if shared_bias is not None else None, None, None, None, None)
 
     attend.register_autograd(backward, setup_context=setup_context)
-    attend.bias_fn = bias_fn  # for the ONNX form (exported_bias_attention)
+    attend.bias_fn, attend.export_shared_bias = bias_fn, export_shared_bias  # the ONNX form (exported_bias_attention)
     return attend
 
 
@@ -241,5 +248,5 @@ def banded_bias_attention(
     tensors = tuple(t.to(dtype) if t is not None else None for t in (q, k, v, query_bias, shared_bias))
     with torch.autocast(device_type, enabled=False):
         if torch.onnx.is_in_onnx_export():
-            return exported_bias_attention(op.bias_fn, *tensors, grid, scale, out_transposed)
+            return exported_bias_attention(op, *tensors, grid, scale, out_transposed)
         return op(*tensors, list(grid), max_logits, scale, out_transposed)

@@ -4,14 +4,14 @@ Swin's table layout, resampled bicubically to each input's offset grid as the au
 expanded with strided views of the live table instead of an index (docs/lit.md; bands: docs/attention.md §3).
 """
 from functools import partial
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function, resize_rel_pos_bias_table_simple
 
 __all__ = ['bias_table_size', 'resample_bias_table', 'relative_position_bias_grid', 'bias_rows_keys_reversed',
-           'bias_rows_keys_reversed_vjp', 'bias_from_grid']
+           'bias_rows_keys_reversed_vjp', 'bias_from_grid', 'column_windows', 'bias_row_keys_reversed']
 
 
 def bias_table_size(grid_size: Tuple[int, int]) -> Tuple[int, int]:
@@ -58,15 +58,15 @@ def relative_position_bias_grid(
 def bias_rows_keys_reversed(
         offset_bias: torch.Tensor,
         feat_size: Tuple[int, int],
-        first_row: Union[int, torch.Tensor] = 0,
+        first_row: int = 0,
         num_rows: Optional[int] = None,
 ) -> torch.Tensor:
     """Bias ``(heads, num_rows * W, H * W)`` of the queries in map rows ``[first_row, first_row + num_rows)`` (all
     rows by default) against every key, keys in *reverse* raster order: a strided view of ``offset_bias``
-    (docs/attention.md §3); gathered where ``first_row`` is a tensor (a step of the exported scan) or exporting."""
+    (docs/attention.md §3)."""
     height, width = feat_size
     num_rows = height if num_rows is None else num_rows
-    if isinstance(first_row, torch.Tensor) or torch.compiler.is_exporting():  # unfold's sizes would fix the grid
+    if torch.compiler.is_exporting():  # unfold's window sizes would fix the grid of the exported program
         arange = partial(torch.arange, device=offset_bias.device)
         rows = first_row + arange(num_rows)[:, None] + arange(height)
         cols = arange(width)[:, None] + arange(width)
@@ -74,6 +74,24 @@ def bias_rows_keys_reversed(
     else:  # heads, rows, W, H, W
         windows = offset_bias[:, first_row:first_row + num_rows + height - 1].unfold(1, height, 1).unfold(2, width, 1)
     return windows.reshape(offset_bias.shape[0], num_rows * width, height * width)
+
+
+def column_windows(offset_bias: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+    """``(heads, W, 2H - 1, W)`` table ``c[:, y, a, y'] = offset_bias[:, a, y + y']``: the offset grid's window of
+    each query column, whole rows, from which one grid row's bias is a slice (:func:`bias_row_keys_reversed`); the
+    exported attention's form of the offset grid, gathered once per attention."""
+    arange = partial(torch.arange, device=offset_bias.device)
+    cols = arange(feat_size[1])[:, None] + arange(feat_size[1])
+    return offset_bias[:, :, cols].transpose(1, 2).contiguous()
+
+
+def bias_row_keys_reversed(windows: torch.Tensor, feat_size: Tuple[int, int], row: torch.Tensor) -> torch.Tensor:
+    """Bias ``(heads, W, H * W)`` of the queries in map row ``row`` (a 0-d tensor: a step of the exported scan)
+    against every key in reverse raster order, from :func:`column_windows`: one contiguous run of ``H * W`` per
+    query; equals ``bias_rows_keys_reversed(offset_bias, feat_size, row, 1)``."""
+    height, width = feat_size
+    rows = row + torch.arange(height, device=windows.device)
+    return windows.index_select(2, rows).reshape(windows.shape[0], width, height * width)
 
 
 @register_notrace_function  # FX: shapes depend on the input grid
