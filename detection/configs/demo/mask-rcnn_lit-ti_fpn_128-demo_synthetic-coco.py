@@ -55,6 +55,7 @@ train_dataloader = dict(batch_size=batch_size, num_workers=0, persistent_workers
 test_dataloader = dict(num_workers=0, persistent_workers=False,
                        dataset=dict(metainfo=dict(classes=classes), pipeline=test_pipeline))
 val_dataloader = val_cfg = val_evaluator = None
+test_evaluator = dict(classwise=True)  # test.sh also prints the box and mask AP of each shape
 
 train_cfg = dict(max_epochs=epochs, val_interval=epochs)
 param_scheduler = [
