@@ -63,6 +63,9 @@ def onnx_session(path: os.PathLike, runtime: str = 'onnxruntime', threads: int =
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1 if threads else 0
+        # no memory pattern: at these graphs' dynamic sizes the pattern pre-allocates one block that peaks at 1.5x
+        # the run without it, and runs no faster (docs/compile-export.md)
+        options.enable_mem_pattern = False
         session = onnxruntime.InferenceSession(os.fspath(path), options, providers=['CPUExecutionProvider'])
         name = session.get_inputs()[0].name
         return lambda image: session.run(None, {name: image})
