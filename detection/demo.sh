@@ -26,7 +26,7 @@ START=$SECONDS
 echo "The training step logs how long training takes on this machine after its first 10 iterations."
 run() { printf '\n$ %s\n' "$*"; "$@"; }
 
-run "$PYTHON" "$HERE/tools/make_synthetic_coco.py" "$WORK_DIR/data" --num-train 900 --num-val 48 --num-test 0 \
+run "$PYTHON" "$HERE/tools/make_synthetic_coco.py" "$WORK_DIR/data" --num-train 1000 --num-val 48 --num-test 0 \
   --no-stuff-maps --overwrite  # --overwrite: a previous demo's dataset of other settings (never a foreign folder)
 run "$HERE/train.sh" "$CONFIG" 0 --data-root "$WORK_DIR/data" --work-dir "$WORK_DIR/train"
 CHECKPOINT="$(cat "$WORK_DIR/train/last_checkpoint")"
