@@ -11,14 +11,14 @@
 # - GroupNorm in the FPN and the mask head (as mmdet's from-scratch "gn" configs);
 # - one box regressor for all classes (as Cascade R-CNN's heads): a shape whose class is still wrong is boxed well,
 #   and every positive RoI trains the one regressor;
-# - 32 RoIs per image, half of them positive (mmdet: 512, a quarter): the classifier sees twice the shapes (box AP
-#   0.61 against 0.53 for a quarter, 0.58 for three quarters), the 4-conv mask head runs on every positive RoI; no
-#   drop path;
+# - 32 RoIs per image, half of them positive (mmdet: 512, a quarter): the classifier sees twice the shapes (one-thread
+#   trials: box AP 0.61 against 0.53-0.54 for a quarter, 0.58 for three quarters), the 4-conv mask head runs on every
+#   positive RoI; no drop path;
 # - AdamW (fused: one kernel per step on the CPU) at a from-scratch learning rate for the heads and the paper's for
 #   the backbone, short warmup, cosine decay over 4 epochs of 1000 images (demo.sh generates them): LIT-Ti from
 #   scratch learns where the shapes are before it learns which, and more distinct images beat more epochs of fewer
 #   (240 images x 16 epochs, 960 steps: box AP 0.05 lower); the AP grows with the steps (1800 steps: box AP 0.79),
-#   1000 steps of 4 images keep the demo under 15 minutes on a 2-core AVX2-only CPU;
+#   1000 steps of 4 images should keep the demo under 15 minutes on a 2-core AVX2-only CPU (docs/development.md);
 # - heads for 128-pixel images of three shapes, not COCO at 1333 px (a step costs two thirds of the stock heads'): 128
 #   channels in FPN, RPN, RoI features (stock 256), 64 in the mask convs, 512-wide box fcs; torchvision's RoIAlign;
 # - data loaded in the training process, so every core computes (the images are small).
