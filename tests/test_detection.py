@@ -199,6 +199,35 @@ def test_draw_predictions_shows_prediction_and_truth_side_by_side_with_a_legend(
         assert (hidden[prediction][:height, :width] == np.asarray(image.resize((width, height), Image.BILINEAR))).all()
 
 
+
+
+def test_draw_predictions_draws_one_class_per_object_unless_asked_for_all(tmp_path, coco):
+    from PIL import Image
+
+    from lesa_lit_det.visualize import draw_predictions
+    ann_file = coco / 'annotations' / 'instances_val2017.json'
+    boxes, masks = _predictions_from_truth(ann_file, score=0.8)
+    classes = [c['id'] for c in json.loads(ann_file.read_text())['categories']]
+
+    def other_class(result):  # the same object, a lower score, another class (a per-class NMS keeps both)
+        x, y, w, h = result['bbox']
+        other = next(c for c in classes if c != result['category_id'])
+        return dict(result, category_id=other, score=0.5, bbox=[x + 1, y, w, h])
+
+    def sheet(name, results, **kwargs):
+        prefix = tmp_path / name
+        (tmp_path / f'{name}.bbox.json').write_text(json.dumps(results[0]))
+        (tmp_path / f'{name}.segm.json').write_text(json.dumps(results[1]))
+        out = draw_predictions(str(ann_file), str(coco / 'val2017'), str(prefix), str(tmp_path / f'{name}.png'),
+                               pairs_per_row=1, tile=64, **kwargs)
+        return np.asarray(Image.open(out).convert('RGB'))
+
+    doubled = (boxes + [other_class(b) for b in boxes], masks + [other_class(m) for m in masks])
+    once, top_of_doubled = sheet('once', (boxes, masks)), sheet('doubled', doubled)
+    every = sheet('every', doubled, overlap_thr=None)
+    assert (once == top_of_doubled).all()  # the lower-scored box of another class is not drawn
+    assert once.shape == every.shape and (every != top_of_doubled).any()
+
 def test_metrics_table_lists_box_and_mask_ap():
     from lesa_lit_det.visualize import metrics_table
     metrics = {f'coco/{kind}_{c}': v for kind, v in (('bbox', 0.5), ('segm', 0.25))

@@ -6,7 +6,9 @@ from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from torchvision.ops import nms
 
 __all__ = ['draw_predictions', 'metrics_table']
 
@@ -96,6 +98,13 @@ def _header(width: int, lines: Sequence[str], classes: Sequence[Tuple[str, Tuple
     return header
 
 
+def _top_of_overlaps(results: Sequence[Dict], iou_thr: float) -> List[int]:
+    """Indices of the results that no higher-scored result overlaps at box IoU >= ``iou_thr``, any class."""
+    xywh = torch.tensor([r['bbox'] for r in results], dtype=torch.float64)
+    boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+    return nms(boxes, torch.tensor([r['score'] for r in results], dtype=torch.float64), iou_thr).tolist()
+
+
 def draw_predictions(
         ann_file: str,
         img_dir: str,
@@ -106,9 +115,13 @@ def draw_predictions(
         pairs_per_row: int = 2,
         tile: int = 320,
         metrics: Optional[Dict[str, float]] = None,
+        overlap_thr: Optional[float] = 0.5,
 ) -> str:
     """Draw the first ``max_images`` images twice, side by side: the predictions scoring at least ``score_thr``
     (masks, boxes, class names and scores) and the ground truth of ``ann_file`` (masks, boxes, class names).
+    Of predictions whose boxes overlap at IoU >= ``overlap_thr``, whatever their classes, only the top-scored is
+    drawn (one class per object, as read by a person; the detector's per-class results, which the AP scores, keep
+    them all); ``None`` draws every prediction.
 
     ``results_prefix`` is the CocoMetric ``outfile_prefix``: ``<prefix>.bbox.json`` is required,
     ``<prefix>.segm.json`` adds the predicted masks. A header names the dataset, the score threshold, the box and
@@ -131,7 +144,10 @@ def draw_predictions(
         found = boxes[info['id']]
         if masks[info['id']]:  # CocoMetric writes the segm json in the order of the bbox json
             found = [dict(box, segmentation=mask['segmentation']) for box, mask in zip(found, masks[info['id']])]
-        predictions[info['id']] = sorted((r for r in found if r['score'] >= score_thr), key=lambda r: r['score'])
+        found = [r for r in found if r['score'] >= score_thr]
+        if overlap_thr is not None and found:
+            found = [found[i] for i in _top_of_overlaps(found, overlap_thr)]
+        predictions[info['id']] = sorted(found, key=lambda r: r['score'])
     shown = sorted({o['category_id'] for i in images for o in predictions[i['id']] + truth[i['id']]})
     colors = {cid: _PALETTE[i % len(_PALETTE)] for i, cid in enumerate(shown)}
 
@@ -139,7 +155,9 @@ def draw_predictions(
     pair = 2 * tile + _GAP
     width = pairs_per_row * pair + (pairs_per_row + 1) * 2 * _GAP
     title = [dataset.get('info', {}).get('description') or osp.basename(ann_file),
-             f'left: prediction (class score >= {score_thr:.2f}), right: ground truth']
+             f'left: prediction (class score >= {score_thr:.2f}'
+             + (f'; of boxes overlapping at IoU >= {overlap_thr:.2f}, the top-scored' if overlap_thr is not None else '')
+             + '), right: ground truth']
     if metrics:
         title.append('  '.join(f'{label} AP {metrics[key]:.3f}' for label, key in (
             ('box', 'coco/bbox_mAP'), ('mask', 'coco/segm_mAP')) if key in metrics))

@@ -2,7 +2,10 @@
 
     python detection/tools/test.py CONFIG CKPT --data-root D --work-dir W --out-prefix W/results
     python detection/tools/draw_predictions.py D/annotations/instances_val2017.json D/val2017 \
-        W/results predictions.png [--score-thr 0.3] [--metrics W/metrics.json]
+        W/results predictions.png [--score-thr 0.3] [--metrics W/metrics.json] [--all-overlaps]
+
+Of predictions whose boxes overlap (IoU >= 0.5), whatever their classes, only the top-scored is drawn: the class a
+person would read off the detector; ``--all-overlaps`` draws every prediction (mmdet's NMS is per class).
 
 With ``--metrics`` (the ``metrics.json`` test.py writes) the box and mask AP table is printed and the APs are
 written into the picture's header.
@@ -22,6 +25,8 @@ def main(argv=None):
     parser.add_argument('--score-thr', type=float, default=0.3)
     parser.add_argument('--max-images', type=int, default=8)
     parser.add_argument('--metrics', help='metrics.json of the same results (tools/test.py): print the AP table')
+    parser.add_argument('--all-overlaps', action='store_true',
+                        help='draw overlapping predictions of other classes too, not only the top-scored')
     args = parser.parse_args(argv)
     metrics = None
     if args.metrics:
@@ -29,7 +34,7 @@ def main(argv=None):
             metrics = json.load(f)
         print(metrics_table(metrics))
     print(draw_predictions(args.ann_file, args.img_dir, args.results_prefix, args.out_file, args.score_thr,
-                           args.max_images, metrics=metrics))
+                           args.max_images, metrics=metrics, overlap_thr=None if args.all_overlaps else 0.5))
 
 
 if __name__ == '__main__':
