@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
-from torchvision.ops import nms
+from torchvision.ops import box_convert, nms
 
 __all__ = ['draw_predictions', 'metrics_table']
 
@@ -100,8 +100,7 @@ def _header(width: int, lines: Sequence[str], classes: Sequence[Tuple[str, Tuple
 
 def _top_of_overlaps(results: Sequence[Dict], iou_thr: float) -> List[int]:
     """Indices of the results that no higher-scored result overlaps at box IoU >= ``iou_thr``, any class."""
-    xywh = torch.tensor([r['bbox'] for r in results], dtype=torch.float64)
-    boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+    boxes = box_convert(torch.tensor([r['bbox'] for r in results], dtype=torch.float64), 'xywh', 'xyxy')
     return nms(boxes, torch.tensor([r['score'] for r in results], dtype=torch.float64), iou_thr).tolist()
 
 
