@@ -15,12 +15,16 @@
 #   trials: box AP 0.61 against 0.53-0.54 for a quarter, 0.58 for three quarters), the 4-conv mask head runs on every
 #   positive RoI; no drop path;
 # - AdamW (fused: one kernel per step on the CPU) at a from-scratch learning rate for the heads and the paper's for
-#   the backbone, short warmup, cosine decay over 4 epochs of 1000 images (demo.sh generates them): LIT-Ti from
-#   scratch learns where the shapes are before it learns which, and more distinct images beat more epochs of fewer
-#   (240 images x 16 epochs, 960 steps: box AP 0.05 lower); the AP grows with the steps (1800 steps: box AP 0.79),
-#   1000 steps of 4 images should keep the demo under 15 minutes on a 2-core AVX2-only CPU (docs/development.md);
+#   the backbone, short warmup, cosine decay over 4 epochs of 1000 images of one to six shapes (demo.sh generates
+#   them): LIT-Ti from scratch learns where the shapes are before it learns which, and more distinct shapes beat more
+#   epochs of fewer (240 images x 16 epochs, 960 steps: box AP 0.05 lower; up to four shapes an image: box AP 0.07
+#   lower on the same validation images, two seeds); the AP grows with the steps (1800 steps: box AP 0.79), 1000
+#   steps of 4 images keep the demo under 15 minutes on a 2-core AVX2-only CPU (docs/development.md);
 # - heads for 128-pixel images of three shapes, not COCO at 1333 px (a step costs two thirds of the stock heads'): 128
-#   channels in FPN, RPN, RoI features (stock 256), 64 in the mask convs, 512-wide box fcs; torchvision's RoIAlign;
+#   channels in FPN, RPN, RoI features (stock 256), 64 in the mask convs, 512-wide box fcs;
+# - RoI features by mmcv's SimpleRoIAlign (PointRend's: one bilinear sample at each bin's centre, as grid_sample), not
+#   RoIAlign's mean of up to 5x5 samples a bin: RoIAlign's backward runs on one core on the CPU and took 12% of a late
+#   step (0.36 against 0.40 s a step), at the same AP over two seeds;
 # - data loaded in the training process, so every core computes (the images are small).
 _base_ = '../lit/mask-rcnn_lit-ti_fpn_1x_coco.py'
 
@@ -39,8 +43,10 @@ model = dict(
     neck=dict(out_channels=channels, norm_cfg=norm_cfg),
     rpn_head=dict(in_channels=channels, feat_channels=channels, anchor_generator=dict(scales=[2])),
     roi_head=dict(
-        bbox_roi_extractor=dict(out_channels=channels, roi_layer=dict(use_torchvision=True)),
-        mask_roi_extractor=dict(out_channels=channels, roi_layer=dict(use_torchvision=True)),
+        bbox_roi_extractor=dict(out_channels=channels,
+                                roi_layer=dict(_delete_=True, type='SimpleRoIAlign', output_size=7)),
+        mask_roi_extractor=dict(out_channels=channels,
+                                roi_layer=dict(_delete_=True, type='SimpleRoIAlign', output_size=14)),
         bbox_head=dict(in_channels=channels, fc_out_channels=fc_channels, num_classes=len(classes),
                        reg_class_agnostic=True),
         mask_head=dict(in_channels=channels, conv_out_channels=mask_channels, num_classes=len(classes),
