@@ -15,11 +15,12 @@
 #   trials: box AP 0.61 against 0.53-0.54 for a quarter, 0.58 for three quarters), the 4-conv mask head runs on every
 #   positive RoI; no drop path;
 # - AdamW (fused: one kernel per step on the CPU) at a from-scratch learning rate for the heads and the paper's for
-#   the backbone, short warmup, cosine decay over 4 epochs of 1000 images of one to six shapes (demo.sh generates
+#   the backbone, short warmup, cosine decay over 4 epochs of 900 images of one to six shapes (demo.sh generates
 #   them): LIT-Ti from scratch learns where the shapes are before it learns which, and more distinct shapes beat more
-#   epochs of fewer (240 images x 16 epochs, 960 steps: box AP 0.05 lower; up to four shapes an image: box AP 0.07
-#   lower on the same validation images, two seeds); the AP grows with the steps (1800 steps: box AP 0.79), 1000
-#   steps of 4 images keep the demo under 15 minutes on a 2-core AVX2-only CPU (docs/development.md);
+#   epochs of fewer (240 images x 16 epochs: box AP 0.05 lower; up to four shapes an image: box AP 0.07 lower on the
+#   same validation images, two seeds); the AP grows with the steps (1800 steps: box AP 0.79; 1000: 0.02 above
+#   these 900), and 900 steps of 4 images keep the demo well under 15 minutes on a 2-core AVX2-only CPU
+#   (docs/development.md);
 # - heads for 128-pixel images of three shapes, not COCO at 1333 px (a step costs two thirds of the stock heads'): 128
 #   channels in FPN, RPN, RoI features (stock 256), 64 in the mask convs, 512-wide box fcs;
 # - RoI features by mmcv's SimpleRoIAlign (PointRend's: one bilinear sample at each bin's centre, as grid_sample), not
