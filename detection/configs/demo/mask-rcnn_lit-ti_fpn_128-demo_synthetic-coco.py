@@ -1,32 +1,5 @@
-# CPU demo (detection/demo.sh): the LIT-Ti Mask R-CNN of configs/lit/ at 128 pixels, trained from scratch on the
-# synthetic dataset (detection/tools/make_synthetic_coco.py; pass its folder with --data-root), then evaluated once
-# with test.sh (no validation during training); its results: detection/README.md.
-# Not a paper setting. The paper's LIT-Ti Mask R-CNN (LIT, arXiv 2105.14217): COCO val2017 box AP 42.0, mask AP 39.1.
-#
-# What differs from the paper config, and why (a short from-scratch run on a CPU):
-# - one head per shape: the dataset's three categories (tv, clock, kite), not COCO's 80;
-# - anchors scaled with the input (anchor scale 2): the 20-70 pixel shapes match anchors on the stride 16-32 maps;
-#   the RoIs keep mmdet's levels, so at this size all pool from the stride-4 map, the only one fine enough for
-#   the corners that tell a rectangle from an ellipse (RoIs mostly from stride 8: mask AP 0.05 lower);
-# - GroupNorm in the FPN and the mask head (as mmdet's from-scratch "gn" configs);
-# - one box regressor for all classes (as Cascade R-CNN's heads): a shape whose class is still wrong is boxed well,
-#   and every positive RoI trains the one regressor;
-# - 32 RoIs per image, half of them positive (mmdet: 512, a quarter): the classifier sees twice the shapes (one-thread
-#   trials: box AP 0.61 against 0.53-0.54 for a quarter, 0.58 for three quarters), the 4-conv mask head runs on every
-#   positive RoI; no drop path;
-# - AdamW (fused: one kernel per step on the CPU) at a from-scratch learning rate for the heads and the paper's for
-#   the backbone, short warmup, cosine decay over 4 epochs of 900 images of one to six shapes (demo.sh generates
-#   them): LIT-Ti from scratch learns where the shapes are before it learns which, and more distinct shapes beat more
-#   epochs of fewer (240 images x 16 epochs: box AP 0.05 lower; up to four shapes an image: box AP 0.07 lower on the
-#   same validation images, two seeds); the AP grows with the steps (1800 steps: box AP 0.79; 1000: 0.02 above
-#   these 900), and 900 steps of 4 images keep the demo well under 15 minutes on a 2-core AVX2-only CPU
-#   (docs/development.md);
-# - heads for 128-pixel images of three shapes, not COCO at 1333 px (a step costs two thirds of the stock heads'): 128
-#   channels in FPN, RPN, RoI features (stock 256), 64 in the mask convs, 512-wide box fcs;
-# - RoI features by mmcv's SimpleRoIAlign (PointRend's: one bilinear sample at each bin's centre, as grid_sample), not
-#   RoIAlign's mean of up to 5x5 samples a bin: RoIAlign's backward runs on one core on the CPU and took 12% of a late
-#   step (0.36 against 0.40 s a step), at the same AP over two seeds;
-# - data loaded in the training process, so every core computes (the images are small).
+# CPU demo (detection/demo.sh): the paper's LIT-Ti Mask R-CNN (configs/lit/) from scratch on synthetic shapes, 128 px,
+# 4 epochs: 3 classes, slim GN heads, few RoIs, SimpleRoIAlign, AdamW; why each: docs/development.md, "The demo".
 _base_ = '../lit/mask-rcnn_lit-ti_fpn_1x_coco.py'
 
 image_size = 128
