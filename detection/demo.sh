@@ -28,7 +28,7 @@ run() { printf '\n$ %s\n' "$*"; "$@"; }
 
 # up to six shapes an image (the generator's default: four); --overwrite replaces a previous demo's dataset of other
 # settings (never a foreign folder)
-run "$PYTHON" "$HERE/tools/make_synthetic_coco.py" "$WORK_DIR/data" --num-train 950 --num-val 48 --num-test 0 \
+run "$PYTHON" "$HERE/tools/make_synthetic_coco.py" "$WORK_DIR/data" --num-train 900 --num-val 48 --num-test 0 \
   --max-objects 6 --no-stuff-maps --overwrite
 run "$HERE/train.sh" "$CONFIG" 0 --data-root "$WORK_DIR/data" --work-dir "$WORK_DIR/train"
 CHECKPOINT="$(cat "$WORK_DIR/train/last_checkpoint")"

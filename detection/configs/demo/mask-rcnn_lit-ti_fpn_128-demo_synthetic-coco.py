@@ -1,5 +1,5 @@
 # CPU demo (detection/demo.sh): the paper's LIT-Ti Mask R-CNN (configs/lit/) from scratch on synthetic shapes, 128 px,
-# 4 epochs: 3 classes, slim GN heads, few RoIs, SimpleRoIAlign, AdamW; why each: docs/development.md, "The demo".
+# 4 epochs: 3 classes, slim GN heads, 32 hard-mined RoIs, SimpleRoIAlign, AdamW; why: docs/development.md, "The demo".
 _base_ = '../lit/mask-rcnn_lit-ti_fpn_1x_coco.py'
 
 image_size = 128
@@ -27,7 +27,7 @@ model = dict(
                        norm_cfg=norm_cfg)),
     train_cfg=dict(
         rpn_proposal=dict(nms_pre=200, max_per_img=100),
-        rcnn=dict(sampler=dict(num=32, pos_fraction=0.5))),
+        rcnn=dict(sampler=dict(type='OHEMSampler', num=32, pos_fraction=0.5))),
     test_cfg=dict(
         rpn=dict(nms_pre=200, max_per_img=100),
         rcnn=dict(max_per_img=20)))
