@@ -199,8 +199,6 @@ def test_draw_predictions_shows_prediction_and_truth_side_by_side_with_a_legend(
         assert (hidden[prediction][:height, :width] == np.asarray(image.resize((width, height), Image.BILINEAR))).all()
 
 
-
-
 def test_draw_predictions_draws_one_class_per_object_unless_asked_for_all(tmp_path, coco):
     from PIL import Image
 
@@ -227,6 +225,7 @@ def test_draw_predictions_draws_one_class_per_object_unless_asked_for_all(tmp_pa
     every = sheet('every', doubled, overlap_thr=None)
     assert (once == top_of_doubled).all()  # the lower-scored box of another class is not drawn
     assert once.shape == every.shape and (every != top_of_doubled).any()
+
 
 def test_metrics_table_lists_box_and_mask_ap():
     from lesa_lit_det.visualize import metrics_table

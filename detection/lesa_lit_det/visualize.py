@@ -10,7 +10,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from torchvision.ops import box_convert, nms
 
-__all__ = ['draw_predictions', 'metrics_table']
+__all__ = ['OVERLAP_THR', 'draw_predictions', 'metrics_table']
+
+# box IoU at which predictions of any classes count as one object in the picture (the top-scored is drawn)
+OVERLAP_THR = 0.5
 
 _PALETTE = [(230, 25, 75), (0, 130, 200), (255, 200, 0), (60, 180, 75), (245, 130, 48), (145, 30, 180),
             (70, 240, 240), (240, 50, 230)]
@@ -114,7 +117,7 @@ def draw_predictions(
         pairs_per_row: int = 2,
         tile: int = 320,
         metrics: Optional[Dict[str, float]] = None,
-        overlap_thr: Optional[float] = 0.5,
+        overlap_thr: Optional[float] = OVERLAP_THR,
 ) -> str:
     """Draw the first ``max_images`` images twice, side by side: the predictions scoring at least ``score_thr``
     (masks, boxes, class names and scores) and the ground truth of ``ann_file`` (masks, boxes, class names).

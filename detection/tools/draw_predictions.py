@@ -13,7 +13,7 @@ written into the picture's header.
 import argparse
 import json
 
-from lesa_lit_det.visualize import draw_predictions, metrics_table
+from lesa_lit_det.visualize import OVERLAP_THR, draw_predictions, metrics_table
 
 
 def main(argv=None):
@@ -34,7 +34,7 @@ def main(argv=None):
             metrics = json.load(f)
         print(metrics_table(metrics))
     print(draw_predictions(args.ann_file, args.img_dir, args.results_prefix, args.out_file, args.score_thr,
-                           args.max_images, metrics=metrics, overlap_thr=None if args.all_overlaps else 0.5))
+                           args.max_images, metrics=metrics, overlap_thr=None if args.all_overlaps else OVERLAP_THR))
 
 
 if __name__ == '__main__':
